@@ -1,0 +1,20 @@
+"""Fused Triton kernels for the Transformer's hot spots: attention, layer norm and the feed-forward network.
+
+See README.md, "Where each call runs", for when the Triton kernels run and when the PyTorch path does;
+:func:`last_path` tells which one the last call of an op took.
+"""
+from .attention import scaled_dot_product_attention
+from .dispatch import last_path, launch_count, launch_counts
+from .ffn import FFN, ffn
+from .layer_norm import LayerNorm, layer_norm
+
+__all__ = [
+    "scaled_dot_product_attention",
+    "layer_norm",
+    "LayerNorm",
+    "ffn",
+    "FFN",
+    "last_path",
+    "launch_count",
+    "launch_counts",
+]

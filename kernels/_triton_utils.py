@@ -1,0 +1,66 @@
+"""Helpers shared by the op files: input checks, dtype mapping and a ``tl.dot`` that survives the interpreter."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import dispatch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """``acc + a @ b`` with an fp32 accumulator.
+
+    ``UPCAST`` is set only under Triton's interpreter for bfloat16 operands, which it multiplies as raw
+    bit patterns (Triton 3.9; see DESIGN.md): there the operands are widened to fp32 first. ``PRECISION``
+    matters only for fp32 operands: ``"ieee"`` (true fp32) or ``"tf32"`` (tensor cores).
+    """
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+def dot_flags(dtype: torch.dtype) -> dict:
+    """The ``UPCAST``/``PRECISION`` constexprs of :func:`dot` for operands of ``dtype``.
+
+    fp32 follows PyTorch's own switch: tensor-core tf32 only when
+    ``torch.backends.cuda.matmul.allow_tf32`` is True (off by default), as for ``torch.matmul``.
+    """
+    upcast = dispatch.INTERPRETER and dtype == torch.bfloat16
+    precision = "tf32" if (dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32) else "ieee"
+    return {"UPCAST": upcast, "PRECISION": precision}
+
+
+def check_tensor(name: str, t, *, op: str) -> None:
+    """Raise ``TypeError`` unless ``t`` is a floating tensor of a supported dtype."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{op}: {name} has dtype {t.dtype}; supported dtypes are float16, bfloat16 and float32"
+        )
+
+
+def check_same(op: str, named: dict[str, torch.Tensor], *, dtype: bool = True) -> None:
+    """Raise ``ValueError`` if the tensors sit on different devices, ``TypeError`` if their dtypes differ."""
+    items = [(n, t) for n, t in named.items() if t is not None]
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(
+                f"{op}: {name} is on {t.device} but {first_name} is on {first.device}; "
+                "all tensors must be on the same device"
+            )
+        if dtype and t.dtype != first.dtype:
+            raise TypeError(
+                f"{op}: {name} has dtype {t.dtype} but {first_name} has {first.dtype}; they must match"
+            )
+
+
+def block_size(n: int, lo: int = 16) -> int:
+    """The power of two that covers ``n`` (at least ``lo``: ``tl.dot`` needs 16 along each side)."""
+    return max(lo, triton.next_power_of_2(n))

@@ -1,0 +1,67 @@
+"""Where each call runs, and a record of where the last one ran.
+
+The rule (README, "Where each call runs"):
+
+* CUDA tensors run the compiled Triton kernels.
+* CPU tensors run the same Triton kernels through Triton's interpreter when ``TRITON_INTERPRET=1``
+  was set before ``triton`` was first imported (this is how the test suite checks the kernels on a
+  machine with no GPU).
+* CPU tensors otherwise run the plain PyTorch reference path, so a model built on this library still
+  runs on a laptop.
+
+``last_path(op)`` answers which of the two paths (``"triton"`` or ``"torch"``) the most recent call of
+``op`` took, and ``launch_count(kernel)`` counts Triton launches per kernel name, so a test can prove
+the Triton kernel ran rather than the fallback.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+
+import torch
+
+try:  # Triton >= 3.4 reads its settings through knobs; the value is what @triton.jit saw.
+    from triton import knobs as _knobs
+
+    INTERPRETER: bool = bool(_knobs.runtime.interpret)
+except (ImportError, AttributeError):  # pragma: no cover - older Triton
+    INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+OPS = ("attention", "layer_norm", "ffn")
+
+_last_path: dict[str, str] = {}
+_launches: collections.Counter[str] = collections.Counter()
+
+
+def triton_available_for(t: torch.Tensor) -> bool:
+    """True when a call on tensor ``t`` runs the Triton kernels (see the module docstring)."""
+    return t.is_cuda or (t.device.type == "cpu" and INTERPRETER)
+
+
+def record_path(op: str, path: str) -> None:
+    _last_path[op] = path
+
+
+def record_launch(kernel: str) -> None:
+    _launches[kernel] += 1
+
+
+def last_path(op: str) -> str | None:
+    """Which path the most recent call of ``op`` took: ``"triton"``, ``"torch"``, or None if never called.
+
+    ``op`` is one of ``"attention"``, ``"layer_norm"``, ``"ffn"``. Raises ``ValueError`` for other names.
+    """
+    if op not in OPS:
+        raise ValueError(f"last_path: unknown op {op!r}; expected one of {OPS}")
+    return _last_path.get(op)
+
+
+def launch_count(kernel: str) -> int:
+    """How many times the Triton kernel named ``kernel`` (e.g. ``"attention_fwd"``) has been launched."""
+    return _launches[kernel]
+
+
+def launch_counts() -> dict[str, int]:
+    """A copy of all launch counters, keyed by kernel name."""
+    return dict(_launches)

@@ -29,8 +29,9 @@ import triton.language as tl
 from . import dispatch
 from ._triton_utils import block_size, check_same, check_tensor, dot, dot_flags
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+# Globals read inside @triton.jit code must be constexpr to compile (the interpreter does not check).
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 MAX_HEAD_DIM = 256
 
 
@@ -266,30 +267,42 @@ def _attn_bwd_dq_kernel(
 # --------------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------------
-def _config(head_dim: int, dtype: torch.dtype) -> dict:
-    """Block sizes and launch shape.
+def _config(block_d: int, dtype: torch.dtype) -> dict:
+    """Forward block sizes and launch shape for a head_dim padded to ``block_d``.
 
-    GPU: 128 query rows per program keeps a Hopper/Ampere SM busy with tensor-core tiles; 64 keys per
-    step bounds the fp32 score tile at 128x64 registers. head_dim > 128 and true-fp32 (no tensor cores)
-    halve the query block so the accumulator does not spill. Interpreter: 32x32 blocks, so the small
-    test shapes still cross several blocks and exercise every tail mask.
+    Half precision: 128 query rows per program feed the tensor cores; 64 keys per step bound the fp32
+    score tile; head_dim 256 halves both so the accumulator stays in registers. True fp32 has no
+    tensor-core path and Triton's FMA dot holds whole operand rows per thread, so its tiles are small.
+    Every entry compiles without spills for sm_80 and sm_90a (``python -m kernels.static_check``).
+    Interpreter: 32x32 blocks, so small test shapes still cross several blocks and every tail mask.
     """
     if dispatch.INTERPRETER:
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
-    if dtype == torch.float32 or head_dim > 128:
-        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
-    if head_dim > 64:
+    if dtype == torch.float32:
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2) if block_d <= 64 else \
+            dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=2)
+    if block_d <= 64:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+    if block_d <= 128:
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
-    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
 
 
-def _bwd_config(head_dim: int, dtype: torch.dtype) -> dict:
-    """The backward holds two fp32 accumulators per program, so blocks are half the forward's."""
+def _bwd_config(block_d: int, dtype: torch.dtype) -> dict:
+    """Backward blocks (shared by the dK/dV and dQ kernels): each program holds two fp32 accumulators
+    and five operand tiles, so tiles are smaller than the forward's; same no-spill rule."""
     if dispatch.INTERPRETER:
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
-    if dtype == torch.float32 or head_dim > 64:
+    if dtype == torch.float32:
+        return dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=2) if block_d <= 64 else \
+            dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2)
+    if block_d <= 128:
         return dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2)
-    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2)
+
+
+# The row sums dO.O are memory-bound; 64 rows x 8 warps stays spill-free up to fp32 head_dim 256.
+_DELTA_BLOCK_M = 64
 
 
 def _causal_offset(is_causal: bool, seqlen_q: int, seqlen_k: int, align: str) -> int:
@@ -299,62 +312,69 @@ def _causal_offset(is_causal: bool, seqlen_q: int, seqlen_k: int, align: str) ->
     return seqlen_k - seqlen_q
 
 
-def attention_forward(q, k, v, *, is_causal: bool, scale: float, align: str = "top_left"):
+def attention_forward(q, k, v, *, is_causal: bool, scale: float, align: str = "top_left", out=None, lse=None):
     """Launch the forward kernel on 4-D ``(batch, num_heads, seqlen, head_dim)`` views of any strides.
 
-    Returns ``(out, logsumexp)``: ``out`` is ``(batch, num_heads, seqlen_q, head_dim_v)`` contiguous in
-    q's dtype; ``logsumexp`` is ``(batch, num_heads, seqlen_q)`` float32, natural log of the row sums
-    of exp(scale * q k^T) over the visible keys (-inf for a row that sees none).
+    Returns ``(out, logsumexp)``: ``out`` is ``(batch, num_heads, seqlen_q, head_dim_v)`` in q's dtype;
+    ``logsumexp`` is ``(batch, num_heads, seqlen_q)`` float32 contiguous, natural log of the row sums
+    of exp(scale * q k^T) over the visible keys (-inf for a row that sees none). ``out``/``lse`` may be
+    given (any strides for ``out``); otherwise they are allocated.
     """
     batch, num_heads, seqlen_q, head_dim = q.shape
     seqlen_k, head_dim_v = k.shape[2], v.shape[3]
-    out = torch.empty((batch, num_heads, seqlen_q, head_dim_v), device=q.device, dtype=q.dtype)
-    lse = torch.empty((batch, num_heads, seqlen_q), device=q.device, dtype=torch.float32)
+    if out is None:
+        out = torch.empty((batch, num_heads, seqlen_q, head_dim_v), device=q.device, dtype=q.dtype)
+    if lse is None:
+        lse = torch.empty((batch, num_heads, seqlen_q), device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse
-    cfg = _config(max(head_dim, head_dim_v), q.dtype)
+    block_d, block_dv = block_size(head_dim), block_size(head_dim_v)
+    cfg = _config(max(block_d, block_dv), q.dtype)
     grid = (triton.cdiv(seqlen_q, cfg["BLOCK_M"]), batch * num_heads)
     _attn_fwd_kernel[grid](
         q, k, v, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         num_heads, seqlen_q, seqlen_k, head_dim, head_dim_v,
-        scale * LOG2E, _causal_offset(is_causal, seqlen_q, seqlen_k, align),
-        IS_CAUSAL=is_causal, BLOCK_D=block_size(head_dim), BLOCK_DV=block_size(head_dim_v),
-        **cfg, **dot_flags(q.dtype),
+        scale * LOG2E.value, _causal_offset(is_causal, seqlen_q, seqlen_k, align),
+        IS_CAUSAL=is_causal, BLOCK_D=block_d, BLOCK_DV=block_dv, **cfg, **dot_flags(q.dtype),
     )
     dispatch.record_launch("attention_fwd")
     return out, lse
 
 
-def attention_backward(do, q, k, v, out, lse, *, is_causal: bool, scale: float, align: str = "top_left"):
-    """Launch the three backward kernels; returns ``(dq, dk, dv)`` contiguous, in the inputs' dtype."""
+def attention_backward(do, q, k, v, out, lse, *, is_causal: bool, scale: float, align: str = "top_left",
+                       dq=None, dk=None, dv=None):
+    """Launch the three backward kernels; returns ``(dq, dk, dv)`` in the inputs' dtype.
+
+    ``dq``/``dk``/``dv`` may be given (any strides); otherwise they are allocated contiguous.
+    """
     batch, num_heads, seqlen_q, head_dim = q.shape
     seqlen_k, head_dim_v = k.shape[2], v.shape[3]
-    dq, dk, dv = torch.empty_like(q, memory_format=torch.contiguous_format), \
-        torch.empty_like(k, memory_format=torch.contiguous_format), \
-        torch.empty_like(v, memory_format=torch.contiguous_format)
+    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype) if dq is None else dq
+    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype) if dk is None else dk
+    dv = torch.empty(v.shape, device=v.device, dtype=v.dtype) if dv is None else dv
     if seqlen_k == 0 or seqlen_q == 0 or batch * num_heads == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    cfg = _bwd_config(max(head_dim, head_dim_v), q.dtype)
     block_d, block_dv = block_size(head_dim), block_size(head_dim_v)
+    cfg = _bwd_config(max(block_d, block_dv), q.dtype)
     flags = dot_flags(q.dtype)
     offset = _causal_offset(is_causal, seqlen_q, seqlen_k, align)
 
     delta = torch.empty_like(lse)
-    _attn_bwd_delta_kernel[(triton.cdiv(seqlen_q, cfg["BLOCK_M"]), batch * num_heads)](
+    _attn_bwd_delta_kernel[(triton.cdiv(seqlen_q, _DELTA_BLOCK_M), batch * num_heads)](
         out, do, delta, *out.stride(), *do.stride(), num_heads, seqlen_q, head_dim_v,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_DV=block_dv,
+        BLOCK_M=_DELTA_BLOCK_M, BLOCK_DV=block_dv, num_warps=8,
     )
     common = dict(IS_CAUSAL=is_causal, BLOCK_D=block_d, BLOCK_DV=block_dv, **cfg, **flags)
     _attn_bwd_dkdv_kernel[(triton.cdiv(seqlen_k, cfg["BLOCK_N"]), batch * num_heads)](
         q, k, v, do, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        num_heads, seqlen_q, seqlen_k, head_dim, head_dim_v, scale * LOG2E, scale, offset, **common,
+        num_heads, seqlen_q, seqlen_k, head_dim, head_dim_v, scale * LOG2E.value, scale, offset, **common,
     )
     _attn_bwd_dq_kernel[(triton.cdiv(seqlen_q, cfg["BLOCK_M"]), batch * num_heads)](
         q, k, v, do, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        num_heads, seqlen_q, seqlen_k, head_dim, head_dim_v, scale * LOG2E, scale, offset, **common,
+        num_heads, seqlen_q, seqlen_k, head_dim, head_dim_v, scale * LOG2E.value, scale, offset, **common,
     )
     for name in ("attention_bwd_delta", "attention_bwd_dkdv", "attention_bwd_dq"):
         dispatch.record_launch(name)

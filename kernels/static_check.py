@@ -1,0 +1,219 @@
+"""GPU health without a GPU: compile every shipped kernel config for sm_80 and sm_90a and read the SASS.
+
+Each launcher is called on ``meta`` tensors (shapes and strides, no data) with the kernels swapped for
+recorders, so the exact arguments, constexprs and launch options a real call would use are captured.
+Each recorded launch is then compiled ahead of time (``triton.compile`` with a ``GPUTarget``, no GPU
+needed) and the cubin is read with the ``cuobjdump`` shipped inside the Triton wheel:
+
+* registers per thread and local-memory spills (``LDL``/``STL`` in the SASS, local bytes in the
+  resource usage);
+* tensor-core instructions for the matmul-bearing kernels in half precision: ``HMMA`` (mma.sync)
+  on sm_80; on sm_90a ``HGMMA`` (warpgroup MMA, the fast path) or, where Triton could not use it,
+  ``HMMA``. Both count as tensor-core use; the HGMMA count is reported on its own.
+
+Run ``python -m kernels.static_check`` (without ``TRITON_INTERPRET``) for a table; ``tests/test_static_check.py``
+runs it in a subprocess and fails on any spill or missing tensor-core instruction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import importlib
+import json
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import create_function_from_signature
+
+# The package re-exports functions named ffn and layer_norm, which shadow these modules as attributes.
+attention = importlib.import_module("kernels.attention")
+ffn = importlib.import_module("kernels.ffn")
+layer_norm = importlib.import_module("kernels.layer_norm")
+
+ARCHS = {"sm_80": GPUTarget("cuda", 80, 32), "sm_90a": GPUTarget("cuda", 90, 32)}
+_CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+@dataclass
+class Launch:
+    case: str
+    kernel: str
+    fn: object
+    args: tuple
+    kwargs: dict
+    needs_mma: bool
+
+
+@dataclass
+class Report:
+    case: str
+    kernel: str
+    arch: str
+    registers: int
+    spill_instructions: int
+    stack_bytes: int
+    local_bytes: int
+    mma_instructions: int
+    wgmma_instructions: int
+    needs_mma: bool
+
+    @property
+    def ok(self) -> bool:
+        no_spill = self.spill_instructions == 0 and self.stack_bytes == 0 and self.local_bytes == 0
+        return no_spill and (self.mma_instructions > 0 or not self.needs_mma)
+
+
+_MMA_KERNELS = {"_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel", "_matmul_kernel"}
+
+
+def _needs_mma(name: str, args: tuple, kwargs: dict) -> bool:
+    """Dot-bearing kernels must use tensor cores for half types, and for fp32 when tf32 is allowed."""
+    dtype = next(a.dtype for a in args if isinstance(a, torch.Tensor))
+    return name in _MMA_KERNELS and (dtype != torch.float32 or kwargs.get("PRECISION") == "tf32")
+
+
+@contextlib.contextmanager
+def _recording(module, names, sink, case):
+    """Swap ``module.<name>`` kernels for objects that record ``kernel[grid](*args, **kwargs)``."""
+
+    class Recorder:
+        def __init__(self, name, fn):
+            self.name, self.fn = name, fn
+
+        def __getitem__(self, grid):
+            def record(*args, **kwargs):
+                sink.append(Launch(case, self.name, self.fn, args, kwargs, _needs_mma(self.name, args, kwargs)))
+            return record
+
+    saved = {n: getattr(module, n) for n in names}
+    try:
+        for n, fn in saved.items():
+            setattr(module, n, Recorder(n, fn))
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(module, n, fn)
+
+
+def shipped_launches() -> list[Launch]:
+    """One launch per shipped config: each (dtype, head_dim bucket) of attention, each row-width
+    bucket of LayerNorm, each (dtype, activation, epilogue) of the FFN matmul."""
+    launches: list[Launch] = []
+    meta = dict(device="meta")
+    attn_kernels = ["_attn_fwd_kernel", "_attn_bwd_delta_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"]
+    # Causal only: its code is the non-causal code plus the mask, so it bounds register use.
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for head_dim in (32, 64, 128, 256):
+            case = f"attention {str(dtype)[6:]} d={head_dim}"
+            q = torch.empty(4, 16, 1024, head_dim, dtype=dtype, **meta)
+            with _recording(attention, attn_kernels, launches, case):
+                out, lse = attention.attention_forward(q, q, q, is_causal=True, scale=0.1)
+                attention.attention_backward(out, q, q, q, out, lse, is_causal=True, scale=0.1)
+
+    for dtype in (torch.float16, torch.float32):
+        for cols in (512, 1024, 4096, layer_norm.MAX_FUSED_N):
+            case = f"layer_norm {str(dtype)[6:]} N={cols}"
+            x = torch.empty(4096, cols, dtype=dtype, **meta)
+            w = torch.empty(cols, dtype=dtype, **meta)
+            with _recording(layer_norm, ["_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel"], launches, case):
+                y, mean, rstd = layer_norm.layer_norm_forward(x, w, w, 1e-5)
+                layer_norm.layer_norm_backward(y, x, w, w, mean, rstd)
+
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for activation in ffn.ACTIVATIONS:
+            case = f"ffn matmul {str(dtype)[6:]} {activation}"
+            x = torch.empty(4096, 1024, dtype=dtype, **meta)
+            w1 = torch.empty(4096, 1024, dtype=dtype, **meta)
+            pre = torch.empty(4096, 4096, dtype=dtype, **meta)
+            with _recording(ffn, ["_matmul_kernel"], launches, case):
+                ffn.matmul(x, w1.t(), w1[:, 0], epilogue="act", activation=activation, aux=pre, store_aux=True)
+                ffn.matmul(pre, w1, epilogue="act_grad", activation=activation, aux=pre)
+    return launches
+
+
+def compile_launch(launch: Launch, arch: str):
+    """Compile one recorded launch for ``arch`` exactly as the JIT would specialize it; returns the kernel."""
+    fn, target = launch.fn, ARCHS[arch]
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*launch.args, **launch.kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, launch.kwargs, bound, specialization, options)
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+
+
+def inspect_cubin(cubin: bytes, arch: str) -> dict:
+    """Registers, spills and tensor-core instruction count, read from a cubin by cuobjdump."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([str(_CUOBJDUMP), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([str(_CUOBJDUMP), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    regs = re.search(r"REG:(\d+)", usage)
+    local = re.search(r"LOCAL:(\d+)", usage)
+    stack = re.search(r"STACK:(\d+)", usage)
+    return {
+        "registers": int(regs.group(1)) if regs else -1,
+        "local_bytes": int(local.group(1)) if local else 0,
+        "stack_bytes": int(stack.group(1)) if stack else 0,
+        "spill_instructions": len(re.findall(r"\b(?:LDL|STL)\b", sass)),
+        "mma_instructions": len(re.findall(r"\bH(?:G)?MMA\b", sass)),
+        "wgmma_instructions": len(re.findall(r"\bHGMMA\b", sass)),
+    }
+
+
+@functools.lru_cache(maxsize=None)
+def _launches(case_filter: str) -> tuple[Launch, ...]:
+    return tuple(l for l in shipped_launches() if case_filter in l.case)
+
+
+def _report(job: tuple[str, int, str]) -> Report:
+    """Compile and inspect launch ``index`` of ``_launches(case_filter)`` for ``arch`` (a worker's job)."""
+    case_filter, index, arch = job
+    launch = _launches(case_filter)[index]
+    info = inspect_cubin(compile_launch(launch, arch).asm["cubin"], arch)
+    return Report(launch.case, launch.kernel, arch, needs_mma=launch.needs_mma, **info)
+
+
+def check(case_filter: str = "", archs=tuple(ARCHS), workers: int | None = None) -> list[Report]:
+    """Compile every shipped launch whose case contains ``case_filter`` for each arch, in parallel."""
+    jobs = [(case_filter, i, arch) for i in range(len(_launches(case_filter))) for arch in archs]
+    workers = workers or os.cpu_count() or 1
+    if workers == 1:
+        return [_report(j) for j in jobs]
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(_report, jobs))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
+    parser.add_argument("--filter", default="", help="only cases whose name contains this text")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        parser.error("run without TRITON_INTERPRET=1: the interpreter cannot compile kernels")
+    reports = check(args.filter)
+    if args.json:
+        print(json.dumps([asdict(r) | {"ok": r.ok} for r in reports]))
+    else:
+        print(f"{'case':38} {'kernel':24} {'arch':7} {'regs':>4} {'spill':>5} {'stack':>5} {'mma':>5} {'wgmma':>5}  ok")
+        for r in reports:
+            print(f"{r.case:38} {r.kernel:24} {r.arch:7} {r.registers:4} {r.spill_instructions:5} "
+                  f"{r.stack_bytes + r.local_bytes:5} {r.mma_instructions:5} {r.wgmma_instructions:5}  {'yes' if r.ok else 'NO'}")
+    return 0 if all(r.ok for r in reports) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

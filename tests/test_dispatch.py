@@ -1,0 +1,61 @@
+"""The dispatch rule: CUDA -> Triton; CPU + interpreter -> Triton; CPU otherwise -> the PyTorch path."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import kernels
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_CPU_SCRIPT = r"""
+import json, torch, kernels
+from kernels.attention import attention_reference
+from kernels.ffn import ffn_reference
+from kernels.layer_norm import layer_norm_reference
+torch.manual_seed(0)
+q, k, v = (torch.randn(2, 3, 11, 16, requires_grad=True) for _ in range(3))
+out = kernels.scaled_dot_product_attention(q, k, v, is_causal=True)
+out.sum().backward()
+x, w, b = torch.randn(5, 24), torch.randn(24), torch.randn(24)
+y = kernels.layer_norm(x, 24, w, b)
+w1, b1, w2, b2 = torch.randn(40, 24), torch.randn(40), torch.randn(24, 40), torch.randn(24)
+z = kernels.ffn(x, w1, b1, w2, b2, activation="gelu")
+err = lambda a, r: ((a - r).norm() / r.norm()).item()
+print(json.dumps({
+    "paths": {op: kernels.last_path(op) for op in ("attention", "layer_norm", "ffn")},
+    "launches": kernels.launch_counts(),
+    "interpreter": kernels.dispatch.INTERPRETER,
+    "errors": [err(out, attention_reference(q, k, v, is_causal=True)), err(y, layer_norm_reference(x, 24, w, b)),
+               err(z, ffn_reference(x, w1, b1, w2, b2, "gelu"))],
+    "grad_finite": bool(torch.isfinite(q.grad).all()),
+}))
+"""
+
+
+def test_cpu_without_interpreter_takes_the_torch_path():
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", _CPU_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["interpreter"] is False
+    assert result["paths"] == {"attention": "torch", "layer_norm": "torch", "ffn": "torch"}
+    assert result["launches"] == {}, "no Triton kernel may launch on the PyTorch path"
+    assert max(result["errors"]) < 1e-5 and result["grad_finite"]
+
+
+def test_interpreter_takes_the_triton_path(device):
+    x = torch.randn(3, 8, device=device)
+    before = kernels.launch_count("layer_norm_fwd")
+    kernels.layer_norm(x, 8)
+    assert kernels.last_path("layer_norm") == "triton"
+    assert kernels.launch_count("layer_norm_fwd") == before + 1
+
+
+def test_last_path_rejects_unknown_op():
+    with pytest.raises(ValueError, match="unknown op"):
+        kernels.last_path("conv")

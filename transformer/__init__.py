@@ -1,0 +1,42 @@
+"""The Transformer of "Attention Is All You Need" (Vaswani et al., 2017) built on the kernels of ``kernels/``.
+
+``Transformer`` (encoder-decoder) and ``TransformerLM`` (decoder-only) run every attention, LayerNorm
+and FFN either on the fused Triton kernels (``backend="triton"``) or on ``torch.nn.functional``
+(``backend="torch"``), with the same parameters: ``model.set_backend("torch")`` switches a built model.
+
+    cfg = TransformerConfig(vocab_size=32000)           # the paper's base model
+    model = Transformer(cfg)
+    logits = model(src, tgt)                             # (batch, seqlen_tgt, vocab_size)
+"""
+
+from .config import BACKENDS, TransformerConfig
+from .layers import (
+    DecoderLayer,
+    EncoderLayer,
+    FeedForward,
+    LayerNorm,
+    MultiHeadAttention,
+    PositionalEncoding,
+    set_backend,
+)
+from .model import Decoder, Encoder, Transformer, TransformerLM
+from .training import compute_loss, copy_task_batch, train_step
+
+__all__ = [
+    "BACKENDS",
+    "TransformerConfig",
+    "Transformer",
+    "TransformerLM",
+    "Encoder",
+    "Decoder",
+    "EncoderLayer",
+    "DecoderLayer",
+    "MultiHeadAttention",
+    "FeedForward",
+    "LayerNorm",
+    "PositionalEncoding",
+    "set_backend",
+    "compute_loss",
+    "train_step",
+    "copy_task_batch",
+]

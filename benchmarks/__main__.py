@@ -1,0 +1,96 @@
+"""Command line: ``python -m benchmarks [SUITE ...] [--quick] [--out DIR] [--device cpu|cuda]``.
+
+Runs the named suites (default: ``table1``), writes each one's report (Markdown, JSON, PNG) into the
+output folder, and prints the folder's path as the last line of output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+
+def run_table1(args: argparse.Namespace, out_dir: Path, argv: list[str]) -> list[Path]:
+    """Suite ``table1``: Table 1 of Vaswani et al. (2017), measured (see benchmarks.table1)."""
+    from . import report, table1
+    from .environment import environment, load_average
+
+    started, load_at_start = time.perf_counter(), load_average()
+    overrides = {"batch": args.batch} if args.batch else {}
+    cfg = table1.Config.quick(**overrides) if args.quick else table1.Config(**overrides)
+    results = table1.run(cfg, device=args.device, progress=not args.no_progress)
+    results.update(quick=args.quick, environment=environment(argv, load_at_start),
+                   wall_time_s=time.perf_counter() - started)
+    written = report.write(results, out_dir)
+    _summarize(results)
+    return written
+
+
+def _summarize(results: dict) -> None:
+    """A few lines on stdout: what was timed and the Table 1 growth rates that were measured."""
+    t = results["timing"]
+    measured = sum(r["status"] == "measured" for r in t["rows"])
+    print(f"table1: {measured} of {len(t['rows'])} timings measured on {results['config']['device']} "
+          f"in {results['wall_time_s']:.0f} s")
+    if t["triton_not_timed_reason"]:
+        print(f"table1: Triton kernels {t['triton_not_timed_reason']}")
+    flops, seq, paths = results["flops"]["fits"], results["sequential_ops"]["fits"], results["max_path_length"]
+    print(f"table1: FLOPs ~ n^{flops['attention_core']['exponent_n']:.2f} (attention core), "
+          f"n^{flops['rnn']['exponent_n']:.2f} (RNN), n^{flops['conv']['exponent_n']:.2f} (conv)")
+    per_position = {k: round(seq[k]["slope"], 2) + 0.0 for k in ("attention", "rnn_unrolled", "conv")}  # no -0.0
+    print(f"table1: sequential ops per position: {per_position['attention']:.2f} (attention), "
+          f"{per_position['rnn_unrolled']:.2f} (RNN), {per_position['conv']:.2f} (conv)")
+    longest = max(r["n"] for r in paths["rows"])
+    at = {r["layer"]: r["layers"] for r in paths["rows"] if r["n"] == longest}
+    print(f"table1: max path length at n={longest}: {at['attention']} (attention), {at['rnn']} (RNN), "
+          f"{at['conv']} (conv), {at['conv_dilated']} (dilated conv)")
+
+
+SUITES: dict[str, Callable[[argparse.Namespace, Path, list[str]], list[Path]]] = {"table1": run_table1}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Run the benchmark suites and write a report (Markdown, JSON, PNG) into a folder "
+                    "whose path is printed last.")
+    parser.add_argument("suites", nargs="*", default=["table1"], metavar="SUITE",
+                        help=f"suites to run (default: table1); available: {', '.join(SUITES)}")
+    parser.add_argument("--quick", action="store_true", help="a reduced sweep (3 lengths, 1 round of few runs) that finishes in well under a minute")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default: bench-out/<timestamp>/ under the current directory)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="where to time the layers (default: cuda if available, else cpu)")
+    parser.add_argument("--batch", type=int, default=None, help="batch size of the timed forward passes")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    unknown = [s for s in args.suites if s not in SUITES]
+    if unknown:
+        parser.error(f"unknown suite(s) {', '.join(unknown)}; available: {', '.join(SUITES)}")
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device")
+    if args.batch is not None and args.batch < 1:
+        parser.error("--batch must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    out = args.out or Path("bench-out") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    for suite in dict.fromkeys(args.suites):
+        SUITES[suite](args, out if len(args.suites) == 1 else out / suite, argv)
+    print(out.resolve())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,444 @@
+"""The ``table1`` suite: measure what Table 1 of Vaswani et al. (2017) only states.
+
+Table 1 ("Maximum path lengths, per-layer complexity and minimum number of sequential operations for
+different layer types") and Sec. 4 ("Why Self-Attention") compare self-attention, recurrent and
+convolutional layers on three counts. For one layer of each kind at the paper's base size (d_model
+512, 8 heads, convolution kernel width 3) this suite
+
+* times the forward pass over sequence lengths 16..1024 (tokens/s), with the Triton kernels of this
+  library beside torch's SDPA when a CUDA device is present (:func:`measure_timing`);
+* counts FLOPs per layer with ``torch.utils.flop_counter`` beside the Table 1 formula, over n and
+  over d, and fits the exponents (:func:`measure_flops`);
+* counts sequential operations as the longest dependency chain of the autograd graph
+  (:func:`measure_sequential`);
+* measures the maximum path length by Jacobian reachability through stacks of layers
+  (:func:`measure_paths`).
+
+:func:`run` does all four and returns one JSON-ready dict; :mod:`benchmarks.report` writes it out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import stats
+from .flops import count_flops, math_sdpa
+from .graph import sequential_ops
+from .layers import (AttentionCore, Convolution, Recurrent, RestrictedSelfAttention, SelfAttention,
+                     UnrolledRecurrence)
+from .paths import layer_stack, path_length
+from .timing import METHODS, TimingPlan, sample
+
+# Table 1 as printed in the paper: the claims this suite tests (not results).
+PAPER = {
+    "self_attention": {"layer": "Self-Attention", "complexity": "O(n²·d)", "sequential": "O(1)", "max_path": "O(1)"},
+    "recurrent": {"layer": "Recurrent", "complexity": "O(n·d²)", "sequential": "O(n)", "max_path": "O(n)"},
+    "convolutional": {"layer": "Convolutional", "complexity": "O(k·n·d²)", "sequential": "O(1)",
+                      "max_path": "O(log_k(n)) dilated, O(n/k) contiguous"},
+    "restricted": {"layer": "Self-Attention (restricted)", "complexity": "O(r·n·d)", "sequential": "O(1)",
+                   "max_path": "O(n/r)"},
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Sizes of one run. The defaults are the full CPU run; :meth:`quick` is the smoke-test run."""
+
+    d_model: int = 512  # the paper's base model (Table 3)
+    num_heads: int = 8
+    kernel_size: int = 3
+    restricted_r: int = 16  # neighbourhood size r of restricted self-attention (the paper fixes none)
+    batch: int = 4
+    seqlens: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024)
+    d_sweep: tuple[int, ...] = (64, 128, 256, 512, 1024)  # FLOPs over d, at n = d_sweep_seqlen
+    d_sweep_seqlen: int = 256
+    path_width: int = 8  # path lengths need no width, so they are measured on narrow layers
+    path_heads: int = 2
+    path_seqlens: tuple[int, ...] = (16, 32, 64, 128)
+    path_kernel_sizes: tuple[int, ...] = (3, 5, 7)
+    timing: TimingPlan = field(default_factory=TimingPlan)
+    seed: int = 0
+
+    @classmethod
+    def quick(cls, **overrides) -> Config:
+        """A reduced sweep (3 lengths, one round of few runs) for the smoke test: well under a minute."""
+        small = dict(seqlens=(16, 64, 256), d_sweep=(64, 128, 256), d_sweep_seqlen=64, path_seqlens=(16, 32),
+                     path_kernel_sizes=(3, 5),
+                     timing=TimingPlan(rounds=1, warmup=1, min_repeats=3, max_repeats=5, budget_s=0.2, rep_ms=20))
+        return cls(**{**small, **overrides})
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------------
+# What is measured: layers, their countable equivalents, and the paper's formula for each
+# --------------------------------------------------------------------------------------------------
+def _as_is(layer: nn.Module) -> Callable:
+    return layer
+
+
+def _with_math_sdpa(layer: nn.Module) -> Callable:
+    def run(x):
+        with math_sdpa():
+            return layer(x)
+
+    return run
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One layer kind: how to build it at width d, how to count it, and Table 1's term for it."""
+
+    key: str
+    label: str
+    row: str  # key of PAPER
+    build: Callable[[Config, int], nn.Module]
+    countable: Callable[[nn.Module], Callable]  # the same function in a form FlopCounterMode sees
+    count_method: str
+    formula: str
+    formula_value: Callable[[Config, int, int], float]  # (cfg, n, d) -> the paper's term
+
+
+SUBJECTS = {s.key: s for s in (
+    Subject("attention", "self-attention layer (q/k/v/out projections + SDPA)", "self_attention",
+            lambda c, d: SelfAttention(d, c.num_heads), _with_math_sdpa,
+            "FlopCounterMode over the layer with SDPA on torch's MATH backend (plain matmuls); "
+            "the CPU flash kernel has no FLOP formula in torch.utils.flop_counter",
+            "n²·d", lambda c, n, d: n * n * d),
+    Subject("attention_core", "self-attention core (SDPA alone, no projections)", "self_attention",
+            lambda c, d: AttentionCore(d, c.num_heads), _with_math_sdpa,
+            "FlopCounterMode over F.scaled_dot_product_attention on the MATH backend",
+            "n²·d", lambda c, n, d: n * n * d),
+    Subject("rnn", "nn.RNN(d, d), tanh", "recurrent",
+            lambda c, d: Recurrent("rnn", d), UnrolledRecurrence,
+            "FlopCounterMode over the cell-by-cell unrolling with the module's weights",
+            "n·d²", lambda c, n, d: n * d * d),
+    Subject("lstm", "nn.LSTM(d, d)", "recurrent",
+            lambda c, d: Recurrent("lstm", d), UnrolledRecurrence,
+            "FlopCounterMode over the cell-by-cell unrolling with the module's weights "
+            "(the fused nn.LSTM kernel has no FLOP formula)",
+            "n·d²", lambda c, n, d: n * d * d),
+    Subject("conv", "nn.Conv1d(d, d, k), same padding", "convolutional",
+            lambda c, d: Convolution(d, c.kernel_size), _as_is,
+            "FlopCounterMode over the layer (aten.convolution)",
+            "k·n·d²", lambda c, n, d: c.kernel_size * n * d * d),
+    Subject("restricted", "restricted self-attention layer (projections + windowed attention)", "restricted",
+            lambda c, d: RestrictedSelfAttention(d, c.num_heads, c.restricted_r), _as_is,
+            "FlopCounterMode over the layer (windows gathered with unfold, products as einsum/bmm)",
+            "r·n·d", lambda c, n, d: c.restricted_r * n * d),
+    Subject("restricted_core", "restricted self-attention core (windowed attention alone)", "restricted",
+            lambda c, d: AttentionCore(d, c.num_heads, window=c.restricted_r), _as_is,
+            "FlopCounterMode over the windowed attention", "r·n·d", lambda c, n, d: c.restricted_r * n * d),
+)}
+
+
+def _build(cfg: Config, key: str, d: int, salt: int = 0) -> nn.Module:
+    torch.manual_seed(cfg.seed + salt)
+    return SUBJECTS[key].build(cfg, d).eval()
+
+
+def _bar(total: int, desc: str, progress: bool):
+    return tqdm(total=total, desc=desc, unit="step", disable=not progress, leave=True, dynamic_ncols=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# FLOPs (Table 1, "Complexity per Layer")
+# --------------------------------------------------------------------------------------------------
+def count_subject(cfg: Config, key: str, n: int, d: int) -> dict:
+    """FLOPs of one forward pass of one sequence (batch 1), as run and through the countable form."""
+    subject = SUBJECTS[key]
+    layer = _build(cfg, key, d)
+    x = torch.randn(1, n, d)
+    direct = count_flops(lambda: layer(x))
+    counted = count_flops(lambda: subject.countable(layer)(x))
+    formula_value = subject.formula_value(cfg, n, d)
+    return {
+        "layer": key, "n": n, "d_model": d, "batch": 1,
+        "direct_flops": direct["total"], "direct_by_op": direct["by_op"],
+        "flops": counted["total"], "by_op": counted["by_op"],
+        "formula": subject.formula, "formula_value": formula_value,
+        "flops_per_formula_unit": counted["total"] / formula_value,
+    }
+
+
+def measure_flops(cfg: Config, progress: bool = True) -> dict:
+    """Counts over n at d_model and over d at d_sweep_seqlen, with the fitted exponents of each."""
+    keys = list(SUBJECTS)
+    vs_n, vs_d = [], []
+    with _bar(len(keys) * (len(cfg.seqlens) + len(cfg.d_sweep)), "FLOPs", progress) as bar:
+        for key in keys:
+            for n in cfg.seqlens:
+                vs_n.append(count_subject(cfg, key, n, cfg.d_model))
+                bar.update()
+            for d in cfg.d_sweep:
+                vs_d.append(count_subject(cfg, key, cfg.d_sweep_seqlen, d))
+                bar.update()
+    fits = {}
+    for key in keys:
+        rn = [r for r in vs_n if r["layer"] == key]
+        rd = [r for r in vs_d if r["layer"] == key]
+        ratios = [r["flops_per_formula_unit"] for r in rn + rd]
+        fits[key] = {
+            "exponent_n": stats.loglog_exponent([r["n"] for r in rn], [r["flops"] for r in rn]),
+            "exponent_d": stats.loglog_exponent([r["d_model"] for r in rd], [r["flops"] for r in rd]),
+            "formula_exponent_n": stats.loglog_exponent([r["n"] for r in rn], [r["formula_value"] for r in rn]),
+            "formula_exponent_d": stats.loglog_exponent([r["d_model"] for r in rd], [r["formula_value"] for r in rd]),
+            "flops_per_formula_unit_min": min(ratios),
+            "flops_per_formula_unit_max": max(ratios),
+            "direct_count_matches": all(r["direct_flops"] == r["flops"] for r in rn + rd),
+            "direct_flops_at_max_n": rn[-1]["direct_flops"],
+            "method": SUBJECTS[key].count_method,
+        }
+    return {"vs_n": vs_n, "vs_d": vs_d, "fits": fits, "d_sweep_seqlen": cfg.d_sweep_seqlen}
+
+
+# --------------------------------------------------------------------------------------------------
+# Sequential operations (Table 1, "Sequential Operations")
+# --------------------------------------------------------------------------------------------------
+SEQUENTIAL = {  # key -> (subject, wrap, how the graph was obtained)
+    "attention": ("attention", _as_is, "autograd graph of the layer as it runs (torch SDPA)"),
+    "conv": ("conv", _as_is, "autograd graph of the layer as it runs"),
+    "restricted": ("restricted", _as_is, "autograd graph of the layer as it runs"),
+    "rnn_module": ("rnn", _as_is, "autograd graph of nn.RNN as it runs on CPU (aten unrolls it step by step)"),
+    "rnn_unrolled": ("rnn", UnrolledRecurrence, "autograd graph of the cell-by-cell unrolling"),
+    "lstm_module": ("lstm", _as_is, "autograd graph of nn.LSTM as it runs on CPU: one fused node hides the loop"),
+    "lstm_unrolled": ("lstm", UnrolledRecurrence, "autograd graph of the cell-by-cell unrolling"),
+}
+
+
+def measure_sequential(cfg: Config, progress: bool = True) -> dict:
+    """Longest dependency chain of one forward pass, per layer and n, with linear and log-log fits."""
+    rows = []
+    with _bar(len(SEQUENTIAL) * len(cfg.seqlens), "sequential ops", progress) as bar:
+        for key, (subject, wrap, method) in SEQUENTIAL.items():
+            layer = wrap(_build(cfg, subject, cfg.d_model))
+            for n in cfg.seqlens:
+                ops = sequential_ops(layer, torch.randn(1, n, cfg.d_model))
+                rows.append({"layer": key, "n": n, "d_model": cfg.d_model, "sequential_ops": ops, "method": method})
+                bar.update()
+    fits = {}
+    for key in SEQUENTIAL:
+        ns = [r["n"] for r in rows if r["layer"] == key]
+        ops = [r["sequential_ops"] for r in rows if r["layer"] == key]
+        fits[key] = {**stats.linear_fit(ns, ops), "exponent_n": stats.loglog_exponent(ns, ops)}
+    return {"rows": rows, "fits": fits}
+
+
+# --------------------------------------------------------------------------------------------------
+# Maximum path length (Table 1, "Maximum Path Length")
+# --------------------------------------------------------------------------------------------------
+def _path_subjects(cfg: Config) -> dict:
+    """key -> (label, steps factory, paper formula, paper value at n)."""
+    w, h, k, r = cfg.path_width, cfg.path_heads, cfg.kernel_size, cfg.restricted_r
+    return {
+        "attention": ("stack of self-attention layers",
+                      lambda: layer_stack(lambda i: SelfAttention(w, h).double()), "1", lambda n: 1.0),
+        "rnn": ("nn.RNN recurrence, one time step per application",
+                lambda: UnrolledRecurrence(Recurrent("rnn", w).double()).iterations, "n", float),
+        "lstm": ("nn.LSTM recurrence, one time step per application",
+                 lambda: UnrolledRecurrence(Recurrent("lstm", w).double()).iterations, "n", float),
+        "conv": (f"stack of contiguous convolutions, k={k}, centred",
+                 lambda: layer_stack(lambda i: Convolution(w, k).double()), "n/k", lambda n: n / k),
+        "conv_dilated": (f"stack of causal dilated convolutions, k={k}, dilation k^i",
+                         lambda: layer_stack(lambda i: Convolution(w, k, k**i, causal=True).double()),
+                         "log_k(n)", lambda n: math.log(n, k)),
+        "restricted": (f"stack of restricted self-attention layers, r={r}",
+                       lambda: layer_stack(lambda i: RestrictedSelfAttention(w, h, r).double()),
+                       "n/r", lambda n: n / r),
+    }
+
+
+def _path_row(cfg: Config, key: str, label: str, steps, formula: str, paper: float, n: int, **extra) -> dict:
+    torch.manual_seed(cfg.seed)
+    layers = path_length(steps, n, cfg.path_width, max_steps=2 * n + 16, seed=cfg.seed)
+    return {"layer": key, "label": label, "n": n, "d_model": cfg.path_width, "layers": layers,
+            "paper_formula": formula, "paper_value": paper, **extra}
+
+
+def measure_paths(cfg: Config, progress: bool = True) -> dict:
+    """Fewest layers (or recurrence steps) connecting input 0 to output n-1, per layer kind and n."""
+    subjects = _path_subjects(cfg)
+    n_max = max(cfg.path_seqlens)
+    rows, by_kernel = [], []
+    with _bar(len(subjects) * len(cfg.path_seqlens) + len(cfg.path_kernel_sizes), "path length", progress) as bar:
+        for key, (label, make_steps, formula, paper) in subjects.items():
+            for n in cfg.path_seqlens:
+                rows.append(_path_row(cfg, key, label, make_steps(), formula, paper(n), n))
+                bar.update()
+        for k in cfg.path_kernel_sizes:
+            w = cfg.path_width
+            steps = layer_stack(lambda i, k=k: Convolution(w, k).double())
+            by_kernel.append(_path_row(cfg, "conv", f"contiguous convolutions, k={k}", steps, "n/k", n_max / k,
+                                       n_max, kernel_size=k))
+            bar.update()
+    fits = {}
+    for key in subjects:
+        sel = [r for r in rows if r["layer"] == key and r["layers"] is not None]
+        if len(sel) >= 2:
+            ns, ls = [r["n"] for r in sel], [r["layers"] for r in sel]
+            fits[key] = {**stats.linear_fit(ns, ls), "exponent_n": stats.loglog_exponent(ns, ls)}
+            paper = [r["paper_value"] for r in sel]
+            if len(set(paper)) > 1:  # measured = a * paper value + b
+                fits[key]["vs_paper"] = stats.linear_fit(paper, ls)
+    return {"rows": rows, "by_kernel_size": by_kernel, "fits": fits, "width": cfg.path_width}
+
+
+# --------------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------------
+TIMED = (  # (layer, implementation, SDPA backend or None)
+    ("attention", "torch SDPA", "torch"),
+    ("attention", "Triton SDPA (kernels)", "triton"),
+    ("attention_core", "torch SDPA", "torch"),
+    ("attention_core", "Triton SDPA (kernels)", "triton"),
+    ("rnn", "torch nn.RNN", None),
+    ("lstm", "torch nn.LSTM", None),
+    ("conv", "torch nn.Conv1d", None),
+)
+
+
+def probe_kernels(device: str, dtype: torch.dtype) -> dict:
+    """Which path ``kernels.scaled_dot_product_attention`` takes on this device (kernels.last_path)."""
+    import kernels
+    from kernels import dispatch
+
+    q = torch.randn(1, 1, 16, 16, device=device, dtype=dtype)
+    kernels.scaled_dot_product_attention(q, q, q)
+    return {"device": device, "dtype": str(dtype).replace("torch.", ""), "last_path": kernels.last_path("attention"),
+            "interpreter": bool(dispatch.INTERPRETER)}
+
+
+def triton_timed(device: str, probe: dict) -> str | None:
+    """None when the Triton rows are timed; otherwise the plain reason why not."""
+    if device != "cuda":
+        path = "the Triton interpreter" if probe["interpreter"] else f"its {probe['last_path']} path"
+        return (f"not timed: no CUDA device. The Triton kernels run compiled only on CUDA; on this {device} "
+                f"kernels.scaled_dot_product_attention takes {path} (kernels.last_path), "
+                "so a timing here would not be the Triton kernel's.")
+    if probe["last_path"] != "triton":
+        return f"not timed: kernels.scaled_dot_product_attention took the {probe['last_path']} path on CUDA"
+    return None
+
+
+def _forward(layer: nn.Module, x: torch.Tensor, backend: str | None) -> Callable[[], torch.Tensor]:
+    """The call to time: the layer, with the Triton SDPA swapped in for backend "triton"."""
+    if backend == "triton":
+        import kernels
+
+        return lambda: layer(x, sdpa=kernels.scaled_dot_product_attention)
+    return lambda: layer(x)
+
+
+DISAGREE = 1.5  # round medians further apart than this factor mark a disturbed measurement
+
+
+def _timed_row(cfg: Config, key: str, impl: str, n: int, x: torch.Tensor, rounds: list[list[float]],
+               flops_per_seq: int, path_ran: str | None) -> dict:
+    """Summary of one cell: the least-disturbed round (lowest median) is the headline, pooled runs beside."""
+    per_round = [stats.summarize(runs) for runs in rounds]
+    best = min(per_round, key=lambda r: r["median_s"])
+    medians = [r["median_s"] for r in per_round]
+    row = {"layer": key, "implementation": impl, "n": n, "batch": cfg.batch, "d_model": cfg.d_model,
+           "input_shape": list(x.shape), "dtype": str(x.dtype).replace("torch.", ""), "device": x.device.type,
+           "status": "measured", **best, "round_medians_s": medians,
+           "rounds_disagree": max(medians) > DISAGREE * min(medians),
+           "pooled": stats.summarize([t for runs in rounds for t in runs]), "method": METHODS[x.device.type]}
+    if path_ran:
+        row["path_ran"] = path_ran
+    batch_flops = cfg.batch * flops_per_seq
+    row.update(tokens_per_s=cfg.batch * n / row["median_s"], flops=batch_flops,
+               flops_per_s=batch_flops / row["median_s"])
+    return row
+
+
+def measure_timing(cfg: Config, device: str, dtype: torch.dtype, flops_vs_n: list[dict],
+                   progress: bool = True) -> dict:
+    """Forward time of every (layer, implementation) in TIMED at each n, or why it was not timed.
+
+    The whole grid is swept ``cfg.timing.rounds`` times; see :func:`_timed_row` for how rounds combine.
+    """
+    import kernels
+
+    probe = probe_kernels(device, dtype)
+    skip_triton = triton_timed(device, probe)
+    todo = [t for t in TIMED if not (t[2] == "triton" and skip_triton)]
+    flops = {(r["layer"], r["n"]): r["flops"] for r in flops_vs_n if r["d_model"] == cfg.d_model}
+    layers = {key: _build(cfg, key, cfg.d_model).to(device=device, dtype=dtype) for key, _, _ in todo}
+    inputs = {}
+    for n in cfg.seqlens:
+        torch.manual_seed(cfg.seed)
+        inputs[n] = torch.randn(cfg.batch, n, cfg.d_model, device=device, dtype=dtype)
+    times = {(key, impl, n): [] for key, impl, _ in todo for n in cfg.seqlens}  # one list of runs per round
+    paths: dict = {}
+    with _bar(cfg.timing.rounds * len(times), f"timing on {device}", progress) as bar:
+        for _ in range(cfg.timing.rounds):
+            for n in cfg.seqlens:
+                for key, impl, backend in todo:
+                    times[key, impl, n].append(sample(_forward(layers[key], inputs[n], backend), device, cfg.timing))
+                    if backend:
+                        paths[key, impl, n] = kernels.last_path("attention") if backend == "triton" else "torch"
+                    bar.update()
+    rows = []
+    for n in cfg.seqlens:
+        for key, impl, backend in TIMED:
+            if (key, impl, n) in times:
+                rows.append(_timed_row(cfg, key, impl, n, inputs[n], times[key, impl, n], flops[key, n],
+                                       paths.get((key, impl, n))))
+            else:
+                rows.append({"layer": key, "implementation": impl, "n": n, "batch": cfg.batch,
+                             "d_model": cfg.d_model, "input_shape": list(inputs[n].shape),
+                             "dtype": str(dtype).replace("torch.", ""), "device": device,
+                             "status": "not timed", "reason": skip_triton})
+    disturbed = sum(r.get("rounds_disagree", False) for r in rows)
+    return {"rows": rows, "kernels_probe": probe, "triton_not_timed_reason": skip_triton,
+            "rounds_disagree_factor": DISAGREE, "cells_with_disagreeing_rounds": disturbed}
+
+
+# --------------------------------------------------------------------------------------------------
+# The suite
+# --------------------------------------------------------------------------------------------------
+TABLE1_ROWS = (  # Table 1 row -> which measurements stand for it
+    {"key": "self_attention", "paper": "self_attention", "label": "Self-Attention",
+     "flops": "attention_core", "flops_layer": "attention", "sequential": "attention", "path": "attention"},
+    {"key": "recurrent_rnn", "paper": "recurrent", "label": "Recurrent (nn.RNN)",
+     "flops": "rnn", "sequential": "rnn_unrolled", "path": "rnn"},
+    {"key": "recurrent_lstm", "paper": "recurrent", "label": "Recurrent (nn.LSTM)",
+     "flops": "lstm", "sequential": "lstm_unrolled", "path": "lstm"},
+    {"key": "convolutional", "paper": "convolutional", "label": "Convolutional (contiguous, k={k})",
+     "flops": "conv", "sequential": "conv", "path": "conv"},
+    {"key": "convolutional_dilated", "paper": "convolutional", "label": "Convolutional (dilated, k={k})",
+     "flops": None, "sequential": None, "path": "conv_dilated"},
+    {"key": "restricted", "paper": "restricted", "label": "Self-Attention (restricted, r={r})",
+     "flops": "restricted_core", "flops_layer": "restricted", "sequential": "restricted", "path": "restricted"},
+)
+
+
+def run(cfg: Config, device: str = "cpu", progress: bool = True) -> dict:
+    """Run the whole table1 suite; returns a JSON-ready dict (see :mod:`benchmarks.report`)."""
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    flops = measure_flops(cfg, progress)
+    sequential = measure_sequential(cfg, progress)
+    paths = measure_paths(cfg, progress)
+    timing = measure_timing(cfg, device, dtype, flops["vs_n"], progress)
+    rows = [{**r, "label": r["label"].format(k=cfg.kernel_size, r=cfg.restricted_r), "paper_claims": PAPER[r["paper"]]}
+            for r in TABLE1_ROWS]
+    return {
+        "suite": "table1",
+        "config": {**cfg.to_json(), "device": device, "dtype": str(dtype).replace("torch.", "")},
+        "paper": PAPER,
+        "table1_rows": rows,
+        "subjects": {k: {"label": s.label, "count_method": s.count_method, "formula": s.formula}
+                     for k, s in SUBJECTS.items()},
+        "flops": flops,
+        "sequential_ops": sequential,
+        "max_path_length": paths,
+        "timing": timing,
+    }

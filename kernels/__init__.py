@@ -6,10 +6,26 @@ See README.md, "Where each call runs", for when the Triton kernels run and when 
 from .attention import scaled_dot_product_attention
 from .dispatch import last_path, launch_count, launch_counts
 from .ffn import FFN, ffn
+from .flash_attn_interface import (
+    flash_attn_func,
+    flash_attn_kvpacked_func,
+    flash_attn_qkvpacked_func,
+    flash_attn_varlen_func,
+    flash_attn_varlen_kvpacked_func,
+    flash_attn_varlen_qkvpacked_func,
+    flash_attn_with_kvcache,
+)
 from .layer_norm import LayerNorm, layer_norm
 
 __all__ = [
     "scaled_dot_product_attention",
+    "flash_attn_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_qkvpacked_func",
+    "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_with_kvcache",
     "layer_norm",
     "LayerNorm",
     "ffn",

@@ -113,15 +113,38 @@ def shipped_launches() -> list[Launch]:
     bucket of LayerNorm, each (dtype, activation, epilogue) of the FFN matmul."""
     launches: list[Launch] = []
     meta = dict(device="meta")
-    attn_kernels = ["_attn_fwd_kernel", "_attn_bwd_delta_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"]
-    # Causal only: its code is the non-causal code plus the mask, so it bounds register use.
+    attn_kernels = ["_attn_fwd_kernel", "_attn_bwd_delta_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel",
+                    "_attn_combine_kernel", "_dropout_mask_kernel"]
+
+    def attn(case, q, k, v, backward=True, **kw):
+        with _recording(attention, attn_kernels, launches, case):
+            out, lse = attention.attention_forward(q, k, v, scale=0.1, **kw)
+            if backward:
+                kw.pop("num_splits", None)
+                attention.attention_backward(out, q, k, v, out, lse, **kw, scale=0.1)
+
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        name = str(dtype)[6:]
         for head_dim in (32, 64, 128, 256):
-            case = f"attention {str(dtype)[6:]} d={head_dim}"
             q = torch.empty(4, 16, 1024, head_dim, dtype=dtype, **meta)
-            with _recording(attention, attn_kernels, launches, case):
-                out, lse = attention.attention_forward(q, q, q, is_causal=True, scale=0.1)
-                attention.attention_backward(out, q, q, q, out, lse, is_causal=True, scale=0.1)
+            attn(f"attention {name} d={head_dim} causal", q, q, q, window=(-1, 0))
+            if head_dim >= 64:  # decoding: 1..16 query rows, a KV cache of 8192, keys split 4 ways
+                kv = torch.empty(4, 8, 8192, head_dim, dtype=dtype, **meta)
+                attn(f"attention {name} d={head_dim} decode", q[:, :, :4], kv, kv, backward=False, bottom_right=True,
+                     window=(-1, 0), seqused_k=torch.empty(4, dtype=torch.int32, **meta), num_splits=4)
+            if dtype != torch.bfloat16 and head_dim >= 64:  # every score modifier at once bounds register use
+                mask = torch.empty(4, 1, 1024, 1024, dtype=dtype, **meta).expand(4, 16, 1024, 1024)
+                kv = torch.empty(4, 4, 1024, head_dim, dtype=dtype, **meta)
+                attn(f"attention {name} d={head_dim} all-modifiers", q, kv, kv, window=(256, 0), softcap=30.0,
+                     alibi_slopes=torch.empty(16, dtype=torch.float32, **meta), attn_mask=mask, dropout_p=0.1)
+        if dtype == torch.float16:
+            for head_dim in (64, 128):
+                packed = torch.empty(1, 16, 8192, head_dim, dtype=dtype, **meta)
+                cu = torch.empty(9, dtype=torch.int32, **meta)
+                attn(f"attention {name} d={head_dim} varlen causal", packed, packed, packed, window=(-1, 0),
+                     bottom_right=True, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=2048, max_seqlen_k=2048)
+    with _recording(attention, attn_kernels, launches, "attention dropout mask"):
+        attention.dropout_keep_mask(4, 16, 1024, 1024, 0.1, 0, "meta")
 
     for dtype in (torch.float16, torch.float32):
         for cols in (512, 1024, 4096, layer_norm.MAX_FUSED_N):

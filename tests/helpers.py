@@ -34,3 +34,42 @@ def poisoned(shape, dtype, device) -> torch.Tensor:
 def f64(*tensors):
     """Detached float64 leaf copies that require grad, for the reference."""
     return [t.detach().double().requires_grad_() for t in tensors]
+
+
+# flash-attention's test standard: the kernel's error against float64 may be at most twice PyTorch's
+# own error at the same precision, plus a small floor: relative to the reference's norm, and an RMS
+# floor for references that are ~0, where rounding in a sum of O(seqlen) unit-scale terms remains
+# (e.g. dK when each query sees a single key: exactly 0 in the reference's autograd, ~1e-6 here).
+FLASH_FLOOR = {torch.float32: 1e-6, torch.float16: 2e-4, torch.bfloat16: 2e-3}
+RMS_FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+def assert_flash_standard(out, ref64, ref_lowp, dtype, name="out"):
+    """||out - ref64|| <= 2 ||ref_lowp - ref64|| + FLASH_FLOOR ||ref64|| + RMS_FLOOR sqrt(numel)."""
+    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
+    out, ref64, ref_lowp = (t.detach().double() for t in (out, ref64, ref_lowp))
+    assert torch.isfinite(out).all(), f"{name}: non-finite values"
+    ours = (out - ref64).norm().item()
+    torch_err = (ref_lowp - ref64).norm().item()
+    bound = 2 * torch_err + FLASH_FLOOR[dtype] * ref64.norm().item() + RMS_FLOOR[dtype] * out.numel() ** 0.5
+    assert ours <= bound, f"{name}: error {ours:.3e} > bound {bound:.3e} (torch at {dtype}: {torch_err:.3e})"
+
+
+def check_fwd_bwd(fn, ref, inputs, dtype, names=("dq", "dk", "dv"), backward=True):
+    """Run ``fn`` (the kernel) and ``ref`` (plain PyTorch, any dtype) on the same inputs, forward and
+    backward with one random output gradient; hold ``fn`` to :func:`assert_flash_standard` against
+    ``ref`` in float64, with ``ref`` at ``dtype`` as PyTorch's own error. Returns ``fn``'s output."""
+    leaves = [t.detach().clone().requires_grad_(backward) for t in inputs]
+    out = fn(*leaves)
+    dout = torch.randn_like(out)
+    lows = [t.detach().clone().requires_grad_(backward) for t in inputs]
+    highs = [t.detach().double().requires_grad_(backward) for t in inputs]
+    ref_low, ref_high = ref(*lows), ref(*highs)
+    assert_flash_standard(out, ref_high, ref_low, dtype)
+    if backward:
+        out.backward(dout)
+        ref_low.backward(dout)
+        ref_high.backward(dout.double())
+        for name, a, lo, hi in zip(names, leaves, lows, highs):
+            assert_flash_standard(a.grad, hi.grad, lo.grad, dtype, name)
+    return out

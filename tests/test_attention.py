@@ -1,63 +1,79 @@
-"""Triton attention (kernels/attention.py) against a float64 reference, forward and backward."""
+"""kernels.scaled_dot_product_attention (torch's signature and semantics) and the attention launchers.
+
+Every comparison follows flash-attention's standard (helpers.assert_flash_standard): the kernel's error
+against float64 is at most twice PyTorch's own same-precision error, plus a small floor.
+"""
 import math
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import kernels
-from kernels.attention import attention_backward, attention_forward, attention_reference
-from helpers import assert_close, f64, poisoned
-
-SHAPES = [(1, 1), (7, 7), (65, 65), (130, 130), (65, 130), (130, 65), (1, 130)]
+from kernels.attention import attention_backward, attention_forward, attention_reference, dropout_keep_mask
+from helpers import check_fwd_bwd, poisoned
 
 
-def _qkv(batch, heads, seqlen_q, seqlen_k, head_dim, dtype, device, head_dim_v=None):
-    g = lambda s: torch.randn(batch, heads, s[0], s[1], dtype=dtype, device=device)  # noqa: E731
-    return g((seqlen_q, head_dim)), g((seqlen_k, head_dim)), g((seqlen_k, head_dim_v or head_dim))
+def _qkv(batch, heads, seqlen_q, seqlen_k, head_dim, dtype, device, heads_k=None, head_dim_v=None):
+    heads_k = heads_k or heads
+    return (torch.randn(batch, heads, seqlen_q, head_dim, dtype=dtype, device=device),
+            torch.randn(batch, heads_k, seqlen_k, head_dim, dtype=dtype, device=device),
+            torch.randn(batch, heads_k, seqlen_k, head_dim_v or head_dim, dtype=dtype, device=device))
 
 
-def _check_fwd_bwd(q, k, v, dtype, *, is_causal, scale=None, launches=None):
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
-    out = kernels.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale)
-    assert kernels.last_path("attention") == "triton"
-    dout = torch.randn_like(out)
-    out.backward(dout)
-    q64, k64, v64 = f64(q, k, v)
-    ref = attention_reference(q64, k64, v64, is_causal=is_causal, scale=scale)
-    ref.backward(dout.double())
-    assert out.dtype == dtype
-    assert_close(out, ref, dtype, "out")
-    for name, got, want in (("dq", q.grad, q64.grad), ("dk", k.grad, k64.grad), ("dv", v.grad, v64.grad)):
-        assert_close(got, want, dtype, name, floor=1e-3)
+def _sdpa(launches=None, **kw):
+    def fn(q, k, v):
+        out = kernels.scaled_dot_product_attention(q, k, v, **kw)
+        assert kernels.last_path("attention") == "triton"
+        return out
+    return fn
+
+
+def _ref(**kw):
+    return lambda q, k, v: attention_reference(q, k, v, **kw)
+
+
+# --- shapes, dtypes, head dims ----------------------------------------------------------------------
+SHAPES = [(1, 1), (7, 7), (65, 65), (130, 130), (113, 203), (1, 130), (130, 1)]
 
 
 @pytest.mark.parametrize("is_causal", [False, True])
 @pytest.mark.parametrize("seqlen_q,seqlen_k", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_matches_reference(device, launches, is_causal, seqlen_q, seqlen_k, dtype):
-    head_dim = {1: 16, 7: 32, 65: 64, 130: 32}[seqlen_q]
-    q, k, v = _qkv(2, 2, seqlen_q, seqlen_k, head_dim, dtype, device)
+    head_dim = {1: 16, 7: 32, 65: 64, 113: 32, 130: 16}[seqlen_q]
     with launches("attention_fwd"), launches("attention_bwd_dkdv"), launches("attention_bwd_dq"):
-        _check_fwd_bwd(q, k, v, dtype, is_causal=is_causal)
+        check_fwd_bwd(_sdpa(is_causal=is_causal), _ref(causal=is_causal),
+                      _qkv(2, 2, seqlen_q, seqlen_k, head_dim, dtype, device), dtype)
 
 
-@pytest.mark.parametrize("head_dim", [16, 32, 64, 128])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_head_dims_and_dtypes(device, head_dim, dtype):
-    q, k, v = _qkv(1, 2, 33, 47, head_dim, dtype, device)
-    _check_fwd_bwd(q, k, v, dtype, is_causal=True)
+@pytest.mark.parametrize("head_dim", [16, 24, 40, 64, 80, 96, 112, 128, 160, 256])
+def test_every_head_dim(device, head_dim):
+    """Any head_dim up to 256, padded inside the kernel (not in memory)."""
+    check_fwd_bwd(_sdpa(is_causal=True), _ref(causal=True), _qkv(1, 2, 33, 47, head_dim, torch.float16, device),
+                  torch.float16)
 
 
-@pytest.mark.parametrize("head_dim,head_dim_v", [(24, 24), (40, 40), (32, 16), (16, 48)])
-def test_head_dim_not_power_of_two_and_value_width(device, head_dim, head_dim_v):
-    q, k, v = _qkv(1, 2, 20, 37, head_dim, torch.float32, device, head_dim_v=head_dim_v)
-    _check_fwd_bwd(q, k, v, torch.float32, is_causal=False)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [32, 128])
+def test_fp32_and_bf16(device, dtype, head_dim):
+    check_fwd_bwd(_sdpa(is_causal=True), _ref(causal=True), _qkv(2, 2, 40, 40, head_dim, dtype, device), dtype)
 
 
-def test_custom_scale(device):
-    q, k, v = _qkv(2, 1, 19, 23, 32, torch.float32, device)
-    _check_fwd_bwd(q, k, v, torch.float32, is_causal=True, scale=0.37)
+@pytest.mark.parametrize("head_dim,head_dim_v", [(32, 16), (16, 48)])
+def test_value_head_dim_may_differ(device, head_dim, head_dim_v):
+    check_fwd_bwd(_sdpa(), _ref(), _qkv(1, 2, 20, 37, head_dim, torch.float32, device, head_dim_v=head_dim_v),
+                  torch.float32)
+
+
+def test_custom_and_default_scale(device):
+    qkv = _qkv(2, 1, 19, 23, 64, torch.float32, device)
+    check_fwd_bwd(_sdpa(is_causal=True, scale=0.37), _ref(causal=True, scale=0.37), qkv, torch.float32)
+    torch.testing.assert_close(kernels.scaled_dot_product_attention(*qkv),
+                               kernels.scaled_dot_product_attention(*qkv, scale=1 / math.sqrt(64)))
 
 
 def test_non_contiguous_inputs(device):
@@ -67,123 +83,262 @@ def test_non_contiguous_inputs(device):
     k = torch.randn(batch, heads, seqlen, 2 * head_dim, device=device)[..., ::2]
     v = torch.randn(1, heads, seqlen, head_dim, device=device).expand(batch, -1, -1, -1)
     assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
-    _check_fwd_bwd(q, k, v, torch.float32, is_causal=True)
+    out = kernels.scaled_dot_product_attention(q, k, v, is_causal=True)
+    ref = attention_reference(q.double(), k.double(), v.double(), causal=True)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("shape", [(9, 16), (3, 9, 16), (2, 2, 2, 9, 16)])
 def test_leading_dims_like_torch(device, shape):
-    """torch accepts (..., L, E) with any number of leading dims; so do we, with the same output shape."""
-    q, k, v = (torch.randn(shape, device=device, requires_grad=True) for _ in range(3))
-    out = kernels.scaled_dot_product_attention(q, k, v, is_causal=True)
-    assert kernels.last_path("attention") == "triton"
-    ref = F.scaled_dot_product_attention(*f64(q, k, v), is_causal=True)
-    assert_close(out, ref, torch.float32)
-    out.sum().backward()
-    assert q.grad.shape == q.shape and torch.isfinite(q.grad).all()
+    q, k, v = (torch.randn(shape, device=device) for _ in range(3))
+    check_fwd_bwd(_sdpa(is_causal=True), lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                  (q, k, v), torch.float32)
 
 
 def test_reference_is_torch_semantics():
-    """The float64 reference the tests trust equals torch's own SDPA, causal with seqlen_q != seqlen_k included."""
+    """The reference the tests trust equals torch's SDPA: causal (top-left) with seqlen_q != seqlen_k,
+    bool and float masks, GQA."""
     for seqlen_q, seqlen_k in [(5, 9), (9, 5), (6, 6)]:
-        q, k, v = (torch.randn(2, 3, s, 8, dtype=torch.float64) for s in (seqlen_q, seqlen_k, seqlen_k))
+        q, k, v = (torch.randn(2, 4, s, 8, dtype=torch.float64) for s in (seqlen_q, seqlen_k, seqlen_k))
         for is_causal in (False, True):
-            want = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
-            torch.testing.assert_close(attention_reference(q, k, v, is_causal=is_causal), want)
+            torch.testing.assert_close(attention_reference(q, k, v, causal=is_causal),
+                                       F.scaled_dot_product_attention(q, k, v, is_causal=is_causal))
+        bool_mask = torch.rand(2, 1, seqlen_q, seqlen_k) > 0.3
+        bool_mask[..., 0] = True  # no empty row, where torch gives NaN
+        float_mask = torch.randn(4, seqlen_q, seqlen_k, dtype=torch.float64)
+        for mask in (bool_mask, float_mask):
+            torch.testing.assert_close(attention_reference(q, k, v, attn_mask=mask),
+                                       F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+        kg, vg = k[:, :2], v[:, :2]
+        torch.testing.assert_close(attention_reference(q, kg, vg, causal=True),
+                                   F.scaled_dot_product_attention(q, kg, vg, is_causal=True, enable_gqa=True))
 
 
+# --- masks ------------------------------------------------------------------------------------------
+def _masks(batch, heads, seqlen_q, seqlen_k, device):
+    g = torch.Generator().manual_seed(0)
+    padding = torch.arange(seqlen_k)[None, None, None, :] < torch.tensor([seqlen_k, seqlen_k // 2])[:, None, None, None]
+    full = torch.rand(batch, heads, seqlen_q, seqlen_k, generator=g) > 0.4
+    full[0, 1, 3] = False  # a fully masked row
+    additive = torch.randn(1, heads, seqlen_q, seqlen_k, generator=g)
+    additive[..., 5, :] = float("-inf")  # fully masked by -inf
+    return {"key_padding": padding.to(device), "bool_full": full.to(device), "additive": additive.to(device),
+            "bool_2d": (torch.rand(seqlen_q, seqlen_k, generator=g) > 0.5).to(device)}
+
+
+@pytest.mark.parametrize("kind", ["key_padding", "bool_full", "additive", "bool_2d"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_masks(device, kind, dtype):
+    mask = _masks(2, 2, 37, 45, device)[kind]
+    if mask.dtype != torch.bool:
+        mask = mask.to(dtype)
+    out = check_fwd_bwd(_sdpa(attn_mask=mask), _ref(attn_mask=mask), _qkv(2, 2, 37, 45, 32, dtype, device), dtype)
+    assert torch.isfinite(out).all()
+
+
+def test_fully_masked_rows_give_zero_output_and_gradient(device):
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 2, 9, 12, 16, torch.float32, device))
+    mask = torch.ones(1, 2, 9, 12, dtype=torch.bool, device=device)
+    mask[0, 0, 4] = False
+    out = kernels.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out.backward(torch.randn_like(out))
+    assert (out[0, 0, 4] == 0).all() and (q.grad[0, 0, 4] == 0).all()
+    assert torch.isfinite(out).all() and torch.isfinite(k.grad).all() and torch.isfinite(v.grad).all()
+
+
+# --- grouped-query attention ------------------------------------------------------------------------
+@pytest.mark.parametrize("heads,heads_k", [(4, 2), (6, 3), (4, 1)])
+def test_gqa(device, heads, heads_k):
+    check_fwd_bwd(_sdpa(is_causal=True, enable_gqa=True), _ref(causal=True),
+                  _qkv(2, heads, 29, 41, 32, torch.float16, device, heads_k=heads_k), torch.float16)
+
+
+# --- dropout ----------------------------------------------------------------------------------------
+def test_dropout_matches_reference_with_the_kernels_mask(device):
+    """Forward and backward equal the reference run with the keep-mask the kernel drew (Philox)."""
+    p = 0.3
+    q, k, v = (t.requires_grad_() for t in _qkv(2, 2, 37, 45, 32, torch.float32, device))
+    torch.manual_seed(7)
+    out = kernels.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+    torch.manual_seed(7)
+    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))  # the draw the op made
+    keep = dropout_keep_mask(2, 2, 37, 45, p, seed, device)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = attention_reference(q64, k64, v64, causal=True, dropout_p=p, dropout_keep=keep)
+    ref.backward(dout.double())
+    for got, want in ((out, ref), (q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+        torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-5)
+
+
+def test_dropout_statistics(device):
+    """Keep rate is 1 - p, and the output is unbiased: the mean over seeds approaches the no-dropout output."""
+    p = 0.25
+    keep = dropout_keep_mask(4, 4, 64, 64, p, 1234, device)
+    assert abs(keep.float().mean().item() - (1 - p)) < 0.01  # 65536 draws: 4+ standard deviations
+    q, k, v = _qkv(1, 1, 16, 16, 16, torch.float32, device)
+    exact = kernels.scaled_dot_product_attention(q, k, v)
+    runs = torch.stack([kernels.scaled_dot_product_attention(q, k, v, dropout_p=p) for _ in range(200)])
+    rel = ((runs.mean(0) - exact).norm() / exact.norm()).item()
+    single = ((runs[0] - exact).norm() / exact.norm()).item()
+    assert rel < single / 5, f"mean of 200 dropout runs is off by {rel:.3f} (one run: {single:.3f})"
+
+
+def test_dropout_same_seed_same_result(device):
+    q, k, v = _qkv(1, 2, 20, 20, 16, torch.float32, device)
+    torch.manual_seed(3)
+    a = kernels.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+    torch.manual_seed(3)
+    b = kernels.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+    c = kernels.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+# --- launcher-level properties ----------------------------------------------------------------------
 def test_every_output_element_written(device):
-    """NaN-poisoned out, logsumexp and gradients are fully overwritten by the launchers."""
-    q, k, v = _qkv(2, 3, 45, 70, 32, torch.float32, device)
-    out, lse = poisoned((2, 3, 45, 32), torch.float32, device), poisoned((2, 3, 45), torch.float32, device)
-    attention_forward(q, k, v, is_causal=True, scale=0.2, out=out, lse=lse)
+    """NaN-poisoned out, logsumexp and gradients are fully overwritten."""
+    q, k, v = _qkv(2, 4, 45, 70, 32, torch.float32, device, heads_k=2)
+    out, lse = poisoned((2, 4, 45, 32), torch.float32, device), poisoned((2, 4, 45), torch.float32, device)
+    attention_forward(q, k, v, scale=0.2, window=(-1, 0), out=out, lse=lse)
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
     grads = [poisoned(t.shape, torch.float32, device) for t in (q, k, v)]
-    attention_backward(torch.randn_like(out), q, k, v, out, lse, is_causal=True, scale=0.2,
+    attention_backward(torch.randn_like(out), q, k, v, out, lse, scale=0.2, window=(-1, 0),
                        dq=grads[0], dk=grads[1], dv=grads[2])
     assert all(torch.isfinite(g).all() for g in grads)
 
 
 def test_logsumexp(device):
     q, k, v = _qkv(1, 2, 21, 34, 16, torch.float32, device)
-    _, lse = attention_forward(q, k, v, is_causal=False, scale=0.25)
+    _, lse = attention_forward(q, k, v, scale=0.25)
     want = torch.logsumexp(0.25 * q.double() @ k.double().transpose(-2, -1), dim=-1)
     torch.testing.assert_close(lse.double(), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("seqlen_q,seqlen_k", [(40, 17), (17, 40)])
-def test_bottom_right_causal_and_empty_rows(device, seqlen_q, seqlen_k):
-    """flash-attention's alignment (used by the coming flash_attn_* API): with seqlen_q > seqlen_k the
-    first rows see no key and must give 0 output, -inf logsumexp and 0 gradient, never NaN."""
-    q, k, v = _qkv(1, 2, seqlen_q, seqlen_k, 32, torch.float32, device)
-    out, lse = attention_forward(q, k, v, is_causal=True, scale=0.2, align="bottom_right")
-    q64, k64, v64 = f64(q, k, v)
-    ref = attention_reference(q64, k64, v64, is_causal=True, scale=0.2, align="bottom_right")
-    assert_close(out, ref, torch.float32)
-    dout = torch.randn_like(out)
-    dq, dk, dv = attention_backward(dout, q, k, v, out, lse, is_causal=True, scale=0.2, align="bottom_right")
-    ref.backward(dout.double())
-    for got, want in ((dq, q64.grad), (dk, k64.grad), (dv, v64.grad)):
-        assert_close(got, want, torch.float32, floor=1e-3)
-    empty = seqlen_q - seqlen_k
-    if empty > 0:
-        assert (out[:, :, :empty] == 0).all() and (dq[:, :, :empty] == 0).all()
-        assert torch.isneginf(lse[:, :, :empty]).all()
-
-
 def test_backward_is_deterministic(device):
-    q, k, v = _qkv(1, 2, 70, 70, 32, torch.float16, device)
-    out, lse = attention_forward(q, k, v, is_causal=True, scale=0.2)
+    q, k, v = _qkv(1, 4, 70, 70, 32, torch.float16, device, heads_k=2)
+    out, lse = attention_forward(q, k, v, scale=0.2, window=(-1, 0), dropout_p=0.2, seed=11)
     dout = torch.randn_like(out)
-    first = attention_backward(dout, q, k, v, out, lse, is_causal=True, scale=0.2)
-    second = attention_backward(dout, q, k, v, out, lse, is_causal=True, scale=0.2)
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)
+    first = attention_backward(dout, q, k, v, out, lse, scale=0.2, window=(-1, 0), dropout_p=0.2, seed=11)
+    second = attention_backward(dout, q, k, v, out, lse, scale=0.2, window=(-1, 0), dropout_p=0.2, seed=11)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
-def test_default_scale_is_inverse_sqrt_head_dim(device):
-    q, k, v = _qkv(1, 1, 9, 9, 64, torch.float32, device)
-    a = kernels.scaled_dot_product_attention(q, k, v)
-    b = kernels.scaled_dot_product_attention(q, k, v, scale=1 / math.sqrt(64))
-    torch.testing.assert_close(a, b)
+def test_torch_compile_fullgraph_no_graph_break(device):
+    """The custom ops have fake implementations and autograd: a compiled module traces without a break."""
+    proj = torch.nn.Linear(32, 96).to(device)
+
+    def block(x):
+        q, k, v = proj(x).unflatten(-1, (3, 2, 16)).permute(2, 0, 3, 1, 4)
+        return kernels.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).flatten(2)
+
+    x = torch.randn(2, 9, 32, device=device)
+    eager = block(x)
+    compiled = torch.compile(block, fullgraph=True)(x)
+    torch.testing.assert_close(compiled, eager)
+    compiled.sum().backward()
+    assert proj.weight.grad is not None and torch.isfinite(proj.weight.grad).all()
 
 
-# --- bad input -------------------------------------------------------------------------------------
-def test_unsupported_arguments_raise_not_implemented(device):
-    q, k, v = _qkv(1, 1, 4, 4, 16, torch.float32, device)
-    with pytest.raises(NotImplementedError, match="attn_mask"):
-        kernels.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(4, 4, dtype=torch.bool))
-    with pytest.raises(NotImplementedError, match="dropout_p"):
-        kernels.scaled_dot_product_attention(q, k, v, dropout_p=0.1)
+# --- property test ----------------------------------------------------------------------------------
+@settings(max_examples=25, deadline=None)
+@given(batch=st.integers(1, 2), heads_k=st.integers(1, 2), group=st.integers(1, 3),
+       seqlen_q=st.integers(1, 70), seqlen_k=st.integers(1, 70), head_dim=st.sampled_from([8, 16, 24, 32, 48, 64]),
+       causal=st.booleans(), mask=st.sampled_from([None, "bool", "float"]), transposed=st.booleans(),
+       seed=st.integers(0, 2**31 - 1))
+def test_property_random_shapes_strides_masks(device, batch, heads_k, group, seqlen_q, seqlen_k, head_dim, causal,
+                                              mask, transposed, seed):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    heads = heads_k * group
+
+    def make(seqlen, h):
+        if transposed:  # (batch, seqlen, heads, dim) memory
+            return torch.randn(batch, seqlen, h, head_dim, generator=g).transpose(1, 2).to(device)
+        return torch.randn(batch, h, seqlen, head_dim, generator=g).to(device)
+
+    q, k, v = make(seqlen_q, heads), make(seqlen_k, heads_k), make(seqlen_k, heads_k)
+    attn_mask = None
+    if mask == "bool":
+        attn_mask = (torch.rand(batch, 1, seqlen_q, seqlen_k, generator=g) > 0.3).to(device)
+    elif mask == "float":
+        attn_mask = torch.randn(1, heads, seqlen_q, seqlen_k, generator=g).to(device)
+    is_causal = causal and attn_mask is None
+    check_fwd_bwd(_sdpa(attn_mask=attn_mask, is_causal=is_causal, enable_gqa=True),
+                  _ref(attn_mask=attn_mask, causal=is_causal), (q, k, v), torch.float32)
 
 
+# --- bad input and documented fallbacks -------------------------------------------------------------
 @pytest.mark.parametrize("make,error,match", [
     (lambda q, k, v: (q.long(), k, v), TypeError, "dtype"),
     (lambda q, k, v: (q.double(), k.double(), v.double()), TypeError, "float64"),
     (lambda q, k, v: (q, k.half(), v), TypeError, "must match"),
     (lambda q, k, v: (q[..., :8], k, v), ValueError, "head_dim"),
     (lambda q, k, v: (q, k, v[:, :, :3]), ValueError, "seqlen"),
-    (lambda q, k, v: (q, k[:1], v[:1]), ValueError, "leading"),
+    (lambda q, k, v: (q, k[:1], v[:1]), ValueError, "batch"),
     (lambda q, k, v: (q[0], k, v), ValueError, "number of dims"),
-    (lambda q, k, v: (q[0, 0, 0], k, v), ValueError, "at least 2 dims"),
+    (lambda q, k, v: (q[0, 0, 0], k[0, 0, 0], v[0, 0, 0]), ValueError, "at least 2 dims"),
     (lambda q, k, v: ([1.0], k, v), TypeError, "torch.Tensor"),
+    (lambda q, k, v: (q, k[:, :1], v[:, :1]), ValueError, "enable_gqa"),
 ])
 def test_bad_input_raises(device, make, error, match):
-    q, k, v = _qkv(2, 1, 4, 4, 16, torch.float32, device)
+    q, k, v = _qkv(2, 2, 4, 4, 16, torch.float32, device)
     with pytest.raises(error, match=match):
         kernels.scaled_dot_product_attention(*make(q, k, v))
 
 
-def test_head_dim_too_large_raises(device):
-    q, k, v = _qkv(1, 1, 2, 2, 264, torch.float32, device)
-    with pytest.raises(ValueError, match="head_dim"):
-        kernels.scaled_dot_product_attention(q, k, v)
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(attn_mask="mask"), TypeError, "attn_mask must be a torch.Tensor"),
+    (dict(attn_mask=torch.ones(4, 4, dtype=torch.int32)), TypeError, "bool"),
+    (dict(attn_mask=torch.ones(3, 4, dtype=torch.bool)), ValueError, "broadcast"),
+    (dict(attn_mask=torch.ones(4, 4, dtype=torch.bool), is_causal=True), ValueError, "not both"),
+    (dict(dropout_p=1.5), ValueError, "dropout_p"),
+    (dict(dropout_p=-0.1), ValueError, "dropout_p"),
+])
+def test_bad_options_raise(device, kwargs, error, match):
+    q, k, v = _qkv(2, 2, 4, 4, 16, torch.float32, device)
+    if isinstance(kwargs.get("attn_mask"), torch.Tensor):
+        kwargs = {**kwargs, "attn_mask": kwargs["attn_mask"].to(device)}
+    with pytest.raises(error, match=match):
+        kernels.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
+def test_gqa_needs_a_divisor(device):
+    q, k, v = _qkv(1, 3, 4, 4, 16, torch.float32, device, heads_k=2)
+    with pytest.raises(ValueError, match="multiple"):
+        kernels.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+
+@pytest.mark.parametrize("case", ["head_dim_264", "mask_requires_grad"])
+def test_documented_fallbacks_warn_and_match_torch(device, case):
+    head_dim = 264 if case == "head_dim_264" else 16
+    q, k, v = _qkv(1, 2, 5, 6, head_dim, torch.float32, device)
+    mask = torch.randn(5, 6, device=device, requires_grad=True) if case == "mask_requires_grad" else None
+    with pytest.warns(UserWarning, match="falling back"):
+        out = kernels.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert kernels.last_path("attention") == "torch"
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+
+
+def test_no_warning_on_the_triton_path(device):
+    q, k, v = _qkv(1, 2, 5, 6, 16, torch.float32, device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kernels.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
 # --- GPU only ---------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("is_causal", [False, True])
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
 def test_gpu_large(is_causal, dtype, head_dim):
-    q, k, v = _qkv(2, 4, 1031, 1031, head_dim, dtype, "cuda")
-    _check_fwd_bwd(q, k, v, dtype, is_causal=is_causal)
+    check_fwd_bwd(_sdpa(is_causal=is_causal), _ref(causal=is_causal), _qkv(2, 4, 1031, 1031, head_dim, dtype, "cuda"),
+                  dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_masks_gqa_dropout(dtype):
+    q, k, v = _qkv(2, 8, 777, 901, 128, dtype, "cuda", heads_k=2)
+    mask = (torch.rand(2, 1, 777, 901, device="cuda") > 0.2)
+    check_fwd_bwd(_sdpa(attn_mask=mask, enable_gqa=True), _ref(attn_mask=mask), (q, k, v), dtype)

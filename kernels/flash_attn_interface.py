@@ -1,0 +1,408 @@
+"""flash-attention's public functions, on this library's Triton kernels.
+
+Same names, arguments, layouts and semantics as ``flash_attn`` 2.x (``flash_attn/flash_attn_interface.py``,
+Dao-AILab/flash-attention), so ``from flash_attn import flash_attn_func`` becomes
+``from kernels import flash_attn_func``. Layout ``(batch, seqlen, nheads, headdim)``; packed batches
+``(total_tokens, nheads, headdim)`` with int32 ``cu_seqlens``. Differences, all documented per function:
+fp32 is accepted too (flash-attention takes fp16/bf16 only); ``deterministic`` is accepted and always
+holds (the backward never uses atomics); ``return_attn_probs`` returns exact probabilities (from a
+plain-PyTorch recomputation, for testing, as flash-attention intends); paged KV caches
+(``block_table``), ``cache_leftpad`` and rotary embeddings raise ``NotImplementedError``.
+
+Causal masks are aligned to the bottom-right corner (what decoding with a KV cache needs); with
+seqlen_q=2, seqlen_k=5 and seqlen_q=5, seqlen_k=2 (1 = attend)::
+
+    1 1 1 1 0          0 0
+    1 1 1 1 1          0 0
+                       0 0
+                       1 0
+                       1 1
+
+A row with no visible key outputs 0. A sliding window ``window_size=(left, right)`` lets query i see
+keys ``[i + seqlen_k - seqlen_q - left, i + seqlen_k - seqlen_q + right]`` (-1: unbounded on that
+side), the "restricted self-attention" of Vaswani et al. (2017, Table 1); key blocks outside it are
+never visited.
+
+On CPU tensors without ``TRITON_INTERPRET=1`` every function runs the plain-PyTorch reference
+(``kernels.attention.attention_reference``), so code using it runs on a laptop.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import dispatch
+from .attention import MAX_HEAD_DIM, attention_op, attention_reference, check_qkv, dropout_keep_mask
+
+__all__ = [
+    "flash_attn_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_qkvpacked_func",
+    "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_with_kvcache",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# Argument checks
+# --------------------------------------------------------------------------------------------------
+def _window(op: str, window_size, causal: bool) -> tuple[int, int]:
+    """flash-attention's rule: causal sets the right side of the window to 0."""
+    try:
+        left, right = (int(w) for w in window_size)
+    except (TypeError, ValueError):
+        raise TypeError(f"{op}: window_size must be a pair of ints (left, right), got {window_size!r}") from None
+    if left < -1 or right < -1:
+        raise ValueError(f"{op}: window_size entries must be >= -1 (-1 = unbounded), got {window_size!r}")
+    return left, 0 if causal else right
+
+
+def _check_options(op: str, q, dropout_p, softcap, alibi_slopes, batch: int, num_heads: int) -> float:
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"{op}: dropout_p must be in [0, 1], got {dropout_p!r}")
+    if not isinstance(softcap, (int, float)) or softcap < 0:
+        raise ValueError(f"{op}: softcap must be >= 0 (0 = off), got {softcap!r}")
+    if alibi_slopes is not None:
+        if not isinstance(alibi_slopes, torch.Tensor) or alibi_slopes.dtype != torch.float32:
+            raise TypeError(f"{op}: alibi_slopes must be a float32 tensor")
+        if alibi_slopes.device != q.device:
+            raise ValueError(f"{op}: alibi_slopes is on {alibi_slopes.device} but q is on {q.device}")
+        if tuple(alibi_slopes.shape) not in ((num_heads,), (batch, num_heads)):
+            raise ValueError(f"{op}: alibi_slopes must have shape ({num_heads},) or ({batch}, {num_heads}), "
+                             f"got {tuple(alibi_slopes.shape)}")
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"{op}: head_dim {q.shape[-1]} is not supported; supported: 1..{MAX_HEAD_DIM}")
+    return float(dropout_p)
+
+
+def _scale(softmax_scale, head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
+
+
+def _check_cu_seqlens(op: str, name: str, cu, total: int, max_seqlen: int, device) -> None:
+    """cu_seqlens must be int32, 1-D, start at 0, never decrease, end within the tokens, and respect
+    max_seqlen: a kernel trusting a bad one would read or write out of bounds (one host sync)."""
+    if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1:
+        raise TypeError(f"{op}: {name} must be a 1-D torch.int32 tensor of batch_size + 1 offsets, got "
+                        f"{cu.dtype if isinstance(cu, torch.Tensor) else type(cu).__name__}")
+    if cu.device != device:
+        raise ValueError(f"{op}: {name} is on {cu.device} but q is on {device}")
+    values = cu.tolist()
+    lengths = [b - a for a, b in zip(values, values[1:])]
+    if values[0] != 0 or any(n < 0 for n in lengths) or values[-1] > total:
+        raise ValueError(f"{op}: {name} must start at 0, never decrease and end at most at {total}, got {values}")
+    if lengths and max(lengths) > max_seqlen:
+        raise ValueError(f"{op}: a sequence of {max(lengths)} tokens exceeds max_seqlen {max_seqlen} ({name})")
+
+
+# --------------------------------------------------------------------------------------------------
+# The PyTorch path, and the probabilities for return_attn_probs
+# --------------------------------------------------------------------------------------------------
+def _reference_bshd(q, k, v, **kw):
+    """attention_reference on (batch, seqlen, heads, dim) tensors, bottom-right aligned; returns
+    (out in the same layout, S_dmask (batch, heads, seqlen_q, seqlen_k), logsumexp (batch, heads, seqlen_q))."""
+    out, probs, lse = attention_reference(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                          bottom_right=True, return_probs=True, **kw)
+    return out.transpose(1, 2), probs, lse.float()
+
+
+def _kernel_probs(q, k, v, seed, dropout_p, **kw):
+    """S_dmask for a Triton call: exact probabilities recomputed in PyTorch, with the kernel's dropout pattern."""
+    keep = None
+    if dropout_p > 0:
+        keep = dropout_keep_mask(q.shape[0], q.shape[2], q.shape[1], k.shape[1], dropout_p, int(seed), q.device)
+    _, probs, _ = _reference_bshd(q.detach(), k.detach(), v.detach(), dropout_p=dropout_p, dropout_keep=keep, **kw)
+    return probs.to(q.dtype)
+
+
+def _run(op, q, k, v, *, dropout_p, return_attn_probs, **mods):
+    """Dense (batch, seqlen, heads, dim) attention on the Triton path or the PyTorch path."""
+    if not dispatch.triton_available_for(q):
+        dispatch.record_path("attention", "torch")
+        out, probs, lse = _reference_bshd(q, k, v, dropout_p=dropout_p, **mods)
+        return (out, lse, probs.to(q.dtype)) if return_attn_probs else out
+    out, lse, seed = attention_op(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), bottom_right=True,
+                                  dropout_p=dropout_p, **mods)
+    out = out.transpose(1, 2)
+    if not return_attn_probs:
+        return out
+    return out, lse, _kernel_probs(q, k, v, seed, dropout_p, **mods)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public functions
+# --------------------------------------------------------------------------------------------------
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """Attention in flash-attention's layout, with MQA/GQA (k/v may have fewer heads, a divisor of q's:
+    query head h reads key/value head h // (nheads // nheads_k)).
+
+    Args:
+        q: ``(batch, seqlen_q, nheads, headdim)``, float16, bfloat16 (or float32), headdim <= 256, any strides.
+        k, v: ``(batch, seqlen_k, nheads_k, headdim)`` (v may have its own headdim).
+        dropout_p: dropout on the attention probabilities (set 0.0 for evaluation); Philox in-kernel,
+            seeded from torch's default generator, so ``torch.manual_seed`` repeats it.
+        softmax_scale: default ``1 / sqrt(headdim)``.
+        causal: bottom-right aligned causal mask (module docstring).
+        window_size: ``(left, right)`` sliding window, -1 = unbounded.
+        softcap: > 0 applies ``softcap * tanh(scores / softcap)`` to the scaled scores.
+        alibi_slopes: float32 ``(nheads,)`` or ``(batch, nheads)``: adds ``-slope * |i + seqlen_k - seqlen_q - j|``.
+        deterministic: accepted; the backward is always deterministic (no atomics).
+        return_attn_probs: also return ``softmax_lse`` ``(batch, nheads, seqlen_q)`` float32 and
+            ``S_dmask`` ``(batch, nheads, seqlen_q, seqlen_k)``, probabilities negated where dropped
+            (recomputed in PyTorch: for testing).
+
+    Returns:
+        ``out`` ``(batch, seqlen_q, nheads, headdim_v)``, or ``(out, softmax_lse, S_dmask)``.
+        Differentiable in q, k, v (not through softmax_lse).
+
+    Raises:
+        TypeError / ValueError for unsupported dtypes, shapes, head counts or options.
+    """
+    op = "flash_attn_func"
+    check_qkv(op, q, k, v, heads_dim=-2, gqa=True)
+    if q.dim() != 4:
+        raise ValueError(f"{op}: q must be (batch, seqlen, nheads, headdim), got shape {tuple(q.shape)}")
+    dropout_p = _check_options(op, q, dropout_p, softcap, alibi_slopes, q.shape[0], q.shape[2])
+    return _run(op, q, k, v, dropout_p=dropout_p, return_attn_probs=return_attn_probs,
+                scale=_scale(softmax_scale, q.shape[-1]), window=_window(op, window_size, causal),
+                softcap=float(softcap), alibi_slopes=alibi_slopes)
+
+
+def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """:func:`flash_attn_func` on ``qkv`` of shape ``(batch, seqlen, 3, nheads, headdim)``."""
+    q, k, v = qkv.unbind(2)
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, return_attn_probs)
+
+
+def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                             softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """:func:`flash_attn_func` on ``q`` and ``kv`` of shape ``(batch, seqlen_k, 2, nheads_k, headdim)``."""
+    k, v = kv.unbind(2)
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, return_attn_probs)
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                           deterministic=False, return_attn_probs=False, block_table=None):
+    """Attention over a packed batch of sequences of different lengths: no padding, no padding FLOPs.
+
+    Sequence b owns tokens ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` of q and ``cu_seqlens_k[b]:cu_seqlens_k[b+1]``
+    of k and v; causal masks and windows are aligned per sequence (bottom-right), as in flash-attention.
+
+    Args:
+        q: ``(total_q, nheads, headdim)``; k, v: ``(total_k, nheads_k, headdim)``.
+        cu_seqlens_q, cu_seqlens_k: ``(batch + 1,)`` int32 offsets, starting at 0, non-decreasing.
+        max_seqlen_q, max_seqlen_k: the longest sequence (an upper bound is fine).
+        Other arguments as :func:`flash_attn_func`; ``block_table`` (paged K/V) is not supported.
+
+    Returns:
+        ``out`` ``(total_q, nheads, headdim_v)``, or ``(out, softmax_lse (nheads, total_q), S_dmask
+        (batch, nheads, max_seqlen_q, max_seqlen_k))`` with ``return_attn_probs``.
+
+    Raises:
+        NotImplementedError: ``block_table``. TypeError: cu_seqlens not int32 1-D. ValueError: cu_seqlens
+        that do not start at 0, decrease, overrun the tokens or exceed max_seqlen; other mismatches.
+        (The cu_seqlens values are checked on the host: one device sync per call.)
+    """
+    op = "flash_attn_varlen_func"
+    if block_table is not None:
+        raise NotImplementedError(f"{op}: block_table (paged K/V) is not supported")
+    check_qkv(op, q, k, v, heads_dim=-2, gqa=True)
+    if q.dim() != 3:
+        raise ValueError(f"{op}: q must be (total_tokens, nheads, headdim), got shape {tuple(q.shape)}")
+    _check_cu_seqlens(op, "cu_seqlens_q", cu_seqlens_q, q.shape[0], int(max_seqlen_q), q.device)
+    _check_cu_seqlens(op, "cu_seqlens_k", cu_seqlens_k, k.shape[0], int(max_seqlen_k), q.device)
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"{op}: cu_seqlens_q and cu_seqlens_k must describe the same batch, got "
+                         f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()} offsets")
+    batch = cu_seqlens_q.numel() - 1
+    dropout_p = _check_options(op, q, dropout_p, softcap, alibi_slopes, batch, q.shape[1])
+    mods = dict(scale=_scale(softmax_scale, q.shape[-1]), window=_window(op, window_size, causal),
+                softcap=float(softcap), alibi_slopes=alibi_slopes)
+    if not dispatch.triton_available_for(q):
+        return _varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+                                 dropout_p, return_attn_probs, **mods)
+    q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+    out, lse, seed = attention_op(q4, k4, v4, bottom_right=True, dropout_p=dropout_p, cu_seqlens_q=cu_seqlens_q,
+                                  cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+                                  **mods)
+    out, lse = out[0].transpose(0, 1), lse[0]
+    if not return_attn_probs:
+        return out
+    keep = dropout_keep_mask(batch, q.shape[1], int(max_seqlen_q), int(max_seqlen_k), dropout_p, int(seed),
+                             q.device) if dropout_p > 0 else None
+    return out, lse, _varlen_probs(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+                                   dropout_p, keep, **mods)
+
+
+def _sequences(cu_seqlens_q, cu_seqlens_k):
+    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    return [(b, slice(bounds_q[b], bounds_q[b + 1]), slice(bounds_k[b], bounds_k[b + 1]))
+            for b in range(len(bounds_q) - 1)]
+
+
+def _slopes_of(alibi_slopes, b):
+    return alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[b]
+
+
+def _varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, return_attn_probs,
+                      *, alibi_slopes, **mods):
+    """The PyTorch path of flash_attn_varlen_func: one reference call per sequence."""
+    dispatch.record_path("attention", "torch")
+    out = q.new_zeros((*q.shape[:2], v.shape[-1]))
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), device=q.device)
+    probs = q.new_zeros((len(cu_seqlens_q) - 1, q.shape[1], max_seqlen_q, max_seqlen_k))
+    for b, sq, sk in _sequences(cu_seqlens_q, cu_seqlens_k):
+        o, p, l = _reference_bshd(q[None, sq], k[None, sk], v[None, sk], dropout_p=dropout_p,
+                                  alibi_slopes=_slopes_of(alibi_slopes, b), **mods)
+        out[sq], lse[:, sq] = o[0], l[0]
+        probs[b, :, :p.shape[2], :p.shape[3]] = p[0]
+    return (out, lse, probs) if return_attn_probs else out
+
+
+def _varlen_probs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, keep, *,
+                  alibi_slopes, **mods):
+    probs = q.new_zeros((len(cu_seqlens_q) - 1, q.shape[1], max_seqlen_q, max_seqlen_k))
+    for b, sq, sk in _sequences(cu_seqlens_q, cu_seqlens_k):
+        nq, nk = sq.stop - sq.start, sk.stop - sk.start
+        _, p, _ = _reference_bshd(q[None, sq].detach(), k[None, sk].detach(), v[None, sk].detach(),
+                                  dropout_p=dropout_p, dropout_keep=None if keep is None else keep[b, :, :nq, :nk],
+                                  alibi_slopes=_slopes_of(alibi_slopes, b), **mods)
+        probs[b, :, :nq, :nk] = p[0]
+    return probs
+
+
+def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
+                                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
+                                     return_attn_probs=False):
+    """:func:`flash_attn_varlen_func` on ``qkv`` of shape ``(total, 3, nheads, headdim)``."""
+    q, k, v = qkv.unbind(1)
+    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale,
+                                  causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
+
+
+def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                                    softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """:func:`flash_attn_varlen_func` on ``q`` and ``kv`` of shape ``(total_k, 2, nheads_k, headdim)``."""
+    k, v = kv.unbind(1)
+    return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                                  softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                  return_attn_probs)
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
+                            cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
+                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                            rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False):
+    """Attention of a few new query tokens against a KV cache, for incremental decoding (forward only).
+
+    If ``k`` and ``v`` are given they are first written into ``k_cache``/``v_cache`` *in place* at
+    positions ``cache_seqlens[b] ..``, and attention runs over the ``cache_seqlens[b] + seqlen_new``
+    cached keys. Causal masks are bottom-right aligned, so new token t sees the cache and new tokens
+    <= t. The keys are split across programs (flash-decoding) so a batch of one still fills the GPU.
+
+    Args:
+        q: ``(batch, seqlen_q, nheads, headdim)``, seqlen_q usually 1..16.
+        k_cache, v_cache: ``(batch_cache, seqlen_cache, nheads_k, headdim)``.
+        k, v: optional ``(batch, seqlen_new, nheads_k, headdim)`` to append.
+        cache_seqlens: int, or int32 ``(batch,)``: tokens already in each cache row; None = the whole cache.
+        cache_batch_idx: optional int32 ``(batch,)``: which cache row each batch entry uses.
+        softmax_scale, causal, window_size, softcap, alibi_slopes: as :func:`flash_attn_func`.
+        num_splits: key slices per query block; 0 = a heuristic, 1 = no split.
+        return_softmax_lse: also return the logsumexp ``(batch, nheads, seqlen_q)``.
+        rotary_cos, rotary_sin, cache_leftpad, block_table: not supported (NotImplementedError).
+
+    Returns:
+        ``out`` ``(batch, seqlen_q, nheads, headdim_v)``, or ``(out, softmax_lse)``. No backward.
+
+    Raises:
+        NotImplementedError, TypeError, ValueError (e.g. a cache too short for the appended tokens;
+        checked on the host, one device sync when cache_seqlens is a tensor).
+    """
+    op = "flash_attn_with_kvcache"
+    for name, arg in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin), ("cache_leftpad", cache_leftpad),
+                      ("block_table", block_table)):
+        if arg is not None:
+            raise NotImplementedError(f"{op}: {name} is not supported")
+    check_qkv(op, q[:1], k_cache[:1], v_cache[:1], heads_dim=-2, gqa=True, names=("q", "k_cache", "v_cache"))
+    if q.dim() != 4:
+        raise ValueError(f"{op}: q must be (batch, seqlen, nheads, headdim), got shape {tuple(q.shape)}")
+    batch, seqlen_cache = q.shape[0], k_cache.shape[1]
+    cache_idx = _cache_batch_idx(op, cache_batch_idx, batch, k_cache.shape[0], q.device)
+    lengths = _cache_seqlens(op, cache_seqlens, batch, seqlen_cache, q.device)
+    if (k is None) != (v is None):
+        raise ValueError(f"{op}: pass both k and v to append, or neither")
+    if k is not None:
+        check_qkv(op, k_cache[:1], k[:1], v[:1], heads_dim=-2, gqa=False, names=("k_cache", "k", "v"))
+        if k.shape[0] != batch or v.shape[0] != batch or v.shape[-1] != v_cache.shape[-1]:
+            raise ValueError(f"{op}: k and v must be (batch={batch}, seqlen_new, nheads_k, headdim), got "
+                             f"{tuple(k.shape)} and {tuple(v.shape)}")
+        if lengths is None:
+            raise ValueError(f"{op}: appending k and v needs cache_seqlens (where to write them)")
+        if int((lengths + k.shape[1]).max()) > seqlen_cache:
+            raise ValueError(f"{op}: cache of {seqlen_cache} positions is too short to append {k.shape[1]} tokens "
+                             f"after cache_seqlens {lengths.tolist()}")
+        positions = lengths[:, None].long() + torch.arange(k.shape[1], device=q.device)
+        rows = cache_idx[:, None].long().expand_as(positions)
+        k_cache[rows, positions] = k
+        v_cache[rows, positions] = v
+        lengths = lengths + k.shape[1]
+    _check_options(op, q, 0.0, softcap, alibi_slopes, batch, q.shape[2])
+    mods = dict(scale=_scale(softmax_scale, q.shape[-1]), window=_window(op, window_size, causal),
+                softcap=float(softcap), alibi_slopes=alibi_slopes)
+    if not dispatch.triton_available_for(q):
+        dispatch.record_path("attention", "torch")
+        outs, lses = [], []
+        for b in range(batch):
+            n = seqlen_cache if lengths is None else int(lengths[b])
+            row = int(cache_idx[b])
+            o, _, l = _reference_bshd(q[b:b + 1], k_cache[row:row + 1, :n], v_cache[row:row + 1, :n],
+                                      dropout_p=0.0, **{**mods, "alibi_slopes": _slopes_of(alibi_slopes, b)})
+            outs.append(o)
+            lses.append(l)
+        out, lse = torch.cat(outs), torch.cat(lses)
+    else:
+        out, lse, _ = attention_op(q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2),
+                                   bottom_right=True, seqused_k=lengths,
+                                   kv_batch_idx=None if cache_batch_idx is None else cache_idx,
+                                   num_splits=int(num_splits), **mods)
+        out = out.transpose(1, 2)
+    return (out, lse) if return_softmax_lse else out
+
+
+def _cache_seqlens(op, cache_seqlens, batch, seqlen_cache, device):
+    """cache_seqlens as an int32 (batch,) tensor on q's device, or None for 'the whole cache'."""
+    if cache_seqlens is None:
+        return None
+    if isinstance(cache_seqlens, int):
+        cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=device)
+    if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype != torch.int32 or \
+            tuple(cache_seqlens.shape) != (batch,):
+        raise TypeError(f"{op}: cache_seqlens must be an int or an int32 tensor of shape ({batch},)")
+    if cache_seqlens.device != device:
+        raise ValueError(f"{op}: cache_seqlens is on {cache_seqlens.device} but q is on {device}")
+    if batch and (int(cache_seqlens.min()) < 0 or int(cache_seqlens.max()) > seqlen_cache):
+        raise ValueError(f"{op}: cache_seqlens must lie in [0, {seqlen_cache}], got {cache_seqlens.tolist()}")
+    return cache_seqlens
+
+
+def _cache_batch_idx(op, cache_batch_idx, batch, batch_cache, device):
+    if cache_batch_idx is None:
+        if batch_cache < batch:
+            raise ValueError(f"{op}: k_cache holds {batch_cache} sequences for a batch of {batch}")
+        return torch.arange(batch, dtype=torch.int32, device=device)
+    if not isinstance(cache_batch_idx, torch.Tensor) or cache_batch_idx.dtype != torch.int32 or \
+            tuple(cache_batch_idx.shape) != (batch,):
+        raise TypeError(f"{op}: cache_batch_idx must be an int32 tensor of shape ({batch},)")
+    if batch and (int(cache_batch_idx.min()) < 0 or int(cache_batch_idx.max()) >= batch_cache):
+        raise ValueError(f"{op}: cache_batch_idx must lie in [0, {batch_cache}), got {cache_batch_idx.tolist()}")
+    return cache_batch_idx

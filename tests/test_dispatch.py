@@ -26,12 +26,22 @@ y = kernels.layer_norm(x, 24, w, b)
 w1, b1, w2, b2 = torch.randn(40, 24), torch.randn(40), torch.randn(24, 40), torch.randn(24)
 z = kernels.ffn(x, w1, b1, w2, b2, activation="gelu")
 err = lambda a, r: ((a - r).norm() / r.norm()).item()
+fq, fk, fv = (t.detach().transpose(1, 2) for t in (q, k, v))
+flash = kernels.flash_attn_func(fq, fk, fv, causal=True, window_size=(4, -1), softcap=3.0)
+flash_ref = attention_reference(q, k, v, causal=True, bottom_right=True, window=(4, -1), softcap=3.0).transpose(1, 2)
+cu = torch.tensor([0, 5, 11], dtype=torch.int32)
+packed = kernels.flash_attn_varlen_func(fq[0], fk[0], fv[0], cu, cu, 6, 6, causal=True)
+packed_ref = torch.cat([kernels.flash_attn_func(fq[:, a:b], fk[:, a:b], fv[:, a:b], causal=True)[0]
+                        for a, b in ((0, 5), (5, 11))])
+cache = kernels.flash_attn_with_kvcache(fq[:, -1:], fk, fv, cache_seqlens=7, causal=True)
+cache_ref = kernels.flash_attn_func(fq[:, -1:], fk[:, :7], fv[:, :7], causal=True)
 print(json.dumps({
     "paths": {op: kernels.last_path(op) for op in ("attention", "layer_norm", "ffn")},
     "launches": kernels.launch_counts(),
     "interpreter": kernels.dispatch.INTERPRETER,
-    "errors": [err(out, attention_reference(q, k, v, is_causal=True)), err(y, layer_norm_reference(x, 24, w, b)),
-               err(z, ffn_reference(x, w1, b1, w2, b2, "gelu"))],
+    "errors": [err(out, attention_reference(q, k, v, causal=True)), err(y, layer_norm_reference(x, 24, w, b)),
+               err(z, ffn_reference(x, w1, b1, w2, b2, "gelu")), err(flash, flash_ref), err(packed, packed_ref),
+               err(cache, cache_ref)],
     "grad_finite": bool(torch.isfinite(q.grad).all()),
 }))
 """

@@ -132,10 +132,12 @@ def _scores(qk, i, j, seqlen_q, seqlen_k, diag, window_left, window_right,
         valid = valid & (rel <= window_right)
     if HAS_ALIBI:
         s = s - slope_log2 * tl.abs(rel).to(tl.float32)
+    if MASK_KIND != 0:
+        mask_offsets = i.to(tl.int64) * smask_m + j * smask_n  # a full mask can pass 2^31 elements
     if MASK_KIND == 1:  # boolean: nonzero = take part
-        valid = valid & (tl.load(MASK + i * smask_m + j * smask_n, mask=inside, other=0) != 0)
+        valid = valid & (tl.load(MASK + mask_offsets, mask=inside, other=0) != 0)
     elif MASK_KIND == 2:  # additive
-        s = s + tl.load(MASK + i * smask_m + j * smask_n, mask=inside, other=0.0).to(tl.float32) * LOG2E
+        s = s + tl.load(MASK + mask_offsets, mask=inside, other=0.0).to(tl.float32) * LOG2E
     return tl.where(valid, s, float("-inf")), t
 
 

@@ -139,6 +139,9 @@ def shipped_launches() -> list[Launch]:
                      alibi_slopes=torch.empty(16, dtype=torch.float32, **meta), attn_mask=mask, dropout_p=0.1)
         if dtype == torch.float16:
             for head_dim in (64, 128):
+                padding = torch.empty(4, 1, 1, 1024, dtype=torch.bool, **meta).expand(4, 16, 1024, 1024)
+                qp = torch.empty(4, 16, 1024, head_dim, dtype=dtype, **meta)
+                attn(f"attention {name} d={head_dim} key-padding", qp, qp, qp, attn_mask=padding)
                 packed = torch.empty(1, 16, 8192, head_dim, dtype=dtype, **meta)
                 cu = torch.empty(9, dtype=torch.int32, **meta)
                 attn(f"attention {name} d={head_dim} varlen causal", packed, packed, packed, window=(-1, 0),

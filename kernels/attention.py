@@ -132,12 +132,10 @@ def _scores(qk, i, j, seqlen_q, seqlen_k, diag, window_left, window_right,
         valid = valid & (rel <= window_right)
     if HAS_ALIBI:
         s = s - slope_log2 * tl.abs(rel).to(tl.float32)
-    if MASK_KIND != 0:
-        mask_offsets = i.to(tl.int64) * smask_m + j * smask_n  # a full mask can pass 2^31 elements
     if MASK_KIND == 1:  # boolean: nonzero = take part
-        valid = valid & (tl.load(MASK + mask_offsets, mask=inside, other=0) != 0)
+        valid = valid & (tl.load(MASK + i * smask_m + j * smask_n, mask=inside, other=0) != 0)
     elif MASK_KIND == 2:  # additive
-        s = s + tl.load(MASK + mask_offsets, mask=inside, other=0.0).to(tl.float32) * LOG2E
+        s = s + tl.load(MASK + i * smask_m + j * smask_n, mask=inside, other=0.0).to(tl.float32) * LOG2E
     return tl.where(valid, s, float("-inf")), t
 
 
@@ -897,6 +895,12 @@ def _check_sdpa_mask(attn_mask, query, key, is_causal) -> torch.Tensor | None:
                          f"(..., seqlen_q, seqlen_k) = {target}") from None
 
 
+def _mask_row_extent(mask: torch.Tensor) -> int:
+    """Largest element offset within one (batch, head) plane of the mask: the kernels index the plane
+    in int32 (the plane's base is int64)."""
+    return (mask.shape[-2] - 1) * abs(mask.stride(-2)) + (mask.shape[-1] - 1) * abs(mask.stride(-1))
+
+
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                                  enable_gqa=False):
     """softmax(scale * query @ key^T + mask) @ value, fused (Vaswani et al., 2017, Sec. 3.2.1).
@@ -933,10 +937,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         ValueError: mismatched shapes, devices or head counts; a mask that does not broadcast; attn_mask
         together with is_causal; dropout_p outside [0, 1].
 
-    Where it runs: Triton on CUDA (and on CPU under ``TRITON_INTERPRET=1``); otherwise PyTorch. Two
+    Where it runs: Triton on CUDA (and on CPU under ``TRITON_INTERPRET=1``); otherwise PyTorch. Three
     documented fallbacks to ``F.scaled_dot_product_attention``, with a warning and
-    ``kernels.last_path("attention") == "torch"``: head_dim above 256, and an ``attn_mask`` that
-    requires grad (the kernel computes no mask gradient).
+    ``kernels.last_path("attention") == "torch"``: head_dim above 256, an ``attn_mask`` that requires
+    grad (the kernel computes no mask gradient), and a mask whose seqlen_q x seqlen_k plane spans
+    2^31 elements or more.
     """
     op = "scaled_dot_product_attention"
     check_qkv(op, query, key, value, heads_dim=-3, gqa=bool(enable_gqa), names=("query", "key", "value"))
@@ -950,6 +955,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             fallback = f"head_dim {query.shape[-1]}/{value.shape[-1]} above the kernel's {MAX_HEAD_DIM}"
         elif attn_mask is not None and attn_mask.requires_grad:
             fallback = "an attn_mask that requires grad"
+        elif mask is not None and _mask_row_extent(mask) >= 2**31:
+            fallback = "an attn_mask whose (seqlen_q, seqlen_k) plane spans 2^31 elements or more"
         if fallback:
             warnings.warn(f"{op}: {fallback}; falling back to torch.nn.functional.scaled_dot_product_attention",
                           stacklevel=2)

@@ -32,7 +32,7 @@ def _ref(causal=False, window=(-1, -1), **kw):
 
 # --- alignment, shapes, GQA -------------------------------------------------------------------------
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("seqlen_q,seqlen_k", [(113, 203), (203, 113), (1, 300), (300, 1), (64, 64)])
+@pytest.mark.parametrize("seqlen_q,seqlen_k", [(113, 203), (203, 113), (1, 512), (512, 1), (64, 64)])
 @pytest.mark.parametrize("heads,heads_k", [(2, 2), (4, 2)])
 def test_matches_reference(device, causal, seqlen_q, seqlen_k, heads, heads_k):
     check_fwd_bwd(_flash(causal=causal), _ref(causal=causal),

@@ -15,7 +15,7 @@ from .flash_attn_interface import (
     flash_attn_varlen_qkvpacked_func,
     flash_attn_with_kvcache,
 )
-from .layer_norm import LayerNorm, layer_norm
+from .layer_norm import LayerNorm, RMSNorm, add_layer_norm, add_rms_norm, layer_norm, rms_norm
 
 __all__ = [
     "scaled_dot_product_attention",
@@ -27,7 +27,11 @@ __all__ = [
     "flash_attn_varlen_qkvpacked_func",
     "flash_attn_with_kvcache",
     "layer_norm",
+    "rms_norm",
+    "add_layer_norm",
+    "add_rms_norm",
     "LayerNorm",
+    "RMSNorm",
     "ffn",
     "FFN",
     "last_path",

@@ -149,14 +149,23 @@ def shipped_launches() -> list[Launch]:
     with _recording(attention, attn_kernels, launches, "attention dropout mask"):
         attention.dropout_keep_mask(4, 16, 1024, 1024, 0.1, 0, "meta")
 
+    norm_kernels = ["_norm_fwd_kernel", "_norm_bwd_stats_kernel", "_norm_bwd_kernel"]
     for dtype in (torch.float16, torch.float32):
-        for cols in (512, 1024, 4096, layer_norm.MAX_FUSED_N):
-            case = f"layer_norm {str(dtype)[6:]} N={cols}"
+        name = str(dtype)[6:]
+        for cols in (256, 1024, 4096, layer_norm.MAX_SINGLE_PASS_N, 4 * layer_norm.MAX_SINGLE_PASS_N):
             x = torch.empty(4096, cols, dtype=dtype, **meta)
             w = torch.empty(cols, dtype=dtype, **meta)
-            with _recording(layer_norm, ["_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel"], launches, case):
-                y, mean, rstd = layer_norm.layer_norm_forward(x, w, w, 1e-5)
-                layer_norm.layer_norm_backward(y, x, w, w, mean, rstd)
+            with _recording(layer_norm, norm_kernels, launches, f"layer_norm {name} N={cols}"):
+                y, _, mean, rstd = layer_norm.norm_forward(x, None, w, w, 1e-5, is_rms=False)
+                layer_norm.norm_backward(y, x, w, w, mean, rstd, is_rms=False)
+            # the heaviest variant: residual add, in-kernel dropout, pre-norm residual gradient
+            with _recording(layer_norm, norm_kernels, launches, f"add_layer_norm+dropout {name} N={cols}"):
+                y, z, mean, rstd = layer_norm.norm_forward(x, x, w, w, 1e-5, is_rms=False, dropout_p=0.1)
+                layer_norm.norm_backward(y, z, w, w, mean, rstd, is_rms=False, dz_out=y, dropout_p=0.1)
+            if cols in (4096, 4 * layer_norm.MAX_SINGLE_PASS_N):
+                with _recording(layer_norm, norm_kernels, launches, f"rms_norm {name} N={cols}"):
+                    y, _, _, rstd = layer_norm.norm_forward(x, None, w, None, 1e-5, is_rms=True)
+                    layer_norm.norm_backward(y, x, w, None, None, rstd, is_rms=True)
 
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         for activation in ffn.ACTIVATIONS:

@@ -127,29 +127,29 @@ def test_add_and_norm_dropout_matches_reference_with_its_mask(device, cols):
 
 
 def test_dropout_statistics_and_seed(device):
-    x, res = torch.randn(64, 256, device=device), torch.zeros(64, 256, device=device)
+    x, res = torch.randn(32, 64, device=device), torch.zeros(32, 64, device=device)
     torch.manual_seed(5)
-    _, z1 = kernels.add_layer_norm(x, res, 256, dropout_p=0.25, prenorm=True)
+    _, z1 = kernels.add_layer_norm(x, res, 64, dropout_p=0.25, prenorm=True)
     torch.manual_seed(5)
-    _, z2 = kernels.add_layer_norm(x, res, 256, dropout_p=0.25, prenorm=True)
-    _, z3 = kernels.add_layer_norm(x, res, 256, dropout_p=0.25, prenorm=True)
+    _, z2 = kernels.add_layer_norm(x, res, 64, dropout_p=0.25, prenorm=True)
+    _, z3 = kernels.add_layer_norm(x, res, 64, dropout_p=0.25, prenorm=True)
     assert torch.equal(z1, z2) and not torch.equal(z1, z3)
-    assert abs((z1 != 0).float().mean().item() - 0.75) < 0.01  # 16384 draws
+    assert abs((z1 != 0).float().mean().item() - 0.75) < 0.04  # 2048 draws: ~4 standard deviations
     torch.testing.assert_close(z1[z1 != 0], (x / 0.75)[z1 != 0])
 
 
 # --- launchers, modules, compile ---------------------------------------------------------------------
 @pytest.mark.parametrize("cols", [72, 300])
 def test_every_output_element_written_and_inputs_untouched(device, cols):
-    x, dy, res = (torch.randn(23, cols, device=device) for _ in range(3))
+    x, dy, res = (torch.randn(7, cols, device=device) for _ in range(3))
     w, b = torch.randn(cols, device=device), torch.randn(cols, device=device)
     before = [t.clone() for t in (x, dy, res, w, b)]
     y, z, mean, rstd = norm_forward(x, res, w, b, 1e-5, is_rms=False, dropout_p=0.2, seed=3,
-                                    y=poisoned((23, cols), torch.float32, device),
-                                    z=poisoned((23, cols), torch.float32, device))
+                                    y=poisoned((7, cols), torch.float32, device),
+                                    z=poisoned((7, cols), torch.float32, device))
     assert torch.isfinite(y).all() and torch.isfinite(z).all()
     dz, dx, dw, db = norm_backward(dy, z, w, b, mean, rstd, is_rms=False, dz_out=dy, dropout_p=0.2, seed=3,
-                                   dz=poisoned((23, cols), torch.float32, device))
+                                   dz=poisoned((7, cols), torch.float32, device))
     assert all(torch.isfinite(t).all() for t in (dz, dx, dw, db))
     assert all(torch.equal(a, b) for a, b in zip(before, (x, dy, res, w, b)))
 

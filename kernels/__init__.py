@@ -5,7 +5,7 @@ See README.md, "Where each call runs", for when the Triton kernels run and when 
 """
 from .attention import scaled_dot_product_attention
 from .dispatch import last_path, launch_count, launch_counts
-from .ffn import FFN, ffn
+from .ffn import FFN, GatedFFN, ffn
 from .flash_attn_interface import (
     flash_attn_func,
     flash_attn_kvpacked_func,
@@ -34,6 +34,7 @@ __all__ = [
     "RMSNorm",
     "ffn",
     "FFN",
+    "GatedFFN",
     "last_path",
     "launch_count",
     "launch_counts",

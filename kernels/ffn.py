@@ -1,24 +1,39 @@
 """Fused position-wise feed-forward network, forward and backward, in Triton.
 
 FFN(x) = act(x W1^T + b1) W2^T + b2, the Transformer's eq. (2) (Vaswani et al., 2017, Sec. 3.3), with
-act = ReLU (the paper) or GELU (Hendrycks & Gimpel, 2016; erf form, as ``F.gelu``'s default).
+act = ReLU (the paper), GELU (Hendrycks & Gimpel, 2016; erf or tanh form) or SiLU; and the gated forms
+of Shazeer (2020, "GLU Variants Improve Transformer"), h = act(x W_gate^T + b_gate) * (x W1^T + b1),
+as SwiGLU (SiLU gate: Llama) and GeGLU (GELU gate).
 
 Every product runs through one tiled Triton matmul (the grouped-ordering kernel of the Triton tutorial
 "Matrix Multiplication", 03-matrix-multiplication.py) whose epilogue does the elementwise work while the
 tile is still in registers, so no intermediate makes an extra trip through memory:
 
-    forward   h   = act(x W1^T + b1)        bias + activation in the epilogue (GELU also stores x W1^T + b1)
-              y   = h W2^T + b2             bias in the epilogue
-    backward  dh' = (dy W2) * act'(.)       activation derivative in the epilogue
-              dW2 = dy^T h,  dW1 = dh'^T x,  dx = dh' W1,  db = column sums (fp32)
+    forward   h   = act(x W1^T + b1)         bias + activation in the epilogue (the pre-activation is kept
+                                             for the backward unless ``recompute``)
+              h   = act(x Wg^T + bg) * (x W1^T + b1)   gated: both projections in one kernel, x read once
+              y   = h W2^T + b2 [+ residual] bias (and the residual add) in the epilogue
+    backward  dh' = (dy W2) * act'(.)        the activation's derivative in the epilogue (gated: both
+                                             halves' gradients from one product)
+              dW2 = dy^T h,  dW1 = dh'^T x,  dx = dh' W1 (+ dh'_gate Wg in the same kernel),
+              db  = column sums (fp32)
 
-ReLU's derivative is read off the stored activation (h > 0), so it saves no pre-activation.
+With ``recompute=True`` only x is kept for the backward, which reruns the first product: activation
+memory drops from 1-3 d_ff-wide tensors per token to none, for one more GEMM.
 
-Layers: ``_matmul_kernel`` -> ``matmul`` (launcher) -> ``_FFNFunction`` -> ``ffn`` -> ``FFN``.
-``ffn_reference`` is the plain PyTorch definition the tests compare against.
+ReLU's derivative is read off the stored activation (h > 0), so it keeps no pre-activation.
+
+``gemm="torch"`` instead runs the products through ``torch.matmul`` (cuBLAS) with the same elementwise
+work in one fused Triton kernel; ``gemm="auto"`` picks per shape by :func:`_use_torch_gemm` (the rule).
+
+Layers: ``_matmul_kernel`` / ``_ffn_elementwise_kernel`` -> ``matmul`` / ``elementwise`` (launchers) ->
+``ffn_forward`` / ``ffn_backward`` -> ``kernels::ffn_forward`` / ``kernels::ffn_backward`` custom ops ->
+``ffn`` -> ``FFN``, ``GatedFFN``. ``ffn_reference`` is the plain PyTorch definition.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -29,10 +44,24 @@ import triton.language as tl
 from . import dispatch
 from ._triton_utils import check_same, check_tensor, dot, dot_flags
 
-ACTIVATIONS = ("relu", "gelu")
+PLAIN_ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
+GATED_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh"}  # name -> the gate's activation
+ACTIVATIONS = PLAIN_ACTIVATIONS + tuple(GATED_ACTIVATIONS)
+GEMMS = ("auto", "triton", "torch")
+
 # Globals read inside @triton.jit code must be constexpr to compile (the interpreter does not check).
 _RSQRT2 = tl.constexpr(0.7071067811865476)
 _RSQRT_2PI = tl.constexpr(0.3989422804014327)
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+_GELU_TANH_C = tl.constexpr(0.044715)
+
+
+# --------------------------------------------------------------------------------------------------
+# Activations (forward and derivative), shared by every kernel
+# --------------------------------------------------------------------------------------------------
+@triton.jit
+def _tanh(x):
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
 
 @triton.jit
@@ -41,31 +70,52 @@ def _activation(x, ACTIVATION: tl.constexpr):
         return tl.maximum(x, 0.0)
     elif ACTIVATION == "gelu":
         return 0.5 * x * (1.0 + tl.erf(x * _RSQRT2))
+    elif ACTIVATION == "gelu_tanh":
+        return 0.5 * x * (1.0 + _tanh((x + x * x * x * _GELU_TANH_C) * _SQRT_2_OVER_PI))
+    elif ACTIVATION == "silu":
+        return x / (1.0 + tl.exp(-x))
     else:
         return x
 
 
 @triton.jit
 def _activation_grad(x, ACTIVATION: tl.constexpr):
-    """d act / d pre, from the pre-activation (GELU) or from either side (ReLU: pre > 0 iff act > 0)."""
+    """d act / d x, from the pre-activation (ReLU: from either side, since x > 0 iff act(x) > 0)."""
     if ACTIVATION == "relu":
         return tl.where(x > 0.0, 1.0, 0.0)
-    else:  # gelu: Phi(x) + x phi(x)
+    elif ACTIVATION == "gelu":  # Phi(x) + x phi(x)
         return 0.5 * (1.0 + tl.erf(x * _RSQRT2)) + x * tl.exp(-0.5 * x * x) * _RSQRT_2PI
+    elif ACTIVATION == "gelu_tanh":
+        # (constexpr on the right: the interpreter cannot multiply a constexpr by a tensor)
+        t = _tanh((x + x * x * x * _GELU_TANH_C) * _SQRT_2_OVER_PI)
+        return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + x * x * _GELU_TANH_C * 3.0)
+    else:  # silu: s (1 + x (1 - s))
+        s = 1.0 / (1.0 + tl.exp(-x))
+        return s * (1.0 + x * (1.0 - s))
 
 
+# --------------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------------
 @triton.jit
 def _matmul_kernel(
-    A, B, C, BIAS, AUX,
+    A, B, C, BIAS, AUX, B2, BIAS2, A2, RES,
     M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_xm, stride_xn,
-    HAS_BIAS: tl.constexpr,
-    EPILOGUE: tl.constexpr,  # "none" | "act" (store act(acc), and acc into AUX if STORE_AUX) | "act_grad"
+    stride_b2k, stride_b2n, stride_a2m, stride_a2k, stride_rm, stride_rn,
+    HAS_BIAS: tl.constexpr, HAS_BIAS2: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    EPILOGUE: tl.constexpr,  # "none" | "act" | "gated" | "act_grad" | "gated_grad"
     ACTIVATION: tl.constexpr, STORE_AUX: tl.constexpr,
+    SECOND: tl.constexpr,  # "none" | "dual_b": acc2 = A @ B2 (the gate) | "sum_pair": acc += A2 @ B2
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """C = epilogue(A @ B + bias) for A (M, K) and B (K, N) of any strides; fp32 accumulation."""
+    """C = epilogue(A @ B + bias) for A (M, K), B (K, N) of any strides; fp32 accumulation.
+
+    Epilogues: "act": act(acc) (the pre-activation into AUX if STORE_AUX); "gated": act(A@B2 + bias2) *
+    acc (gate and up pre-activations into AUX's two halves); "act_grad": acc * act'(AUX); "gated_grad":
+    from dh = acc and AUX = [gate | up], writes [dgate | dup] into C's two halves. Then + residual.
+    """
     pid = tl.program_id(0)
     # Grouped ordering: GROUP_M row-blocks share each column-block while it is hot in L2.
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -76,140 +126,315 @@ def _matmul_kernel(
     pid_m = first_m + (pid % group_size) % group_m
     pid_n = (pid % group_size) // group_m
 
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     rk = tl.arange(0, BLOCK_K)
     m_ok = rm < M
     n_ok = rn < N
-    a_ptrs = A + rm.to(tl.int64)[:, None] * stride_am + rk[None, :] * stride_ak
-    b_ptrs = B + rk[:, None] * stride_bk + rn.to(tl.int64)[None, :] * stride_bn
+    a_ptrs = A + rm[:, None] * stride_am + rk[None, :] * stride_ak
+    b_ptrs = B + rk[:, None] * stride_bk + rn[None, :] * stride_bn
+    b2_ptrs = B2 + rk[:, None] * stride_b2k + rn[None, :] * stride_b2n
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k in range(0, K, BLOCK_K):
         k_ok = (k + rk) < K
         a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = dot(a, b, acc, UPCAST, PRECISION)
+        acc = dot(a, tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0), acc, UPCAST, PRECISION)
+        if SECOND == "dual_b":
+            acc2 = dot(a, tl.load(b2_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0), acc2, UPCAST, PRECISION)
+            b2_ptrs += BLOCK_K * stride_b2k
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
+    if SECOND == "sum_pair":
+        a2_ptrs = A2 + rm[:, None] * stride_a2m + rk[None, :] * stride_a2k
+        for k in range(0, K, BLOCK_K):
+            k_ok = (k + rk) < K
+            a2 = tl.load(a2_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            acc = dot(a2, tl.load(b2_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0), acc, UPCAST, PRECISION)
+            a2_ptrs += BLOCK_K * stride_a2k
+            b2_ptrs += BLOCK_K * stride_b2k
 
+    mask = m_ok[:, None] & n_ok[None, :]
     if HAS_BIAS:
         acc += tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    mask = m_ok[:, None] & n_ok[None, :]
-    aux_ptrs = AUX + rm.to(tl.int64)[:, None] * stride_xm + rn[None, :] * stride_xn
+    aux_ptrs = AUX + rm[:, None] * stride_xm + rn[None, :] * stride_xn
+    c_ptrs = C + rm[:, None] * stride_cm + rn[None, :] * stride_cn
     if EPILOGUE == "act":
         if STORE_AUX:
             tl.store(aux_ptrs, acc.to(AUX.dtype.element_ty), mask=mask)
         acc = _activation(acc, ACTIVATION)
+    elif EPILOGUE == "gated":
+        if HAS_BIAS2:
+            acc2 += tl.load(BIAS2 + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if STORE_AUX:
+            tl.store(aux_ptrs, acc2.to(AUX.dtype.element_ty), mask=mask)
+            tl.store(aux_ptrs + N * stride_xn, acc.to(AUX.dtype.element_ty), mask=mask)
+        acc = _activation(acc2, ACTIVATION) * acc
     elif EPILOGUE == "act_grad":
         acc = acc * _activation_grad(tl.load(aux_ptrs, mask=mask, other=0.0).to(tl.float32), ACTIVATION)
-    c_ptrs = C + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :] * stride_cn
+    elif EPILOGUE == "gated_grad":
+        gate = tl.load(aux_ptrs, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(aux_ptrs + N * stride_xn, mask=mask, other=0.0).to(tl.float32)
+        tl.store(c_ptrs, (acc * up * _activation_grad(gate, ACTIVATION)).to(C.dtype.element_ty), mask=mask)
+        acc = acc * _activation(gate, ACTIVATION)
+        c_ptrs += N * stride_cn
+    if HAS_RESIDUAL:
+        acc += tl.load(RES + rm[:, None] * stride_rm + rn[None, :] * stride_rn, mask=mask, other=0.0).to(tl.float32)
     tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=mask)
 
 
-def _config(dtype: torch.dtype, epilogue: str) -> dict:
+@triton.jit
+def _ffn_elementwise_kernel(
+    X, AUX, OUT, M, N, stride_xm, stride_am, stride_om,
+    EPILOGUE: tl.constexpr, ACTIVATION: tl.constexpr, STORE_AUX: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The matmul epilogues on their own, for the cuBLAS route: X is a product's output.
+
+    "act": OUT = act(X); "gated": X = [gate | up] (M, 2N), OUT = act(gate) * up; "act_grad": OUT = X * act'(AUX);
+    "gated_grad": X = dh, AUX = [gate | up], OUT = [dgate | dup]. (Pre-activations already are X: no aux store.)
+    """
+    rm = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    x_ptrs = X + rm[:, None] * stride_xm + rn[None, :]
+    a_ptrs = AUX + rm[:, None] * stride_am + rn[None, :]
+    o_ptrs = OUT + rm[:, None] * stride_om + rn[None, :]
+    x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if EPILOGUE == "act":
+        out = _activation(x, ACTIVATION)
+    elif EPILOGUE == "gated":
+        out = _activation(x, ACTIVATION) * tl.load(x_ptrs + N, mask=mask, other=0.0).to(tl.float32)
+    elif EPILOGUE == "act_grad":
+        out = x * _activation_grad(tl.load(a_ptrs, mask=mask, other=0.0).to(tl.float32), ACTIVATION)
+    else:  # gated_grad
+        gate = tl.load(a_ptrs, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(a_ptrs + N, mask=mask, other=0.0).to(tl.float32)
+        tl.store(o_ptrs, (x * up * _activation_grad(gate, ACTIVATION)).to(OUT.dtype.element_ty), mask=mask)
+        out = x * _activation(gate, ACTIVATION)
+        o_ptrs += N
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------
+def _config(dtype: torch.dtype, epilogue: str, second: str) -> dict:
     """Tile shapes. Half precision: 128x128x32 tiles on the tensor cores with a 3-stage pipeline; the
-    activation-derivative epilogue also holds the loaded pre-activation tile, so it narrows to 128x64
-    (x64 along K) to stay spill-free. True fp32 (no tensor cores) uses 64x64 tiles. Every entry
+    epilogues that also hold a loaded pre-activation tile (act_grad, gated_grad) and the dual-product
+    gated forward (two accumulators) narrow to 128x64 (x64 along K) to stay spill-free. True fp32 (no
+    tensor cores) uses 64x64x16 tiles, halved along N when two accumulators or tiles are live. Every entry
     compiles without spills for sm_80 and sm_90a (``python -m kernels.static_check``). Interpreter:
     32^3 tiles so small test shapes still cross several tiles and every tail mask."""
     if dispatch.INTERPRETER:
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
+    wide = epilogue in ("act_grad", "gated_grad") or second == "dual_b"
     if dtype == torch.float32:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
-    if epilogue == "act_grad":
+        return dict(BLOCK_M=64, BLOCK_N=32 if wide else 64, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=2)
+    if wide:
         return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
 
 
-def matmul(a, b, bias=None, *, epilogue="none", activation="none", aux=None, store_aux=False, out=None):
-    """``epilogue(a @ b + bias)`` for 2-D ``a`` (M, K) and ``b`` (K, N) of any strides.
+def matmul(a, b, bias=None, *, epilogue="none", activation="none", aux=None, store_aux=False, b2=None, bias2=None,
+           a2=None, residual=None, out=None):
+    """``epilogue(a @ b + bias) [+ residual]`` for 2-D ``a`` (M, K) and ``b`` (K, N) of any strides.
 
-    ``epilogue="act"`` applies ``activation`` (and writes the pre-activation into ``aux`` when
-    ``store_aux``); ``"act_grad"`` multiplies by the activation's derivative read from ``aux`` (M, N).
-    Writes into ``out`` (M, N) of any strides if given, else into a new contiguous tensor of a's dtype.
+    ``b2`` with ``epilogue="gated"``: the gate's weights (K, N), one kernel computing both products;
+    ``a2``/``b2`` with any other epilogue: ``+ a2 @ b2`` summed into the same accumulator. ``aux`` is
+    (M, N), or (M, 2N) ``[gate | up]`` for the gated epilogues (written when ``store_aux``, read by the
+    "_grad" ones). Writes into ``out`` if given, else a new contiguous tensor of a's dtype, (M, N) or
+    (M, 2N) for "gated_grad".
     """
     m, k = a.shape
     n = b.shape[1]
-    c = torch.empty((m, n), device=a.device, dtype=a.dtype) if out is None else out
+    width = 2 * n if epilogue == "gated_grad" else n
+    c = torch.empty((m, width), device=a.device, dtype=a.dtype) if out is None else out
     if c.numel() == 0:
         return c
-    if k == 0:  # an empty sum: let the epilogue act on the bias alone
-        return _epilogue_torch(c.zero_() if bias is None else c.copy_(bias.expand(m, n)), epilogue, activation, aux, store_aux)
-    cfg = _config(a.dtype, epilogue)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-    aux_arg = aux if aux is not None else c
-    _matmul_kernel[grid](
-        a, b, c, bias if bias is not None else c, aux_arg,
+    if k == 0:  # an empty sum; only the empty-batch backward (dW of zero tokens) reaches this
+        return c.zero_()
+    second = "dual_b" if epilogue == "gated" else ("sum_pair" if a2 is not None else "none")
+    cfg = _config(a.dtype, epilogue, second)
+    aux_arg, b2_arg, a2_arg, res_arg = (t if t is not None else c for t in (aux, b2, a2, residual))
+    _matmul_kernel[(triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)](
+        a, b, c, bias if bias is not None else c, aux_arg, b2_arg, bias2 if bias2 is not None else c, a2_arg, res_arg,
         m, n, k,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
-        aux_arg.stride(0), aux_arg.stride(1),
-        HAS_BIAS=bias is not None, EPILOGUE=epilogue, ACTIVATION=activation, STORE_AUX=store_aux,
-        **cfg, **dot_flags(a.dtype),
+        aux_arg.stride(0), aux_arg.stride(1), b2_arg.stride(0), b2_arg.stride(1),
+        a2_arg.stride(0), a2_arg.stride(1), res_arg.stride(0), res_arg.stride(1),
+        HAS_BIAS=bias is not None, HAS_BIAS2=bias2 is not None, HAS_RESIDUAL=residual is not None,
+        EPILOGUE=epilogue, ACTIVATION=activation,
+        STORE_AUX=store_aux, SECOND=second, **cfg, **dot_flags(a.dtype),
     )
     dispatch.record_launch("ffn_matmul")
     return c
 
 
-def _epilogue_torch(c, epilogue, activation, aux, store_aux):
-    if epilogue == "act":
-        if store_aux:
-            aux.copy_(c)
-        return c.copy_(_activation_torch(c.float(), activation))
-    if epilogue == "act_grad":
-        return c.mul_(_activation_grad_torch(aux.float(), activation).to(c.dtype))
-    return c
+def elementwise(x, *, epilogue, activation, aux=None, out_width=None):
+    """The matmul epilogues as one fused elementwise kernel over contiguous rows (the cuBLAS route)."""
+    m = x.shape[0]
+    n = x.shape[1] // 2 if epilogue == "gated" else x.shape[1]
+    out = torch.empty((m, 2 * n if epilogue == "gated_grad" else n), device=x.device, dtype=x.dtype)
+    if out.numel():
+        block_m, block_n = (16, 64) if dispatch.INTERPRETER else (8, 256)
+        aux_arg = aux if aux is not None else x
+        _ffn_elementwise_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
+            x, aux_arg, out, m, n, x.stride(0), aux_arg.stride(0), out.stride(0),
+            EPILOGUE=epilogue, ACTIVATION=activation, STORE_AUX=False, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+        dispatch.record_launch("ffn_elementwise")
+    return out
 
 
-def _activation_torch(x, activation):
-    return F.relu(x) if activation == "relu" else F.gelu(x)
+def _use_torch_gemm(m: int, d_model: int, d_ff: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """The ``gemm="auto"`` rule: True where cuBLAS plus the fused elementwise kernel beats the Triton
+    GEMM with its fused epilogue. Not yet measured on a GPU (no run recorded under
+    benchmarks/results/), so it keeps the fused Triton path everywhere; the FFN benchmark is to set it."""
+    return False
 
 
-def _activation_grad_torch(x, activation):
-    if activation == "relu":
-        return (x > 0).to(x.dtype)
-    return 0.5 * (1.0 + torch.erf(x * _RSQRT2.value)) + x * torch.exp(-0.5 * x * x) * _RSQRT_2PI.value
+def ffn_forward(x, w1, b1, w2, b2, *, activation, wg=None, bg=None, residual=None, keep=True, use_torch_gemm=False):
+    """Forward on a 2-D ``x`` (tokens, d_model). Returns ``(y, h, aux)``: ``h`` the (tokens, d_ff) hidden
+    activation and ``aux`` the pre-activation(s) the backward needs ((tokens, 2 d_ff) ``[gate | up]`` when
+    gated; None for ReLU), both None unless ``keep``."""
+    gated = activation in GATED_ACTIVATIONS
+    base = GATED_ACTIVATIONS.get(activation, activation)
+    d_ff = w1.shape[0]
+    aux = None
+    if gated or base != "relu":
+        aux = torch.empty((x.shape[0], 2 * d_ff if gated else d_ff), device=x.device, dtype=x.dtype) if keep else None
+    if use_torch_gemm:
+        pre = torch.cat([F.linear(x, wg, bg), F.linear(x, w1, b1)], dim=1) if gated else F.linear(x, w1, b1)
+        h = elementwise(pre, epilogue="gated" if gated else "act", activation=base)
+        aux = pre if aux is not None else None
+        y = F.linear(h, w2, b2) if residual is None else F.linear(h, w2, b2) + residual
+    else:
+        h = matmul(x, w1.t(), b1, epilogue="gated" if gated else "act", activation=base, aux=aux,
+                   store_aux=aux is not None, b2=None if wg is None else wg.t(), bias2=bg)
+        y = matmul(h, w2.t(), b2, residual=residual)
+    return y, (h if keep else None), aux
 
 
-class _FFNFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x2d, weight1, bias1, weight2, bias2, activation):
-        keep_pre = activation != "relu"
-        pre = torch.empty((x2d.shape[0], weight1.shape[0]), device=x2d.device, dtype=x2d.dtype) if keep_pre else None
-        h = matmul(x2d, weight1.t(), bias1, epilogue="act", activation=activation, aux=pre, store_aux=keep_pre)
-        y = matmul(h, weight2.t(), bias2)
-        ctx.save_for_backward(x2d, weight1, weight2, h, pre)
-        ctx.activation = activation
-        ctx.has_bias = (bias1 is not None, bias2 is not None)
-        return y
+def ffn_backward(dy, x, w1, b1, w2, wg, bg, h, aux, *, activation, needs, use_torch_gemm=False):
+    """Gradients ``(dx, dw1, db1, dw2, db2, dwg, dbg)`` (None where ``needs`` is False). ``h`` and ``aux``
+    from :func:`ffn_forward` with ``keep=True``, or None to recompute them (``recompute``)."""
+    need_x, need_w1, need_b1, need_w2, need_b2, need_wg, need_bg = needs
+    gated = activation in GATED_ACTIVATIONS
+    base = GATED_ACTIVATIONS.get(activation, activation)
+    d_ff = w1.shape[0]
+    if h is None:  # recompute: rerun the first product, keeping what the backward reads
+        _, h, aux = ffn_forward(x, w1, b1, w2, None, activation=activation, wg=wg, bg=bg, keep=True,
+                                use_torch_gemm=use_torch_gemm)
+    grads = dict.fromkeys(("dx", "dw1", "db1", "dw2", "db2", "dwg", "dbg"))
+    grads["dw2"] = (dy.t() @ h if use_torch_gemm else matmul(dy.t(), h)) if need_w2 else None
+    if need_b2:
+        grads["db2"] = dy.sum(0, dtype=torch.float32).to(dy.dtype)
+    if not (need_x or need_w1 or need_b1 or need_wg or need_bg):
+        return tuple(grads.values())
+    epilogue = "gated_grad" if gated else "act_grad"
+    saved = aux if aux is not None else h  # ReLU's derivative reads h
+    if use_torch_gemm:
+        dpre = elementwise(dy @ w2, epilogue=epilogue, activation=base, aux=saved)
+    else:
+        dpre = matmul(dy, w2, epilogue=epilogue, activation=base, aux=saved)
+    # gated: dpre = [dgate | dup], (tokens, 2 d_ff)
+    dgate, dup = (dpre[:, :d_ff], dpre[:, d_ff:]) if gated else (None, dpre)
+    if need_w1 or need_wg:
+        dw = dpre.t() @ x if use_torch_gemm else matmul(dpre.t(), x)  # gated: [dWg; dW1] in one product
+        grads["dwg"], grads["dw1"] = (dw[:d_ff], dw[d_ff:]) if gated else (None, dw)
+    if need_b1 or need_bg:
+        db = dpre.sum(0, dtype=torch.float32).to(dpre.dtype)
+        grads["dbg"], grads["db1"] = (db[:d_ff], db[d_ff:]) if gated else (None, db)
+    if need_x:
+        if use_torch_gemm:
+            grads["dx"] = dup @ w1 + (dgate @ wg if gated else 0)
+        else:
+            grads["dx"] = matmul(dup, w1, a2=dgate, b2=wg) if gated else matmul(dup, w1)
+    return tuple(grads.values())
 
-    @staticmethod
-    def backward(ctx, dy):
-        x2d, weight1, weight2, h, pre = ctx.saved_tensors
-        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
-        dx = dw1 = db1 = dw2 = db2 = None
-        if need_w2:
-            dw2 = matmul(dy.t(), h)
-        if need_b2 and ctx.has_bias[1]:
-            db2 = dy.sum(0, dtype=torch.float32).to(dy.dtype)
-        if need_x or need_w1 or need_b1:
-            aux = pre if pre is not None else h
-            dpre = matmul(dy, weight2, epilogue="act_grad", activation=ctx.activation, aux=aux)
-            if need_w1:
-                dw1 = matmul(dpre.t(), x2d)
-            if need_b1 and ctx.has_bias[0]:
-                db1 = dpre.sum(0, dtype=torch.float32).to(dpre.dtype)
-            if need_x:
-                dx = matmul(dpre, weight1)
-        return dx, dw1, db1, dw2, db2, None
+
+# --------------------------------------------------------------------------------------------------
+# Custom ops (autograd, fake implementations): torch.compile traces through them
+# --------------------------------------------------------------------------------------------------
+@torch.library.custom_op("kernels::ffn_forward", mutates_args=())
+def _ffn_forward_op(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
+                    b2: Optional[torch.Tensor], wg: Optional[torch.Tensor], bg: Optional[torch.Tensor],
+                    residual: Optional[torch.Tensor], activation: str, recompute: bool, use_torch_gemm: bool,
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, h or empty, aux or empty)."""
+    y, h, aux = ffn_forward(x, w1, b1, w2, b2, activation=activation, wg=wg, bg=bg, residual=residual,
+                            keep=not recompute, use_torch_gemm=use_torch_gemm)
+    return y, x.new_empty(0) if h is None else h, x.new_empty(0) if aux is None else aux
 
 
-def _check_ffn_inputs(input, weight1, bias1, weight2, bias2, activation) -> None:
+@_ffn_forward_op.register_fake
+def _(x, w1, b1, w2, b2, wg, bg, residual, activation, recompute, use_torch_gemm):
+    d_ff = w1.shape[0]
+    gated = activation in GATED_ACTIVATIONS
+    keep_aux = not recompute and (gated or activation != "relu")
+    h = x.new_empty(0) if recompute else x.new_empty((x.shape[0], d_ff))
+    aux = x.new_empty((x.shape[0], 2 * d_ff if gated else d_ff)) if keep_aux else x.new_empty(0)
+    return x.new_empty((x.shape[0], w2.shape[0])), h, aux
+
+
+@torch.library.custom_op("kernels::ffn_backward", mutates_args=())
+def _ffn_backward_op(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
+                     w2: torch.Tensor, wg: Optional[torch.Tensor], bg: Optional[torch.Tensor], h: torch.Tensor,
+                     aux: torch.Tensor, activation: str, needs: list[bool], use_torch_gemm: bool,
+                     ) -> list[torch.Tensor]:
+    """[dx, dw1, db1, dw2, db2, dwg, dbg], an empty tensor where not needed."""
+    grads = ffn_backward(dy, x, w1, b1, w2, wg, bg, h if h.numel() else None, aux if aux.numel() else None,
+                         activation=activation, needs=needs, use_torch_gemm=use_torch_gemm)
+    # Custom-op outputs may not alias each other: the gated weight gradients are halves of one product.
+    return [x.new_empty(0) if g is None else (g.clone() if g._base is not None else g) for g in grads]
+
+
+@_ffn_backward_op.register_fake
+def _(dy, x, w1, b1, w2, wg, bg, h, aux, activation, needs, use_torch_gemm):
+    like = [x, w1, b1, w2, w2[:, 0], wg, bg]
+    return [torch.empty_like(t) if (n and t is not None) else x.new_empty(0) for t, n in zip(like, needs)]
+
+
+def _ffn_setup_context(ctx, inputs, output):
+    x, w1, b1, w2, b2, wg, bg, residual, activation, recompute, use_torch_gemm = inputs
+    _, h, aux = output
+    ctx.save_for_backward(x, w1, b1, w2, wg, bg, h, aux)
+    ctx.activation, ctx.use_torch_gemm = activation, use_torch_gemm
+    ctx.has = [b1 is not None, b2 is not None, wg is not None, bg is not None, residual is not None]
+
+
+def _ffn_autograd_backward(ctx, dy, _dh, _daux):
+    x, w1, b1, w2, wg, bg, h, aux = ctx.saved_tensors
+    has_b1, has_b2, has_wg, has_bg, has_res = ctx.has
+    n = ctx.needs_input_grad
+    needs = [n[0], n[1], n[2] and has_b1, n[3], n[4] and has_b2, n[5] and has_wg, n[6] and has_bg]
+    grads = _ffn_backward_op(dy, x, w1, b1, w2, wg, bg, h, aux, ctx.activation, needs, ctx.use_torch_gemm)
+    dx, dw1, db1, dw2, db2, dwg, dbg = (g if need else None for g, need in zip(grads, needs))
+    dres = dy if (has_res and n[7]) else None
+    return dx, dw1, db1, dw2, db2, dwg, dbg, dres, None, None, None
+
+
+torch.library.register_autograd("kernels::ffn_forward", _ffn_autograd_backward, setup_context=_ffn_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public function, reference, modules
+# --------------------------------------------------------------------------------------------------
+def _check_ffn_inputs(input, weight1, bias1, weight2, bias2, activation, weight_gate, bias_gate, residual, gemm):
     op = "ffn"
     if activation not in ACTIVATIONS:
         raise ValueError(f"{op}: activation must be one of {ACTIVATIONS}, got {activation!r}")
-    named = {"input": input, "weight1": weight1, "bias1": bias1, "weight2": weight2, "bias2": bias2}
+    if gemm not in GEMMS:
+        raise ValueError(f"{op}: gemm must be one of {GEMMS}, got {gemm!r}")
+    gated = activation in GATED_ACTIVATIONS
+    if gated and weight_gate is None:
+        raise ValueError(f"{op}: the gated activation {activation!r} needs weight_gate (d_ff, d_model)")
+    if not gated and (weight_gate is not None or bias_gate is not None):
+        raise ValueError(f"{op}: weight_gate/bias_gate are only for the gated activations {tuple(GATED_ACTIVATIONS)}")
+    named = {"input": input, "weight1": weight1, "bias1": bias1, "weight2": weight2, "bias2": bias2,
+             "weight_gate": weight_gate, "bias_gate": bias_gate, "residual": residual}
     for name, t in named.items():
-        if t is not None or not name.startswith("bias"):
+        if t is not None or name in ("input", "weight1", "weight2"):
             check_tensor(name, t, op=op)
     check_same(op, named)
     if input.dim() < 1 or weight1.dim() != 2 or weight2.dim() != 2:
@@ -219,47 +444,78 @@ def _check_ffn_inputs(input, weight1, bias1, weight2, bias2, activation) -> None
     if weight1.shape[1] != d_model or tuple(weight2.shape) != (d_model, d_ff):
         raise ValueError(f"{op}: with input (..., {d_model}) expected weight1 ({d_ff}, {d_model}) and weight2 "
                          f"({d_model}, {d_ff}); got {tuple(weight1.shape)} and {tuple(weight2.shape)}")
-    for name, t, size in (("bias1", bias1, d_ff), ("bias2", bias2, d_model)):
+    if weight_gate is not None and tuple(weight_gate.shape) != tuple(weight1.shape):
+        raise ValueError(f"{op}: weight_gate must have weight1's shape {tuple(weight1.shape)}, got {tuple(weight_gate.shape)}")
+    for name, t, size in (("bias1", bias1, d_ff), ("bias2", bias2, d_model), ("bias_gate", bias_gate, d_ff)):
         if t is not None and tuple(t.shape) != (size,):
             raise ValueError(f"{op}: {name} must have shape ({size},), got {tuple(t.shape)}")
+    if residual is not None and residual.shape != input.shape:
+        raise ValueError(f"{op}: residual must have input's shape {tuple(input.shape)}, got {tuple(residual.shape)}")
 
 
-def ffn(input, weight1, bias1, weight2, bias2, activation="relu"):
-    """Position-wise feed-forward network act(input W1^T + b1) W2^T + b2 (Vaswani et al., 2017, eq. 2).
+def ffn(input, weight1, bias1, weight2, bias2, activation="relu", *, weight_gate=None, bias_gate=None, residual=None,
+        recompute=False, gemm="auto"):
+    """Position-wise feed-forward network (Vaswani et al., 2017, eq. 2), plain or gated (Shazeer, 2020).
 
-    Weights follow ``nn.Linear``'s layout, so ``ffn(x, l1.weight, l1.bias, l2.weight, l2.bias)`` equals
-    ``l2(act(l1(x)))``.
+    Plain: ``act(input W1^T + b1) W2^T + b2``; gated (``"swiglu"``, ``"geglu"``, ``"geglu_tanh"``):
+    ``(act(input Wg^T + bg) * (input W1^T + b1)) W2^T + b2``. Weights follow ``nn.Linear``'s layout, so
+    ``ffn(x, l1.weight, l1.bias, l2.weight, l2.bias, "relu")`` equals ``l2(relu(l1(x)))``; for Llama's
+    MLP pass ``up_proj`` as weight1, ``gate_proj`` as weight_gate and ``down_proj`` as weight2.
 
     Args:
         input: ``(..., d_model)``, float16, bfloat16 or float32, any strides.
-        weight1: ``(d_ff, d_model)``; bias1: ``(d_ff,)`` or None.
-        weight2: ``(d_model, d_ff)``; bias2: ``(d_model,)`` or None. All of input's dtype and device.
-        activation: ``"relu"`` (the paper) or ``"gelu"`` (erf form).
+        weight1: ``(d_ff, d_model)``; bias1: ``(d_ff,)`` or None. weight2: ``(d_model, d_ff)``; bias2:
+            ``(d_model,)`` or None. All of input's dtype and device; any strides (a transposed view too).
+        activation: ``"relu"`` (the paper), ``"gelu"`` (erf), ``"gelu_tanh"``, ``"silu"``, or gated
+            ``"swiglu"`` (SiLU gate), ``"geglu"`` (GELU gate), ``"geglu_tanh"``.
+        weight_gate, bias_gate: the gate projection, shaped like weight1/bias1 (gated activations only).
+        residual: optional ``(..., d_model)`` added to the output in the last product's epilogue.
+        recompute: keep only the input for the backward and recompute the hidden activations there
+            (one more product; saves 1-3 (tokens, d_ff) tensors of activation memory).
+        gemm: ``"triton"`` (fused epilogues), ``"torch"`` (cuBLAS products + one fused elementwise
+            kernel), or ``"auto"`` (the shape rule :func:`_use_torch_gemm`).
 
     Returns:
         ``(..., d_model)`` in input's dtype. Differentiable in every tensor argument.
 
     Raises:
         TypeError: non-tensor, unsupported or mixed dtypes. ValueError: shape mismatch, mixed devices,
-        unknown activation.
+        unknown activation or gemm, a gate given for a plain activation or missing for a gated one.
     """
-    _check_ffn_inputs(input, weight1, bias1, weight2, bias2, activation)
+    _check_ffn_inputs(input, weight1, bias1, weight2, bias2, activation, weight_gate, bias_gate, residual, gemm)
     if not dispatch.triton_available_for(input):
         dispatch.record_path("ffn", "torch")
-        return ffn_reference(input, weight1, bias1, weight2, bias2, activation)
+        return ffn_reference(input, weight1, bias1, weight2, bias2, activation, weight_gate=weight_gate,
+                             bias_gate=bias_gate, residual=residual)
     dispatch.record_path("ffn", "triton")
     d_model = input.shape[-1]
-    y = _FFNFunction.apply(input.reshape(-1, d_model), weight1, bias1, weight2, bias2, activation)
+    x2d = input.reshape(-1, d_model)
+    use_torch_gemm = gemm == "torch" or (gemm == "auto" and _use_torch_gemm(
+        x2d.shape[0], d_model, weight1.shape[0], input.dtype, input.device))
+    y, _, _ = _ffn_forward_op(x2d, weight1, bias1, weight2, bias2, weight_gate, bias_gate,
+                              None if residual is None else residual.reshape(-1, d_model), activation,
+                              bool(recompute), use_torch_gemm)
     return y.view(*input.shape[:-1], d_model)
 
 
-def ffn_reference(input, weight1, bias1, weight2, bias2, activation="relu"):
-    """Plain PyTorch FFN (two ``F.linear`` and the activation); the tests run it in float64."""
-    return F.linear(_activation_torch(F.linear(input, weight1, bias1), activation), weight2, bias2)
+_TORCH_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+                      "silu": F.silu}
+
+
+def ffn_reference(input, weight1, bias1, weight2, bias2, activation="relu", *, weight_gate=None, bias_gate=None,
+                  residual=None):
+    """Plain PyTorch FFN (``F.linear`` and the activation); the tests run it in float64."""
+    act = _TORCH_ACTIVATIONS[GATED_ACTIVATIONS.get(activation, activation)]
+    if activation in GATED_ACTIVATIONS:
+        hidden = act(F.linear(input, weight_gate, bias_gate)) * F.linear(input, weight1, bias1)
+    else:
+        hidden = act(F.linear(input, weight1, bias1))
+    out = F.linear(hidden, weight2, bias2)
+    return out if residual is None else out + residual
 
 
 class FFN(nn.Module):
-    """The position-wise feed-forward sub-layer on :func:`ffn`.
+    """The position-wise feed-forward sub-layer on :func:`ffn` (plain activations).
 
     Parameters are ``linear1`` (d_model -> d_ff) and ``linear2`` (d_ff -> d_model), two ``nn.Linear``
     like ``nn.TransformerEncoderLayer``'s, so its ``state_dict`` keys are ``linear1.weight``,
@@ -267,19 +523,53 @@ class FFN(nn.Module):
 
     Args:
         d_model: model width (512 in the paper's base model). d_ff: inner width (2048).
-        activation: ``"relu"`` or ``"gelu"``. bias: whether the two projections have biases.
+        activation: ``"relu"``, ``"gelu"``, ``"gelu_tanh"`` or ``"silu"``. bias: whether the projections
+            have biases. recompute: see :func:`ffn`.
+    ``forward(x, residual=None)``: ``(..., d_model)`` in and out; ``residual`` is added in the epilogue.
     """
 
-    def __init__(self, d_model: int, d_ff: int, activation: str = "relu", bias: bool = True, device=None, dtype=None):
+    def __init__(self, d_model: int, d_ff: int, activation: str = "relu", bias: bool = True, recompute: bool = False,
+                 device=None, dtype=None):
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"FFN: activation must be one of {ACTIVATIONS}, got {activation!r}")
-        self.activation = activation
+        if activation not in PLAIN_ACTIVATIONS:
+            raise ValueError(f"FFN: activation must be one of {PLAIN_ACTIVATIONS} (GatedFFN takes "
+                             f"{tuple(GATED_ACTIVATIONS)}), got {activation!r}")
+        self.activation, self.recompute = activation, recompute
         self.linear1 = nn.Linear(d_model, d_ff, bias=bias, device=device, dtype=dtype)
         self.linear2 = nn.Linear(d_ff, d_model, bias=bias, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ffn(x, self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias, self.activation)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return ffn(x, self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias, self.activation,
+                   residual=residual, recompute=self.recompute)
 
     def extra_repr(self) -> str:
-        return f"activation={self.activation!r}"
+        return f"activation={self.activation!r}, recompute={self.recompute}"
+
+
+class GatedFFN(nn.Module):
+    """The gated feed-forward sub-layer (Shazeer, 2020) on :func:`ffn`: ``down_proj(act(gate_proj(x)) *
+    up_proj(x))``, with Llama's parameter names ``gate_proj``, ``up_proj``, ``down_proj`` (nn.Linear),
+    so a Llama MLP's state_dict loads as is.
+
+    Args:
+        d_model, d_ff: widths. activation: ``"swiglu"`` (Llama), ``"geglu"`` or ``"geglu_tanh"`` (Gemma).
+        bias: whether the projections have biases (Llama: no). recompute: see :func:`ffn`.
+    """
+
+    def __init__(self, d_model: int, d_ff: int, activation: str = "swiglu", bias: bool = False,
+                 recompute: bool = False, device=None, dtype=None):
+        super().__init__()
+        if activation not in GATED_ACTIVATIONS:
+            raise ValueError(f"GatedFFN: activation must be one of {tuple(GATED_ACTIVATIONS)}, got {activation!r}")
+        self.activation, self.recompute = activation, recompute
+        self.gate_proj = nn.Linear(d_model, d_ff, bias=bias, device=device, dtype=dtype)
+        self.up_proj = nn.Linear(d_model, d_ff, bias=bias, device=device, dtype=dtype)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=bias, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return ffn(x, self.up_proj.weight, self.up_proj.bias, self.down_proj.weight, self.down_proj.bias,
+                   self.activation, weight_gate=self.gate_proj.weight, bias_gate=self.gate_proj.bias,
+                   residual=residual, recompute=self.recompute)
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}, recompute={self.recompute}"

@@ -98,9 +98,9 @@ def ffn_activations() -> frozenset[str]:
     return frozenset(names)
 
 
-def layer_norm_takes_residual() -> bool:
-    """Whether ``kernels.LayerNorm.forward`` has the fused add & norm (``residual=``) of the next release."""
-    return "residual" in inspect.signature(LayerNorm.forward).parameters
+def _add_layer_norm_function():
+    """``kernels.layer_norm.add_layer_norm`` (fused Add & Norm) if the installed kernels have it, else None."""
+    return getattr(importlib.import_module(".layer_norm", __package__), "add_layer_norm", None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -373,12 +373,25 @@ class _LayerNormMixin(LayerNorm):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         x, weight, bias = cast_like_autocast("layer_norm", input.device.type, input, self.weight, self.bias)
-        if not kernel_can_take(x) or not all(t is None or kernel_can_take(t, x) or
-                                             (t.device == x.device and t.dtype in KERNEL_DTYPES)
-                                             for t in (weight, bias)):
+        # weight and bias may have another float dtype than the input (as F.layer_norm's mixed types)
+        if not (kernel_can_take(x) and all(t is None or (t.device == x.device and t.dtype in KERNEL_DTYPES)
+                                           for t in (weight, bias))):
             return self._kernels_original_class.forward(self, input)
         with autocast_off(x.device.type):
             return layer_norm(x, self.normalized_shape, weight, bias, self.eps)
+
+
+def add_and_norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``norm(x + residual)``: one fused Add & Norm kernel (``kernels.add_layer_norm``) when ``norm`` is a
+    LayerNorm patched by :func:`patch` without hooks, ``x`` and ``residual`` have one shape and kernel
+    dtype, and autocast is off; otherwise exactly that expression. (The kernel adds in fp32 before
+    normalizing; torch rounds the sum to the input dtype first: equal in fp32, up to rounding in half.)"""
+    fused = _add_layer_norm_function()
+    if (fused is None or not isinstance(norm, _LayerNormMixin) or has_hooks(norm) or global_hooks()
+            or _autocast_on(x.device.type) or x.shape != residual.shape or not kernel_can_take(x, residual)
+            or not all(t is None or (t.device == x.device and t.dtype in KERNEL_DTYPES) for t in (norm.weight, norm.bias))):
+        return norm(x + residual)
+    return fused(x, residual, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
 class _RMSNormMixin:
@@ -388,7 +401,7 @@ class _RMSNormMixin:
         rms_norm = _kernels_attr("rms_norm")
         x2, weight = cast_like_autocast("rms_norm", x.device.type, x, self.weight)
         if rms_norm is None or not kernel_can_take(x2, weight):
-            return super().forward(x)
+            return self._kernels_original_class.forward(self, x)
         with autocast_off(x.device.type):
             return rms_norm(x2, self.normalized_shape, weight, self.eps)
 
@@ -525,12 +538,12 @@ def patched_class(original: type, mixin: type, **attrs) -> type:
     ``state_dict`` or ``unpatch`` first."""
     key = (original, mixin, tuple(sorted(attrs.items())))
     if key not in _CLASSES:
-        name = "Kernels" + original.__name__ + "".join(f"_{k.strip('_')}_{v}" for k, v in sorted(attrs.items()))
+        name = "Kernels" + original.__name__ + "".join(f"_{k.removeprefix('_kernels_')}_{v}" for k, v in key[2])
         namespace = {"_kernels_original_class": original, "__module__": __name__, "__qualname__": name, **attrs}
         bases = (mixin,) if issubclass(mixin, original) else (mixin, original)
         cls = type(name, bases, namespace)
         if original.__module__.startswith("torch.nn.") and name not in globals():
-            globals()[name] = cls
+            globals()[name] = cls  # importable as kernels.patching.<name>: patched models pickle
         _CLASSES[key] = cls
     return _CLASSES[key]
 
@@ -600,11 +613,16 @@ def _rms_norm_rule(m, opts: Options):
         return Leave("layer_norm=False")
     if _kernels_attr("rms_norm") is None:
         return Leave("the installed kernels have no rms_norm yet")
-    mixin = _RMSNormMixin
+    return Replace(_rms_norm_mixin(), "kernels.rms_norm with the same weight and eps")
+
+
+@functools.lru_cache(maxsize=None)
+def _rms_norm_mixin() -> type:
+    """_RMSNormMixin, made a kernels.RMSNorm subclass too once the installed kernels have that class."""
     kernels_rms = _kernels_attr("RMSNorm")
-    if kernels_rms is not None:  # make the patched class a kernels.RMSNorm too
-        mixin = patched_class(kernels_rms, _RMSNormMixin)
-    return Replace(mixin, "kernels.rms_norm with the same weight and eps")
+    if kernels_rms is None:
+        return _RMSNormMixin
+    return type("_RMSNormMixin", (_RMSNormMixin, kernels_rms), {"__module__": __name__})
 
 
 def _mha_rule(m, opts: Options):
@@ -621,7 +639,7 @@ def _mha_rule(m, opts: Options):
              "calls with need_weights=True (the default of nn.MultiheadAttention) run the original forward"]
     if m.dropout > 0:
         notes.append(f"dropout={m.dropout}: in training mode the original forward runs")
-    return Replace(_MultiheadAttentionMixin, "; ".join(notes))
+    return Replace(_MultiheadAttentionMixin, "; ".join(notes), covers=("out_proj",))
 
 
 def _ffn_note(m) -> tuple[str, tuple[str, ...], bool]:
@@ -658,11 +676,11 @@ def _transformer_layer_rule(m, opts: Options):
         return Leave(note)
     if not (fuses or opts.attention or opts.layer_norm):
         return Leave("attention, layer_norm and ffn are all False")
-    return Replace(mixin, "; ".join(notes + [note]), covers, (("_kernels_fuse_ffn", fuses),))
+    return Replace(mixin, "; ".join(notes + [note]), covers, () if fuses else (("_kernels_fuse_ffn", False),))
 
 
 def _sequential_rule(m, opts: Options):
-    if type(m).forward is not nn.Sequential.forward or not isinstance(m, nn.Sequential):
+    if not isinstance(m, nn.Sequential) or type(m).forward is not nn.Sequential.forward:
         return None
     parts = mlp_parts(m)
     if parts is None:

@@ -167,15 +167,22 @@ def shipped_launches() -> list[Launch]:
                     y, _, _, rstd = layer_norm.norm_forward(x, None, w, None, 1e-5, is_rms=True)
                     layer_norm.norm_backward(y, x, w, None, None, rstd, is_rms=True)
 
+    ffn_kernels = ["_matmul_kernel", "_ffn_elementwise_kernel"]
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        for activation in ffn.ACTIVATIONS:
-            case = f"ffn matmul {str(dtype)[6:]} {activation}"
+        activations = ffn.ACTIVATIONS if dtype == torch.float16 else ("gelu", "swiglu")
+        for activation in activations:
+            gated = activation in ffn.GATED_ACTIVATIONS
             x = torch.empty(4096, 1024, dtype=dtype, **meta)
-            w1 = torch.empty(4096, 1024, dtype=dtype, **meta)
-            pre = torch.empty(4096, 4096, dtype=dtype, **meta)
-            with _recording(ffn, ["_matmul_kernel"], launches, case):
-                ffn.matmul(x, w1.t(), w1[:, 0], epilogue="act", activation=activation, aux=pre, store_aux=True)
-                ffn.matmul(pre, w1, epilogue="act_grad", activation=activation, aux=pre)
+            w1, w2 = torch.empty(4096, 1024, dtype=dtype, **meta), torch.empty(1024, 4096, dtype=dtype, **meta)
+            b1, b2 = w1[:, 0], w2[:, 0]
+            wg, bg = (w1, b1) if gated else (None, None)
+            for torch_gemm in (False, True) if dtype == torch.float16 else (False,):
+                route = "cublas+fused" if torch_gemm else "triton"
+                with _recording(ffn, ffn_kernels, launches, f"ffn {str(dtype)[6:]} {activation} {route}"):
+                    y, h, aux = ffn.ffn_forward(x, w1, b1, w2, b2, activation=activation, wg=wg, bg=bg, residual=x,
+                                                use_torch_gemm=torch_gemm)
+                    ffn.ffn_backward(y, x, w1, b1, w2, wg, bg, h, aux, activation=activation, needs=[True] * 7,
+                                     use_torch_gemm=torch_gemm)
     return launches
 
 
@@ -209,9 +216,27 @@ def inspect_cubin(cubin: bytes, arch: str) -> dict:
     }
 
 
+def _specialization(arg) -> str:
+    """What Triton's JIT specializes an argument on: a tensor's dtype; an int's being 1, a multiple of
+    16, or neither; a float's type."""
+    if isinstance(arg, torch.Tensor):
+        return str(arg.dtype)
+    if isinstance(arg, bool) or not isinstance(arg, int):
+        return type(arg).__name__
+    return "1" if arg == 1 else ("16k" if arg % 16 == 0 else "int")
+
+
 @functools.lru_cache(maxsize=None)
 def _launches(case_filter: str) -> tuple[Launch, ...]:
-    return tuple(l for l in shipped_launches() if case_filter in l.case)
+    """The shipped launches whose case contains ``case_filter``, each compiled specialization once."""
+    seen, unique = set(), []
+    for launch in shipped_launches():
+        signature = tuple(_specialization(a) for a in launch.args)
+        key = (launch.kernel, signature, tuple(sorted((k, str(v)) for k, v in launch.kwargs.items())))
+        if case_filter in launch.case and key not in seen:
+            seen.add(key)
+            unique.append(launch)
+    return tuple(unique)
 
 
 def _report(job: tuple[str, int, str]) -> Report:

@@ -1,0 +1,77 @@
+"""Convergence with and without the kernels, in the style of Liger-Kernel's mini-model tests
+(test/convergence/ in github.com/linkedin/Liger-Kernel): a tiny model trained for a few dozen AdamW
+steps twice from the same initial weights on the same data -- once unpatched, once with
+``kernels.hf.apply_kernels`` -- must produce the same loss at every step, end with the same weights,
+and learn (the loss falls).
+
+Tolerances (fp32, kernels in true fp32): the kernels differ from torch only in summation order, about
+1e-7 relative per op; thirty optimizer steps let that drift grow, so per-step losses are held to
+``rtol=LOSS_RTOL`` and final weights to a relative norm error below ``WEIGHT_RTOL``. Dropout is 0 (a
+nonzero dropout would run torch's code anyway, see test_hf.py).
+"""
+import copy
+
+import pytest
+import torch
+
+import kernels
+
+transformers = pytest.importorskip("transformers")
+from kernels import hf  # noqa: E402
+
+STEPS = 30
+BATCHES, BATCH, SEQLEN, VOCAB = 4, 4, 16, 64
+LOSS_RTOL, LOSS_ATOL = 1e-4, 1e-6
+WEIGHT_RTOL = 1e-4
+
+
+def mini_gpt2():
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=SEQLEN, bos_token_id=0, eos_token_id=0,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))  # activation gelu_new: the "gelu_tanh" kernel
+
+
+def mini_llama():
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=SEQLEN))  # GQA, RMSNorm, SwiGLU
+
+
+def train(model, data):
+    """``STEPS`` AdamW steps of causal-LM loss on ``data`` (cycled); returns the per-step losses."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    losses = []
+    model.train()
+    for step in range(STEPS):
+        ids = data[step % len(data)]
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return torch.tensor(losses, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("build", [mini_gpt2, mini_llama], ids=["gpt2", "llama"])
+def test_losses_agree_step_by_step(device, build):
+    torch.manual_seed(0)
+    baseline = build().to(device)
+    patched = build().to(device)
+    patched.load_state_dict(baseline.state_dict())  # same initial weights
+    report = hf.apply_kernels(patched)
+    assert len(report.replaced) >= 7, str(report)  # attention, every norm, every MLP
+    generator = torch.Generator().manual_seed(1)
+    data = [torch.randint(0, VOCAB, (BATCH, SEQLEN), generator=generator).to(device) for _ in range(BATCHES)]
+
+    expected = train(baseline, data)
+    before = kernels.launch_counts()
+    actual = train(patched, data)
+    ran = {k: v - before.get(k, 0) for k, v in kernels.launch_counts().items()}
+    for kernel in ("attention_fwd", "attention_bwd_dq", "layer_norm_fwd", "layer_norm_bwd", "ffn_matmul"):
+        assert ran.get(kernel, 0) >= STEPS, f"{kernel} launched {ran.get(kernel, 0)} times in {STEPS} steps"
+
+    torch.testing.assert_close(actual, expected, rtol=LOSS_RTOL, atol=LOSS_ATOL)
+    assert expected[-BATCHES:].mean() < 0.8 * expected[:BATCHES].mean(), f"did not learn: {expected.tolist()}"
+    for (name, p), q in zip(patched.named_parameters(), baseline.parameters()):
+        err = ((p.double() - q.double()).norm() / q.double().norm()).item()
+        assert err < WEIGHT_RTOL, f"{name}: final weights differ by {err:.2e}"

@@ -1,0 +1,186 @@
+"""kernels.hf: our attention, norms and MLPs in Hugging Face GPT-2, BERT and Llama models.
+
+Models are built from tiny local configs (nothing is downloaded). Each test runs the patched model
+beside an unpatched deep copy: logits and every parameter gradient must match (fp32), and the launch
+counters must show that the Triton kernels ran.
+"""
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+from kernels.patching import override_sdpa, unpatch
+from test_patching import assert_grads_match, assert_match, snapshot, assert_same_state
+
+transformers = pytest.importorskip("transformers")
+from kernels import hf  # noqa: E402
+
+VOCAB = 64
+
+
+def gpt2(**overrides):
+    kwargs = dict(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=32, bos_token_id=0, eos_token_id=0,
+                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config = transformers.GPT2Config(**{**kwargs, **overrides})
+    return transformers.GPT2LMHeadModel(config)
+
+
+def bert():
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0)
+    return transformers.BertForMaskedLM(config)
+
+
+def llama():
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    return transformers.LlamaForCausalLM(config)
+
+
+def tokens(device, padded=False, batch=2, seqlen=8):
+    ids = torch.randint(0, VOCAB, (batch, seqlen), device=device)
+    mask = torch.ones(batch, seqlen, dtype=torch.long, device=device)
+    if padded:
+        mask[1, seqlen - 3:] = 0  # right padding: every query still sees a key
+    return dict(input_ids=ids, attention_mask=mask)
+
+
+def compare(model, ref, inputs):
+    """Logits and all parameter gradients of the patched ``model`` against ``ref``."""
+    logits, logits_ref = model(**inputs).logits, ref(**inputs).logits
+    assert_match(logits, logits_ref, "logits")
+    cotangent = torch.randn_like(logits_ref)
+    (logits * cotangent).sum().backward()
+    (logits_ref * cotangent).sum().backward()
+    assert_grads_match(model, ref)
+
+
+def patch_and_check(model, apply, inputs, launches, expect_replaced):
+    """apply kernels, compare with the unpatched copy, prove the kernels ran, unpatch and check it restores."""
+    torch.manual_seed(0)
+    model = model.eval()
+    ref = copy.deepcopy(model)
+    snap = snapshot(model)
+    report = apply(model)
+    replaced = [e.original for e in report.replaced]
+    for original, count in expect_replaced.items():
+        assert replaced.count(original) == count, f"{original}: {replaced.count(original)} != {count}\n{report}"
+    assert model.config._attn_implementation == hf.ATTENTION_NAME
+    assert_same_state(model, snap)
+    with launches("attention_fwd"), launches("attention_bwd_dq"), launches("layer_norm_fwd"), \
+            launches("layer_norm_bwd"), launches("ffn_matmul", 4):
+        compare(model, ref, inputs)
+    restored = unpatch(model)
+    assert len(restored) == len(report.replaced)
+    assert model.config._attn_implementation == "sdpa"
+    assert all(type(m) is type(r) for m, r in zip(model.modules(), ref.modules()))
+    assert_same_state(model, snap)
+    return report
+
+
+def test_gpt2(device, launches):
+    torch.manual_seed(0)
+    report = patch_and_check(gpt2().to(device), hf.apply_kernels_to_gpt2, tokens(device), launches,
+                             {"attn_implementation='sdpa'": 1, "nn.LayerNorm": 5, "transformers.GPT2MLP": 2})
+    assert "gelu_tanh" in str(report)
+
+
+def test_bert_padded_batch(device, launches):
+    torch.manual_seed(0)
+    patch_and_check(bert().to(device), hf.apply_kernels_to_bert, tokens(device, padded=True), launches,
+                    {"attn_implementation='sdpa'": 1, "nn.LayerNorm": 6, "transformers.BertLayer": 2,
+                     "transformers.BertSelfOutput": 2})
+
+
+def test_llama_padded_batch_gqa(device, launches):
+    torch.manual_seed(0)
+    patch_and_check(llama().to(device), hf.apply_kernels_to_llama, tokens(device, padded=True), launches,
+                    {"attn_implementation='sdpa'": 1, "transformers.LlamaRMSNorm": 5, "transformers.LlamaMLP": 2})
+
+
+def test_entry_points_check_the_model_type(device):
+    with pytest.raises(ValueError, match="model_type"):
+        hf.apply_kernels_to_llama(gpt2())
+    with pytest.raises(TypeError, match="nn.Module"):
+        hf.apply_kernels(object())
+
+
+def test_other_attention_implementations_are_left_alone(device):
+    model = gpt2().to(device)
+    model.set_attn_implementation("eager")
+    report = hf.apply_kernels(model, layer_norm=False, ffn=False)
+    assert report.replaced == []
+    entry = next(e for e in report.left_alone if e.original == "attn_implementation='eager'")
+    assert "only 'sdpa'" in entry.reason
+    assert model.config._attn_implementation == "eager"
+
+
+def test_norms_are_recognized_by_code(device, launches):
+    """Qwen2's RMSNorm is LlamaRMSNorm's code ("Copied from"): patched. Gemma's computes (1 + weight):
+    left alone, with the reason."""
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Qwen2RMSNorm(16), GemmaRMSNorm(16)).to(device)
+    with torch.no_grad():
+        model[0].weight.normal_(), model[1].weight.normal_()
+    ref = copy.deepcopy(model)
+    report = hf.apply_kernels(model)
+    assert report.paths() == ["0"]
+    assert "not LlamaRMSNorm's code" in next(e.reason for e in report.left_alone if e.path == "1")
+    x = torch.randn(3, 16, device=device)
+    with launches("layer_norm_fwd"):
+        assert_match(model(x), ref(x))
+
+
+def test_dropout_in_training_reproduces_the_unpatched_model(device):
+    """Attention dropout runs torch's SDPA and the MLP's dropout stays a module: same seed, same logits."""
+    torch.manual_seed(0)
+    model = gpt2(attn_pdrop=0.2, resid_pdrop=0.2).to(device).train()
+    ref = copy.deepcopy(model)
+    hf.apply_kernels(model)
+    inputs = tokens(device)
+    torch.manual_seed(1)
+    logits = model(**inputs).logits
+    torch.manual_seed(1)
+    assert_match(logits, ref(**inputs).logits)
+    assert kernels.last_path("layer_norm") == "triton" and kernels.last_path("ffn") == "triton"
+
+
+def test_override_sdpa_reaches_the_sdpa_attention(device, launches):
+    """transformers' own "sdpa" attention looks F.scaled_dot_product_attention up at call time."""
+    torch.manual_seed(0)
+    model = llama().to(device).eval()
+    inputs = tokens(device, padded=True)
+    with torch.no_grad():
+        want = model(**inputs).logits
+        with launches("attention_fwd", 2), override_sdpa():
+            got = model(**inputs).logits
+    assert_match(got, want)
+
+
+def test_registered_name_works_with_set_attn_implementation(device):
+    assert hf.register() == hf.ATTENTION_NAME
+    model = bert().to(device).eval()
+    ref = copy.deepcopy(model)
+    model.set_attn_implementation(hf.ATTENTION_NAME)
+    inputs = tokens(device, padded=True)
+    with torch.no_grad():
+        assert_match(model(**inputs).logits, ref(**inputs).logits)
+    assert kernels.last_path("attention") == "triton"
+
+
+def test_imports_without_transformers():
+    code = ("import sys; sys.modules['transformers'] = None\n"
+            "import kernels, kernels.hf, kernels.patching\n"
+            "try:\n    kernels.hf.apply_kernels(kernels.LayerNorm(4))\nexcept ImportError as e:\n    print('ImportError', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "ImportError" in out.stdout and "transformers" in out.stdout

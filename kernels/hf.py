@@ -441,7 +441,7 @@ def _bert_self_output_rule(m, opts: Options):
 def _unknown_hf_rule(m, opts: Options):
     """transformers MLP/norm classes no rule proved equivalent: say so instead of 'no kernel'."""
     name = type(m).__name__
-    if type(m).__module__.startswith("transformers.") and name.endswith(("MLP", "RMSNorm", "Intermediate")):
+    if type(m).__module__.startswith("transformers.") and name.endswith(("MLP", "RMSNorm")):
         return Leave(f"{name}.forward is not the code of an MLP/norm kernels.hf knows (LlamaMLP, GPT2MLP, "
                      "BertIntermediate+BertOutput, LlamaRMSNorm): equivalence cannot be proven")
     return None
@@ -487,7 +487,7 @@ def apply_kernels(model: nn.Module, *, attention: bool = True, layer_norm: bool 
         raise TypeError(f"apply_kernels: model must be a torch.nn.Module, got {type(model).__name__}")
     _transformers()
     opts = Options(attention=attention, layer_norm=layer_norm, ffn=ffn)
-    report = PatchReport(model)
+    report = PatchReport(model, source="kernels.hf.apply_kernels")
     if attention:
         _switch_attention(model, report)
     return patching.apply_rules(model, _rules(), opts, report)

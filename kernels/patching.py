@@ -89,13 +89,23 @@ def _ffn_function():
 
 
 def ffn_activations() -> frozenset[str]:
-    """Activation names ``kernels.ffn`` accepts: every ``*ACTIVATIONS`` tuple in ``kernels/ffn.py``."""
-    module = importlib.import_module(".ffn", __package__)
+    """Activation names ``kernels.ffn`` accepts: every ``*ACTIVATIONS`` collection in ``kernels/ffn.py``."""
+    return _activations_of(importlib.import_module(".ffn", __package__))
+
+
+@functools.lru_cache(maxsize=None)
+def _activations_of(module) -> frozenset[str]:
     names: set[str] = set()
     for attr, value in vars(module).items():
-        if attr.endswith("ACTIVATIONS") and isinstance(value, (tuple, list, set, frozenset)):
+        if attr.endswith("ACTIVATIONS") and isinstance(value, (tuple, list, set, frozenset, dict)):
             names.update(v for v in value if isinstance(v, str))
     return frozenset(names)
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_gate(kernel) -> bool:
+    """Whether this ``kernels.ffn`` has the gated form (``weight_gate=``)."""
+    return "weight_gate" in inspect.signature(kernel).parameters
 
 
 def _add_layer_norm_function():
@@ -265,7 +275,7 @@ def fused_ffn(x, weight1, bias1, act, weight2, bias2, *, dropout=None, weight_ga
     kernel = _ffn_function()
     extra = {}
     if gated:
-        if "weight_gate" not in inspect.signature(kernel).parameters:
+        if not _takes_gate(kernel):
             return None
         extra_tensors = (weight_gate, bias_gate)
     else:
@@ -369,9 +379,12 @@ _MHA_FORWARD = _with_sdpa_routed(F.multi_head_attention_forward)
 # The patched forwards (mixins; the patched class is ``type(name, (mixin, original), ...)``)
 # --------------------------------------------------------------------------------------------------
 class _LayerNormMixin(LayerNorm):
-    """``nn.LayerNorm`` on :func:`kernels.layer_norm`; a :class:`kernels.LayerNorm` subclass."""
+    """``nn.LayerNorm`` on :func:`kernels.layer_norm`; a :class:`kernels.LayerNorm` subclass, so its extra
+    arguments (fused Add & Norm: ``residual``, ``dropout_p``, ``prenorm``) work as on kernels.LayerNorm."""
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if args or kwargs:  # the kernels.LayerNorm extensions; an nn.LayerNorm is never called with them
+            return LayerNorm.forward(self, input, *args, **kwargs)
         x, weight, bias = cast_like_autocast("layer_norm", input.device.type, input, self.weight, self.bias)
         # weight and bias may have another float dtype than the input (as F.layer_norm's mixed types)
         if not (kernel_can_take(x) and all(t is None or (t.device == x.device and t.dtype in KERNEL_DTYPES)
@@ -395,9 +408,12 @@ def add_and_norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> to
 
 
 class _RMSNormMixin:
-    """``nn.RMSNorm`` on ``kernels.rms_norm`` (same weight and eps, eps=None meaning finfo.eps)."""
+    """``nn.RMSNorm`` on ``kernels.rms_norm`` (same weight and eps, eps=None meaning finfo.eps); extra
+    arguments go to ``kernels.RMSNorm.forward`` (fused Add & Norm), as for the LayerNorm."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if args or kwargs:
+            return super().forward(x, *args, **kwargs)
         rms_norm = _kernels_attr("rms_norm")
         x2, weight = cast_like_autocast("rms_norm", x.device.type, x, self.weight)
         if rms_norm is None or not kernel_can_take(x2, weight):
@@ -759,8 +775,9 @@ class PatchReport:
             knows have ``reason == NO_KERNEL`` and are summarized by type in ``str(report)``.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, source: str = "kernels.patch"):
         self.model = model
+        self.source = source
         self.replaced: list[PatchEntry] = []
         self.left_alone: list[PatchEntry] = []
 
@@ -769,7 +786,7 @@ class PatchReport:
 
     def __str__(self) -> str:
         show = lambda p: p or "(model)"  # noqa: E731
-        lines = [f"kernels.patch: replaced {len(self.replaced)} module(s), left {len(self.left_alone)} alone"]
+        lines = [f"{self.source}: replaced {len(self.replaced)} module(s), left {len(self.left_alone)} alone"]
         if self.replaced:
             lines.append("replaced:")
             lines += [f"  {show(e.path)}: {e.original} -> {e.replacement}: {e.reason}" for e in self.replaced]

@@ -1,16 +1,15 @@
 """Convergence with and without the kernels, in the style of Liger-Kernel's mini-model tests
-(test/convergence/ in github.com/linkedin/Liger-Kernel): a tiny model trained for a few dozen AdamW
-steps twice from the same initial weights on the same data -- once unpatched, once with
-``kernels.hf.apply_kernels`` -- must produce the same loss at every step, end with the same weights,
-and learn (the loss falls).
+(test/convergence/ in github.com/linkedin/Liger-Kernel): a tiny model trained for 30 AdamW steps twice
+from the same initial weights on the same data -- once unpatched, once with ``kernels.hf.apply_kernels``
+-- must produce the same loss at every step, end with the same weights, and learn (the loss falls).
 
-Tolerances (fp32, kernels in true fp32): the kernels differ from torch only in summation order, about
-1e-7 relative per op; thirty optimizer steps let that drift grow, so per-step losses are held to
-``rtol=LOSS_RTOL`` and all final weights together to a relative error below ``WEIGHT_RTOL``. Dropout is 0 (a
-nonzero dropout would run torch's code anyway, see test_hf.py).
+Tolerances (fp32; the kernels compute true fp32 and differ from torch only in summation order):
+per-step losses ``rtol=1e-5, atol=1e-8`` (Liger's fp32 loss tolerances; measured drift on CPU under the
+interpreter: at most 1.4e-7 relative); all final weights together, relative error below 1e-4 (measured:
+1.9e-5 for GPT-2, whose key bias gets only rounding noise as gradient -- softmax cancels it -- which
+AdamW's normalization turns into steps of its own; 1e-7 for Llama). Dropout is 0 (a nonzero dropout
+would run torch's code anyway, see test_hf.py).
 """
-import copy
-
 import pytest
 import torch
 
@@ -21,7 +20,7 @@ from kernels import hf  # noqa: E402
 
 STEPS = 30
 BATCHES, BATCH, SEQLEN, VOCAB = 4, 2, 16, 64  # one layer, 32 tokens a step: ~0.8 s a step interpreted
-LOSS_RTOL, LOSS_ATOL = 1e-4, 1e-6
+LOSS_RTOL, LOSS_ATOL = 1e-5, 1e-8
 WEIGHT_RTOL = 1e-4
 
 

@@ -400,9 +400,9 @@ def add_and_norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> to
     dtype, and autocast is off; otherwise exactly that expression. (The kernel adds in fp32 before
     normalizing; torch rounds the sum to the input dtype first: equal in fp32, up to rounding in half.)"""
     fused = _add_layer_norm_function()
-    if (fused is None or not isinstance(norm, _LayerNormMixin) or has_hooks(norm) or global_hooks()
-            or _autocast_on(x.device.type) or x.shape != residual.shape or not kernel_can_take(x, residual)
-            or not all(t is None or (t.device == x.device and t.dtype in KERNEL_DTYPES) for t in (norm.weight, norm.bias))):
+    params_ok = all(t is None or (t.device == x.device and t.dtype in KERNEL_DTYPES) for t in (norm.weight, norm.bias))
+    if (fused is None or not isinstance(norm, _LayerNormMixin) or has_hooks(norm) or global_hooks() or not params_ok
+            or _autocast_on(x.device.type) or x.shape != residual.shape or not kernel_can_take(x, residual)):
         return norm(x + residual)
     return fused(x, residual, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
@@ -474,7 +474,9 @@ class _FeedForwardBlockMixin:
     _kernels_ff_dropout = "dropout2"  # the dropout after the block: dropout2 (encoder), dropout3 (decoder)
 
     def _ff_block(self, x):
-        y = fused_linear_ffn(x, self.linear1, self.activation, self.linear2, self.dropout) if self._kernels_fuse_ffn else None
+        y = None
+        if self._kernels_fuse_ffn:
+            y = fused_linear_ffn(x, self.linear1, self.activation, self.linear2, self.dropout)
         if y is None:
             return super()._ff_block(x)
         return getattr(self, self._kernels_ff_dropout)(y)

@@ -11,7 +11,6 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import kernels
 from kernels.patching import override_sdpa, unpatch
@@ -180,7 +179,8 @@ def test_registered_name_works_with_set_attn_implementation(device):
 def test_imports_without_transformers():
     code = ("import sys; sys.modules['transformers'] = None\n"
             "import kernels, kernels.hf, kernels.patching\n"
-            "try:\n    kernels.hf.apply_kernels(kernels.LayerNorm(4))\nexcept ImportError as e:\n    print('ImportError', e)\n")
+            "try:\n    kernels.hf.apply_kernels(kernels.LayerNorm(4))\n"
+            "except ImportError as e:\n    print('ImportError', e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "ImportError" in out.stdout and "transformers" in out.stdout

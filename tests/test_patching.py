@@ -24,7 +24,7 @@ def rel_err(a, b) -> float:
 
 
 def assert_match(out, ref, name="output", rtol=RTOL):
-    assert out.shape == ref.shape and out.dtype == ref.dtype, f"{name}: {out.shape}/{out.dtype} vs {ref.shape}/{ref.dtype}"
+    assert (out.shape, out.dtype) == (ref.shape, ref.dtype), f"{name}: {out.shape, out.dtype} vs {ref.shape, ref.dtype}"
     assert rel_err(out, ref) < rtol, f"{name}: relative error {rel_err(out, ref):.2e}"
 
 
@@ -101,7 +101,7 @@ def test_rms_norm(device, launches):
     if not hasattr(kernels, "rms_norm"):
         pytest.skip("kernels.rms_norm not in this version")
     torch.manual_seed(0)
-    model, ref, report = patched_copy(nn.Sequential(nn.RMSNorm(16, device=device), nn.RMSNorm(16, eps=1e-3, device=device)))
+    model, ref, report = patched_copy(nn.Sequential(nn.RMSNorm(16), nn.RMSNorm(16, eps=1e-3)).to(device))
     assert report.paths() == ["0", "1"] and isinstance(model[0], kernels.RMSNorm)
     with torch.no_grad():
         for p in model.parameters():
@@ -114,7 +114,8 @@ def test_rms_norm(device, launches):
 
 def test_norm_in_float64_runs_the_original(device):
     """The kernels take fp16/bf16/fp32: a patched float64 model keeps working, on torch."""
-    model, ref, _ = patched_copy(nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)).double().to(device))
+    mlp = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    model, ref, _ = patched_copy(nn.Sequential(nn.LayerNorm(8), mlp).double().to(device))
     x = torch.randn(4, 8, dtype=torch.float64, device=device)
     before = kernels.launch_counts()
     torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)
@@ -131,7 +132,7 @@ MLP_ACTIVATIONS = [nn.ReLU(), nn.GELU(), nn.GELU(approximate="tanh"), nn.SiLU()]
 @pytest.mark.parametrize("dropout,bias", [(False, True), (True, False)])
 def test_sequential_mlp(device, launches, act, dropout, bias):
     torch.manual_seed(0)
-    layers = [nn.Linear(16, 40, bias=bias), act] + ([nn.Dropout(0.0)] if dropout else []) + [nn.Linear(40, 16, bias=bias)]
+    layers = [nn.Linear(16, 40, bias=bias), act, *([nn.Dropout(0.0)] if dropout else []), nn.Linear(40, 16, bias=bias)]
     model, ref, report = patched_copy(nn.Sequential(*layers).to(device))
     assert report.paths() == [""], str(report)
     with launches("ffn_matmul", 2):
@@ -144,7 +145,8 @@ def test_mlp_dropout_in_training_runs_the_original(device, launches):
     """Dropout p > 0 in training would draw other random numbers in a kernel: the original runs, so the
     patched model reproduces the unpatched one for the same seed; in eval the kernel runs."""
     torch.manual_seed(0)
-    model, ref, report = patched_copy(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 16)).to(device))
+    mlp = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 16))
+    model, ref, report = patched_copy(mlp.to(device))
     assert "training mode the original forward runs" in report.replaced[0].reason
     x = torch.randn(4, 16, device=device)
     before = kernels.launch_count("ffn_matmul")

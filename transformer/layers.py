@@ -38,9 +38,18 @@ class LayerNorm(nn.LayerNorm):
         super().__init__(d_model, eps=eps)
         self.backend = check_backend(backend)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        layer_norm = kernels.layer_norm if self.backend == "triton" else F.layer_norm
-        return layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, dropout_p: float = 0.0) -> torch.Tensor:
+        """``LayerNorm(x)``, or with ``residual`` the sub-layer connection ``LayerNorm(residual + Dropout(x))``
+        (Sec. 3.1, 5.4), one fused kernel on the triton backend."""
+        if self.backend == "triton":
+            if residual is None and dropout_p == 0:
+                return kernels.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+            residual = torch.zeros_like(x) if residual is None else residual
+            return kernels.add_layer_norm(x, residual, self.normalized_shape, self.weight, self.bias, self.eps,
+                                          dropout_p=dropout_p)
+        x = F.dropout(x, dropout_p) if dropout_p > 0 else x
+        x = x if residual is None else residual + x
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, backend={self.backend!r}"
@@ -145,7 +154,8 @@ class PositionalEncoding(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    """Encoder layer (Sec. 3.1): self-attention, then the FFN, each as ``LayerNorm(x + Dropout(Sublayer(x)))``.
+    """Encoder layer (Sec. 3.1): self-attention, then the FFN, each as ``LayerNorm(x + Dropout(Sublayer(x)))``
+    (the add, dropout and norm are one fused kernel on the triton backend).
 
     With ``is_causal=True`` it is also the block of the decoder-only :class:`~transformer.TransformerLM`
     (a decoder layer without encoder-decoder attention). Input and output ``(batch, seqlen, d_model)``.
@@ -161,8 +171,9 @@ class EncoderLayer(nn.Module):
         self.dropout = nn.Dropout(c.dropout)
 
     def forward(self, x: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
-        x = self.norm1(x + self.dropout(self.self_attn(x, is_causal=is_causal)))
-        return self.norm2(x + self.dropout(self.ffn(x)))
+        p = self.dropout.p if self.training else 0.0
+        x = self.norm1(self.self_attn(x, is_causal=is_causal), residual=x, dropout_p=p)
+        return self.norm2(self.ffn(x), residual=x, dropout_p=p)
 
 
 class DecoderLayer(nn.Module):
@@ -185,9 +196,10 @@ class DecoderLayer(nn.Module):
         self.dropout = nn.Dropout(c.dropout)
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        x = self.norm1(x + self.dropout(self.self_attn(x, is_causal=True)))
-        x = self.norm2(x + self.dropout(self.cross_attn(x, memory)))
-        return self.norm3(x + self.dropout(self.ffn(x)))
+        p = self.dropout.p if self.training else 0.0
+        x = self.norm1(self.self_attn(x, is_causal=True), residual=x, dropout_p=p)
+        x = self.norm2(self.cross_attn(x, memory), residual=x, dropout_p=p)
+        return self.norm3(self.ffn(x), residual=x, dropout_p=p)
 
 
 BACKEND_MODULES = (LayerNorm, FeedForward, MultiHeadAttention)

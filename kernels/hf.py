@@ -301,7 +301,7 @@ class _RMSNormMixin:
     """
 
     def forward(self, hidden_states):
-        rms_norm = patching._kernels_attr("rms_norm")
+        rms_norm = patching.kernels_attr("rms_norm")
         if rms_norm is None or not kernel_can_take(hidden_states, self.weight):
             return super().forward(hidden_states)
         with patching.autocast_off(hidden_states.device.type):
@@ -372,7 +372,7 @@ def _rms_norm_rule(m, opts: Options):
         return Leave("forward is not LlamaRMSNorm's code: equivalence cannot be proven")
     if not opts.layer_norm:
         return Leave("layer_norm=False")
-    if patching._kernels_attr("rms_norm") is None:
+    if patching.kernels_attr("rms_norm") is None:
         return Leave("the installed kernels have no rms_norm yet")
     return Replace(_RMSNormMixin, "kernels.rms_norm with the same weight and variance_epsilon; an input dtype "
                                   "other than the weight's runs the original")

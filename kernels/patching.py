@@ -79,9 +79,12 @@ _TORCH_SDPA = torch._C._nn.scaled_dot_product_attention
 # --------------------------------------------------------------------------------------------------
 # Capabilities of the installed kernels (some ops land later; everything is looked up at call time)
 # --------------------------------------------------------------------------------------------------
-def _kernels_attr(name: str):
-    """``kernels.<name>`` if the package exports it, else None (read lazily: no import cycle)."""
-    return getattr(importlib.import_module(__package__), name, None)
+def kernels_attr(name: str):
+    """``kernels.<name>`` (e.g. "rms_norm", "RMSNorm") if the installed kernels have it, else None. Looked
+    up on the package, then on kernels/layer_norm.py (where the norms live), so it also works while
+    the package itself is still importing."""
+    found = getattr(importlib.import_module(__package__), name, None)
+    return found if found is not None else getattr(importlib.import_module(".layer_norm", __package__), name, None)
 
 
 def _ffn_function():
@@ -142,7 +145,7 @@ def _autocast_policy(op: str, device_type: str, lower: torch.dtype) -> torch.dty
 def _autocast_on(device_type: str) -> bool:
     try:
         return torch.is_autocast_enabled(device_type)
-    except RuntimeError:  # a device type autocast does not know
+    except (RuntimeError, ValueError):  # a device type autocast does not know
         return False
 
 
@@ -304,20 +307,19 @@ def routed_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fals
     :func:`kernels.scaled_dot_product_attention` where that reproduces torch exactly.
 
     Runs torch's own SDPA instead when ``dropout_p > 0`` (the kernel would draw other random numbers
-    than torch), for nested tensors, and when query, key and value have different leading (batch)
-    dims (torch broadcasts them; the kernel requires equal ones). Under ``torch.autocast`` the inputs
-    are cast as autocast casts SDPA's. Fully-masked query rows give 0 (some torch backends: NaN).
+    than torch), for dtypes the kernel does not take (float64), nested tensors, and when query, key
+    and value have different leading (batch) dims (torch broadcasts them; the kernel requires equal
+    ones). Under ``torch.autocast`` the inputs are cast as autocast casts SDPA's. Fully-masked query
+    rows give 0 (some torch backends: NaN).
     """
-    tensors = (query, key, value)
-    if (dropout_p > 0 or any(t.is_nested for t in tensors)
-            or not (query.shape[:-3] == key.shape[:-3] == value.shape[:-3])):
+    device_type = query.device.type
+    q, k, v, mask = cast_like_autocast("sdpa", device_type, query, key, value, attn_mask)
+    if dropout_p > 0 or not kernel_can_take(q, k, v) or not (q.shape[:-3] == k.shape[:-3] == v.shape[:-3]):
         return _TORCH_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                            scale=scale, enable_gqa=enable_gqa)
-    device_type = query.device.type
-    query, key, value, attn_mask = cast_like_autocast("sdpa", device_type, query, key, value, attn_mask)
     with autocast_off(device_type):
-        return scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-                                            is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+        return scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
+                                            scale=scale, enable_gqa=enable_gqa)
 
 
 _override_lock = threading.Lock()
@@ -414,7 +416,7 @@ class _RMSNormMixin:
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if args or kwargs:
             return super().forward(x, *args, **kwargs)
-        rms_norm = _kernels_attr("rms_norm")
+        rms_norm = kernels_attr("rms_norm")
         x2, weight = cast_like_autocast("rms_norm", x.device.type, x, self.weight)
         if rms_norm is None or not kernel_can_take(x2, weight):
             return self._kernels_original_class.forward(self, x)
@@ -551,9 +553,9 @@ _CLASSES: dict[tuple, type] = {}
 def patched_class(original: type, mixin: type, **attrs) -> type:
     """The class ``Kernels<Original>(mixin, original)`` with ``_kernels_original_class = original`` and
     ``attrs`` as class attributes; cached, so every module of one type shares one patched class.
-    Classes for torch.nn's own types with default attrs are also module globals, so a patched model
-    pickles (``torch.save(model)``); patched subclasses of user classes do not pickle -- save the
-    ``state_dict`` or ``unpatch`` first."""
+    Classes for torch.nn's own types are module globals, made when this module is imported, so a
+    patched model pickles and loads in another process (``torch.save(model)``); patched subclasses of
+    user classes do not pickle -- save the ``state_dict`` or ``unpatch`` first."""
     key = (original, mixin, tuple(sorted(attrs.items())))
     if key not in _CLASSES:
         name = "Kernels" + original.__name__ + "".join(f"_{k.removeprefix('_kernels_')}_{v}" for k, v in key[2])
@@ -629,7 +631,7 @@ def _rms_norm_rule(m, opts: Options):
         return Leave(f"{type(m).__name__} overrides nn.RMSNorm.forward: equivalence cannot be proven")
     if not opts.layer_norm:
         return Leave("layer_norm=False")
-    if _kernels_attr("rms_norm") is None:
+    if kernels_attr("rms_norm") is None:
         return Leave("the installed kernels have no rms_norm yet")
     return Replace(_rms_norm_mixin(), "kernels.rms_norm with the same weight and eps")
 
@@ -637,10 +639,10 @@ def _rms_norm_rule(m, opts: Options):
 @functools.lru_cache(maxsize=None)
 def _rms_norm_mixin() -> type:
     """_RMSNormMixin, made a kernels.RMSNorm subclass too once the installed kernels have that class."""
-    kernels_rms = _kernels_attr("RMSNorm")
+    kernels_rms = kernels_attr("RMSNorm")
     if kernels_rms is None:
         return _RMSNormMixin
-    return type("_RMSNormMixin", (_RMSNormMixin, kernels_rms), {"__module__": __name__})
+    return type("_KernelsRMSNormMixin", (_RMSNormMixin, kernels_rms), {"__module__": __name__})
 
 
 def _mha_rule(m, opts: Options):
@@ -889,3 +891,18 @@ def unpatch(model: nn.Module) -> list[str]:
     for hook in UNPATCH_HOOKS:
         restored += hook(model)
     return restored
+
+
+# The patched classes of torch.nn's own types exist from import on, so that pickle finds them as
+# kernels.patching.<name> when a saved patched model is loaded in a fresh process.
+for _original, _mixin, _attrs in (
+    (nn.LayerNorm, _LayerNormMixin, {}),
+    (nn.MultiheadAttention, _MultiheadAttentionMixin, {}),
+    (nn.TransformerEncoderLayer, _EncoderLayerMixin, {}),
+    (nn.TransformerEncoderLayer, _EncoderLayerMixin, {"_kernels_fuse_ffn": False}),
+    (nn.TransformerDecoderLayer, _DecoderLayerMixin, {}),
+    (nn.Sequential, _SequentialMLPMixin, {}),
+    *(((nn.RMSNorm, _rms_norm_mixin(), {}),) if hasattr(nn, "RMSNorm") else ()),
+):
+    patched_class(_original, _mixin, **_attrs)
+del _original, _mixin, _attrs

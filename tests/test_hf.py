@@ -103,6 +103,33 @@ def test_llama_padded_batch_gqa(device, launches):
                     {"attn_implementation='sdpa'": 1, "transformers.LlamaRMSNorm": 5, "transformers.LlamaMLP": 2})
 
 
+def test_generate_with_kv_cache(device, launches):
+    """Greedy decoding: prefill with a padding mask, then one query against the cache per step."""
+    torch.manual_seed(0)
+    model = llama().to(device).eval()
+    ref = copy.deepcopy(model)
+    hf.apply_kernels(model)
+    inputs = tokens(device, batch=2, seqlen=5)
+    inputs["attention_mask"][0, :2] = 0  # left padding, as generation pads
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    with launches("attention_fwd", 2 * 4):
+        out = model.generate(**inputs, **kwargs)
+    out_ref = ref.generate(**inputs, **kwargs)
+    assert torch.equal(out.sequences, out_ref.sequences)
+    for step, (s, s_ref) in enumerate(zip(out.scores, out_ref.scores)):
+        assert_match(s, s_ref, f"scores of step {step}")
+
+
+def test_applying_twice_changes_nothing_more(device):
+    model = gpt2().to(device)
+    first = hf.apply_kernels(model)
+    second = hf.apply_kernels(model)
+    assert len(first.replaced) == 8 and second.replaced == []
+    reasons = {e.reason for e in second.left_alone}
+    assert "already uses kernels' attention" in reasons and "already patched" in reasons
+    assert len(unpatch(model)) == 8
+
+
 def test_entry_points_check_the_model_type(device):
     with pytest.raises(ValueError, match="model_type"):
         hf.apply_kernels_to_llama(gpt2())

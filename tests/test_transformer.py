@@ -240,3 +240,66 @@ def test_bad_backend_or_inputs_raise():
         model(tokens(2, 5), tokens(3, 5))
     with pytest.raises(TypeError, match="int64"):
         model(torch.rand(2, 5), tokens(2, 5))
+
+
+# --- presets, pre-norm, learned positions, padding, incremental decoding -----------------------------
+def test_presets():
+    from transformer import PRESETS, from_preset
+
+    base = from_preset("base")
+    assert (base.d_model, base.num_heads, base.d_ff, base.num_encoder_layers, base.dropout) == (512, 8, 2048, 6, 0.1)
+    big = from_preset("big", vocab_size=1000)
+    assert (big.d_model, big.num_heads, big.d_ff, big.dropout, big.vocab_size) == (1024, 16, 4096, 0.3, 1000)
+    assert {"base", "big", "small", "tiny"} <= set(PRESETS)
+    with pytest.raises(ValueError, match="unknown preset"):
+        from_preset("huge")
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("positional", ["sinusoidal", "learned"])
+def test_variants_match_across_backends(device, norm_first, positional):
+    config = tiny_config(norm_first=norm_first, positional=positional)
+    model = perturb_(Transformer(config)).to(device).eval()
+    if norm_first:
+        assert model.encoder.final_norm is not None and model.decoder.final_norm is not None
+    assert_backends_match(model, (tokens(2, 9, device), tokens(2, 13, device)))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_key_padding_masks(backend, device):
+    """A padded row gives what the unpadded sequence gives alone, with explicit masks or config.pad_id."""
+    pad = 0
+    model = perturb_(Transformer(tiny_config(backend=backend, pad_id=pad))).to(device).eval()
+    src, tgt = torch.randint(1, VOCAB, (2, 9), device=device), torch.randint(1, VOCAB, (2, 7), device=device)
+    src[1, 6:] = pad
+    tgt[1, 5:] = pad
+    padded = model(src, tgt)
+    alone = model(src[1:, :6], tgt[1:, :5])
+    assert rel_err(padded[1:, :5], alone) < 1e-5
+    explicit = model.set_backend(backend)(src, tgt, src_key_padding_mask=src != pad, tgt_key_padding_mask=tgt != pad)
+    torch.testing.assert_close(explicit, padded)
+    lm = perturb_(TransformerLM(tiny_config(backend=backend, pad_id=pad))).to(device).eval()
+    seq = torch.randint(1, VOCAB, (2, 8), device=device)
+    seq[0, 5:] = pad
+    assert rel_err(lm(seq)[0, :5], lm(seq[:1, :5])[0]) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_incremental_decoding_equals_full_recompute(backend, norm_first, device):
+    """With the KV cache each step feeds only the new tokens (a prompt chunk, then one at a time);
+    the logits equal the full forward's (the triton backend runs flash_attn_with_kvcache)."""
+    config = tiny_config(backend=backend, norm_first=norm_first)
+    lm = perturb_(TransformerLM(config)).to(device).eval()
+    seq = tokens(2, 11, device)
+    cache = lm.init_cache(2, config.max_len)
+    steps = [lm(seq[:, :5], cache=cache)] + [lm(seq[:, t:t + 1], cache=cache) for t in range(5, 11)]
+    assert rel_err(torch.cat(steps, dim=1), lm(seq)) < 1e-5
+    model = perturb_(Transformer(config)).to(device).eval()
+    src, tgt = tokens(2, 9, device), tokens(2, 6, device)
+    memory = model.encode(src)
+    cache = model.init_cache(memory, config.max_len)
+    steps = [model.decode(tgt[:, t:t + 1], memory, cache=cache) for t in range(6)]
+    assert rel_err(torch.cat(steps, dim=1), model(src, tgt)) < 1e-5
+    if backend == "triton":
+        assert kernels.last_path("attention") == "triton"

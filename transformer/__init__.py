@@ -9,11 +9,12 @@ and FFN either on the fused Triton kernels (``backend="triton"``) or on ``torch.
     logits = model(src, tgt)                             # (batch, seqlen_tgt, vocab_size)
 """
 
-from .config import BACKENDS, TransformerConfig
+from .config import BACKENDS, PRESETS, TransformerConfig, from_preset
 from .layers import (
     DecoderLayer,
     EncoderLayer,
     FeedForward,
+    KVCache,
     LayerNorm,
     MultiHeadAttention,
     PositionalEncoding,
@@ -24,7 +25,10 @@ from .training import compute_loss, copy_task_batch, train_step
 
 __all__ = [
     "BACKENDS",
+    "PRESETS",
     "TransformerConfig",
+    "from_preset",
+    "KVCache",
     "Transformer",
     "TransformerLM",
     "Encoder",

@@ -6,6 +6,8 @@ import dataclasses
 
 BACKENDS = ("triton", "torch")
 ACTIVATIONS = ("relu", "gelu")
+POSITIONALS = ("sinusoidal", "learned")
+BYTE_VOCAB_SIZE = 259  # 256 byte values + PAD, BOS, EOS (transformer/data.py)
 
 
 def check_backend(backend: str) -> str:
@@ -35,6 +37,14 @@ class TransformerConfig:
         activation: FFN activation, ``"relu"`` (the paper) or ``"gelu"``.
         backend: ``"triton"`` (the fused kernels of ``kernels/``) or ``"torch"`` (``torch.nn.functional``).
         layer_norm_eps: the ``eps`` of every LayerNorm.
+        norm_first: pre-norm, ``x + Sublayer(LayerNorm(x))`` with a final LayerNorm per stack (Xiong et
+            al., 2020), instead of the paper's post-norm ``LayerNorm(x + Sublayer(x))``.
+        positional: ``"sinusoidal"`` (Sec. 3.5) or ``"learned"`` position embeddings (the paper's Table 3,
+            row E, compares them).
+        pad_id: token id of padding; when set, ``pad_id`` keys are masked out of every attention.
+
+    Presets (:meth:`from_preset`): the paper's ``"base"`` and ``"big"`` (Table 3), and ``"small"`` and
+    ``"tiny"``, which train on a CPU.
     """
 
     vocab_size: int
@@ -48,6 +58,17 @@ class TransformerConfig:
     activation: str = "relu"
     backend: str = "triton"
     layer_norm_eps: float = 1e-5
+    norm_first: bool = False
+    positional: str = "sinusoidal"
+    pad_id: int | None = None
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "TransformerConfig":
+        """A preset's config with ``overrides`` (e.g. ``vocab_size=...``). Raises ``ValueError`` for an
+        unknown name; the names are in :data:`PRESETS`."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; expected one of {tuple(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "num_heads", "d_ff", "max_len"):
@@ -63,6 +84,10 @@ class TransformerConfig:
         check_backend(self.backend)
         if not self.layer_norm_eps > 0:
             raise ValueError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps}")
+        if self.positional not in POSITIONALS:
+            raise ValueError(f"unknown positional {self.positional!r}; expected one of {POSITIONALS}")
+        if self.pad_id is not None and not (isinstance(self.pad_id, int) and 0 <= self.pad_id < self.vocab_size):
+            raise ValueError(f"pad_id must be None or an int in [0, {self.vocab_size}), got {self.pad_id!r}")
 
     @property
     def head_dim(self) -> int:
@@ -73,3 +98,22 @@ class TransformerConfig:
 def _check_int(name: str, value, *, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+# The paper's base and big models (Table 3; big: dropout 0.3 for EN-DE), with its 37000-token shared
+# vocabulary; "small" and "tiny" are byte-level models that train on a CPU in minutes and seconds.
+PRESETS: dict[str, dict] = {
+    "base": dict(vocab_size=37000, d_model=512, num_heads=8, d_ff=2048, num_encoder_layers=6, num_decoder_layers=6,
+                 dropout=0.1),
+    "big": dict(vocab_size=37000, d_model=1024, num_heads=16, d_ff=4096, num_encoder_layers=6, num_decoder_layers=6,
+                dropout=0.3),
+    "small": dict(vocab_size=BYTE_VOCAB_SIZE, d_model=256, num_heads=4, d_ff=1024, num_encoder_layers=3,
+                  num_decoder_layers=3, dropout=0.1, max_len=512),
+    "tiny": dict(vocab_size=BYTE_VOCAB_SIZE, d_model=64, num_heads=2, d_ff=256, num_encoder_layers=2,
+                 num_decoder_layers=2, dropout=0.0, max_len=256),
+}
+
+
+def from_preset(name: str, **overrides) -> TransformerConfig:
+    """Shorthand for :meth:`TransformerConfig.from_preset`."""
+    return TransformerConfig.from_preset(name, **overrides)

@@ -1,12 +1,15 @@
 """The Transformer of "Attention Is All You Need" (Vaswani et al., 2017): encoder-decoder and decoder-only.
 
-Both models embed tokens with one shared matrix scaled by sqrt(d_model) (Sec. 3.4), add the sinusoidal
-positional encoding (Sec. 3.5) and dropout (Sec. 5.4), run post-norm layers (Sec. 3.1), and project
-back to the vocabulary with the same embedding matrix (tied output projection, Sec. 3.4). The output
-is logits ``(batch, seqlen, vocab_size)``; the softmax belongs to the loss.
+Both models embed tokens with one shared matrix scaled by sqrt(d_model) (Sec. 3.4), add the positional
+encoding (Sec. 3.5; or learned positions), apply dropout (Sec. 5.4), run post-norm (the paper) or
+pre-norm layers (Sec. 3.1), and project back to the vocabulary with the same embedding matrix (tied
+output projection, Sec. 3.4). The output is logits ``(batch, seqlen, vocab_size)``; the softmax
+belongs to the loss.
 
-Not here yet: padding masks (every sequence in a batch has the same length; the Triton attention
-takes no ``attn_mask`` yet), beam search, a KV cache.
+Batches of different lengths: pass ``*_key_padding_mask`` (bool, True = a real token) or set
+``config.pad_id`` and the masks are derived from the tokens. Incremental decoding: :meth:`init_cache`
+allocates per-layer :class:`~transformer.layers.KVCache` s, after which each call with the cache
+processes only the new tokens (one query row per generated token).
 """
 
 from __future__ import annotations
@@ -19,34 +22,52 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import TransformerConfig
-from .layers import DecoderLayer, EncoderLayer, PositionalEncoding, set_backend
+from .layers import DecoderLayer, EncoderLayer, KVCache, LayerNorm, PositionalEncoding, set_backend
+
+
+def _key_mask(padding: torch.Tensor | None) -> torch.Tensor | None:
+    """(batch, seqlen_k) True-for-tokens -> (batch, 1, 1, seqlen_k), broadcast over heads and queries."""
+    return None if padding is None else padding[:, None, None, :]
+
+
+def _causal_mask(padding: torch.Tensor | None, seqlen: int) -> torch.Tensor | None:
+    """Causal and key padding combined, (batch, 1, seqlen, seqlen); None (use is_causal) without padding."""
+    if padding is None:
+        return None
+    causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=padding.device).tril()
+    return causal[None, None] & padding[:, None, None, :]
 
 
 class Encoder(nn.Module):
-    """``num_encoder_layers`` :class:`EncoderLayer` s (Sec. 3.1): ``(batch, seqlen_src, d_model)`` in and out."""
+    """``num_encoder_layers`` :class:`EncoderLayer` s (Sec. 3.1) [+ a final LayerNorm when pre-norm]:
+    ``(batch, seqlen_src, d_model)`` in and out."""
 
     def __init__(self, config: TransformerConfig):
         super().__init__()
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_encoder_layers))
+        self.final_norm = LayerNorm(config.d_model, config.layer_norm_eps, config.backend) if config.norm_first else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         for layer in self.layers:
-            x = layer(x)
-        return x
+            x = layer(x, attn_mask=attn_mask)
+        return x if self.final_norm is None else self.final_norm(x)
 
 
 class Decoder(nn.Module):
-    """``num_decoder_layers`` :class:`DecoderLayer` s (Sec. 3.1), each attending to the encoder output
-    ``memory`` ``(batch, seqlen_src, d_model)``; ``x`` is ``(batch, seqlen_tgt, d_model)`` in and out."""
+    """``num_decoder_layers`` :class:`DecoderLayer` s (Sec. 3.1) [+ a final LayerNorm when pre-norm], each
+    attending to the encoder output ``memory`` ``(batch, seqlen_src, d_model)``; ``x`` is
+    ``(batch, seqlen_tgt, d_model)`` in and out."""
 
     def __init__(self, config: TransformerConfig):
         super().__init__()
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_decoder_layers))
+        self.final_norm = LayerNorm(config.d_model, config.layer_norm_eps, config.backend) if config.norm_first else None
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            x = layer(x, memory)
-        return x
+    def forward(self, x, memory, *, self_mask=None, memory_mask=None, cache=None) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x, memory, self_mask=self_mask, memory_mask=memory_mask,
+                      cache=None if cache is None else cache[i])
+        return x if self.final_norm is None else self.final_norm(x)
 
 
 class _TransformerBase(nn.Module):
@@ -56,7 +77,7 @@ class _TransformerBase(nn.Module):
         super().__init__()
         self.config = config
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
-        self.positional_encoding = PositionalEncoding(config.d_model, config.max_len)
+        self.positional_encoding = PositionalEncoding(config.d_model, config.max_len, config.positional)
         self.dropout = nn.Dropout(config.dropout)
 
     @property
@@ -83,22 +104,36 @@ class _TransformerBase(nn.Module):
                 nn.init.zeros_(module.bias)
         nn.init.normal_(self.embedding.weight, std=self.config.d_model ** -0.5)
 
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+    def embed(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """``Dropout(Embedding(tokens) * sqrt(d_model) + PE)`` (Sec. 3.4, 3.5, 5.4).
 
-        ``tokens``: ``(batch, seqlen)`` int64 (or int32) ids in ``[0, vocab_size)``, ``seqlen <= max_len``.
-        Returns ``(batch, seqlen, d_model)`` in the parameters' dtype. Raises ``TypeError`` for a
-        non-integer tensor, ``ValueError`` for another shape or an id out of range (that check reads
-        the ids' min and max, one device sync per call).
+        ``tokens``: ``(batch, seqlen)`` int64 (or int32) ids in ``[0, vocab_size)``. ``positions``: the
+        tokens' positions ``(batch, seqlen)``, ``0..seqlen-1`` by default. Returns ``(batch, seqlen,
+        d_model)`` in the parameters' dtype. Raises ``TypeError`` for a non-integer tensor, ``ValueError``
+        for another shape, an id out of range or a position beyond ``max_len`` (one device sync).
         """
         self._check_tokens(tokens)
         x = self.embedding(tokens) * math.sqrt(self.config.d_model)
-        return self.dropout(self.positional_encoding(x))
+        return self.dropout(self.positional_encoding(x, positions))
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``x @ embedding.weight^T``, ``(..., d_model) -> (..., vocab_size)``: the output
         projection shares the embedding matrix (Sec. 3.4), so it has no parameter of its own."""
         return F.linear(x, self.embedding.weight)
+
+    def padding_mask(self, tokens: torch.Tensor, given: torch.Tensor | None) -> torch.Tensor | None:
+        """The (batch, seqlen) True-for-tokens mask: ``given``, else derived from ``config.pad_id``."""
+        if given is not None:
+            if given.dtype != torch.bool or given.shape != tokens.shape:
+                raise ValueError(f"a key padding mask must be bool of the tokens' shape {tuple(tokens.shape)}, "
+                                 f"got {given.dtype} {tuple(given.shape)}")
+            return given
+        return None if self.config.pad_id is None else tokens != self.config.pad_id
+
+    def _new_cache(self, batch: int, max_len: int, device=None, dtype=None) -> KVCache:
+        c = self.config
+        return KVCache.empty(batch, max_len, c.num_heads, c.d_model // c.num_heads,
+                             device=device or self.embedding.weight.device, dtype=dtype or self.embedding.weight.dtype)
 
     def _check_tokens(self, tokens: torch.Tensor) -> None:
         if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int64, torch.int32):
@@ -117,7 +152,8 @@ class Transformer(_TransformerBase):
 
     ``model(src, tgt)`` returns next-token logits ``(batch, seqlen_tgt, vocab_size)`` for every target
     position (teacher forcing: position i sees ``tgt[:, :i+1]`` and all of ``src``). Parameters:
-    ``embedding``, ``encoder.layers.*``, ``decoder.layers.*``; the output projection is ``embedding``.
+    ``embedding``, ``encoder.layers.*``, ``decoder.layers.*`` (and ``*.final_norm`` when pre-norm); the
+    output projection is ``embedding``.
 
     Args:
         config: sizes and options; ``config.backend`` picks the ops (switch later with :meth:`set_backend`).
@@ -129,21 +165,47 @@ class Transformer(_TransformerBase):
         self.decoder = Decoder(config)
         self.reset_parameters()
 
-    def encode(self, src: torch.Tensor) -> torch.Tensor:
+    def encode(self, src: torch.Tensor, src_key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Source ids ``(batch, seqlen_src)`` -> encoder output ("memory") ``(batch, seqlen_src, d_model)``."""
-        return self.encoder(self.embed(src))
+        padding = self.padding_mask(src, src_key_padding_mask)
+        return self.encoder(self.embed(src), attn_mask=_key_mask(padding))
 
-    def decode(self, tgt: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+    def decode(self, tgt, memory, *, src_key_padding_mask=None, tgt_key_padding_mask=None, src=None,
+               cache=None, positions=None) -> torch.Tensor:
         """Target ids ``(batch, seqlen_tgt)`` and memory ``(batch, seqlen_src, d_model)`` -> logits
-        ``(batch, seqlen_tgt, vocab_size)``."""
-        return self.project(self.decoder(self.embed(tgt), memory))
+        ``(batch, seqlen_tgt, vocab_size)``. ``src`` (the source ids) lets ``config.pad_id`` derive the
+        source padding. With ``cache`` (from :meth:`init_cache`), ``tgt`` holds only the new tokens at
+        ``positions`` (default: right after what the cache holds)."""
+        memory_padding = src_key_padding_mask if src is None else self.padding_mask(src, src_key_padding_mask)
+        if cache is not None:
+            positions = _next_positions(cache[0][0], tgt.shape[1]) if positions is None else positions
+            return self.project(self.decoder(self.embed(tgt, positions), memory, cache=cache))
+        padding = self.padding_mask(tgt, tgt_key_padding_mask)
+        x = self.decoder(self.embed(tgt), memory, self_mask=_causal_mask(padding, tgt.shape[1]),
+                         memory_mask=_key_mask(memory_padding))
+        return self.project(x)
 
-    def forward(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor, src_key_padding_mask: torch.Tensor | None = None,
+                tgt_key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``(batch, seqlen_tgt, vocab_size)`` for source ``src`` ``(batch, seqlen_src)`` and target
-        input ``tgt`` ``(batch, seqlen_tgt)``; the lengths may differ, the batch sizes may not."""
+        input ``tgt`` ``(batch, seqlen_tgt)``; the lengths may differ, the batch sizes may not. The
+        padding masks are bool ``(batch, seqlen)``, True for real tokens (or derived from ``config.pad_id``)."""
         if src.shape[0] != tgt.shape[0]:
             raise ValueError(f"src and tgt must have the same batch size, got {src.shape[0]} and {tgt.shape[0]}")
-        return self.decode(tgt, self.encode(src))
+        memory = self.encode(src, src_key_padding_mask)
+        return self.decode(tgt, memory, src_key_padding_mask=src_key_padding_mask,
+                           tgt_key_padding_mask=tgt_key_padding_mask, src=src)
+
+    def init_cache(self, memory: torch.Tensor, max_len: int, src_lengths: torch.Tensor | None = None):
+        """Per decoder layer, a (self-attention, cross-attention) :class:`KVCache` pair for decoding up to
+        ``max_len`` target tokens against ``memory`` ``(batch, seqlen_src, d_model)``; ``src_lengths``
+        (int, per row) limits the source tokens attended (default: all)."""
+        batch, seqlen_src = memory.shape[:2]
+        lengths = torch.full((batch,), seqlen_src, dtype=torch.int32, device=memory.device) \
+            if src_lengths is None else src_lengths.to(torch.int32)
+        empty = memory.new_empty(0)
+        return [(self._new_cache(batch, max_len), KVCache(empty, empty, lengths, static=True))
+                for _ in self.decoder.layers]
 
 
 class TransformerLM(_TransformerBase):
@@ -159,11 +221,32 @@ class TransformerLM(_TransformerBase):
     def __init__(self, config: TransformerConfig):
         super().__init__(config)
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_decoder_layers))
+        self.final_norm = LayerNorm(config.d_model, config.layer_norm_eps, config.backend) if config.norm_first else None
         self.reset_parameters()
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Token ids ``(batch, seqlen)`` -> logits ``(batch, seqlen, vocab_size)``."""
-        x = self.embed(tokens)
-        for layer in self.layers:
-            x = layer(x, is_causal=True)
-        return self.project(x)
+    def forward(self, tokens: torch.Tensor, key_padding_mask: torch.Tensor | None = None, *, cache=None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids ``(batch, seqlen)`` -> logits ``(batch, seqlen, vocab_size)``. With ``cache`` (from
+        :meth:`init_cache`), ``tokens`` are only the new ones, at ``positions`` (default: right after
+        what the cache holds)."""
+        if cache is not None:
+            positions = _next_positions(cache[0], tokens.shape[1]) if positions is None else positions
+            x = self.embed(tokens, positions)
+            for layer, layer_cache in zip(self.layers, cache):
+                x = layer(x, cache=layer_cache)
+        else:
+            padding = self.padding_mask(tokens, key_padding_mask)
+            mask = _causal_mask(padding, tokens.shape[1])
+            x = self.embed(tokens)
+            for layer in self.layers:
+                x = layer(x, is_causal=mask is None, attn_mask=mask)
+        return self.project(x if self.final_norm is None else self.final_norm(x))
+
+    def init_cache(self, batch: int, max_len: int) -> list[KVCache]:
+        """One self-attention :class:`KVCache` per layer, for decoding up to ``max_len`` tokens."""
+        return [self._new_cache(batch, max_len) for _ in self.layers]
+
+
+def _next_positions(cache: KVCache, new_tokens: int) -> torch.Tensor:
+    """Positions ``(batch, new_tokens)`` of tokens appended to ``cache``."""
+    return cache.lengths[:, None].long() + torch.arange(new_tokens, device=cache.lengths.device)

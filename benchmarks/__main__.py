@@ -1,7 +1,8 @@
 """Command line: ``python -m benchmarks [SUITE ...] [--quick] [--out DIR] [--device cpu|cuda]``.
 
-Runs the named suites (default: ``table1``), writes each one's report (Markdown, JSON, PNG) into the
-output folder, and prints the folder's path as the last line of output.
+Runs the named suites (default: ``table1``; also ``attention``, the attention cost profiler, and
+``kernels``, each kernel against PyTorch eager and torch.compile), writes each one's report (Markdown,
+JSON, CSV, PNG) into the output folder, and prints the folder's path as the last line of output.
 """
 
 from __future__ import annotations
@@ -52,7 +53,34 @@ def _summarize(results: dict) -> None:
           f"{at['conv']} (conv), {at['conv_dilated']} (dilated conv)")
 
 
-SUITES: dict[str, Callable[[argparse.Namespace, Path, list[str]], list[Path]]] = {"table1": run_table1}
+def _run_kernel_suite(module_name: str, writer_name: str):
+    """A runner for the ``attention`` / ``kernels`` suites: run, attach provenance, write the report."""
+
+    def runner(args: argparse.Namespace, out_dir: Path, argv: list[str]) -> list[Path]:
+        import importlib
+
+        from . import suite_report
+        from .environment import environment, load_average
+
+        module = importlib.import_module(f"benchmarks.{module_name}")
+        started, load_at_start = time.perf_counter(), load_average()
+        cfg = module.Config.for_device(args.device, quick=args.quick)
+        results = module.run(cfg, device=args.device, progress=not args.no_progress)
+        results.update(quick=args.quick, environment=environment(argv, load_at_start),
+                       wall_time_s=time.perf_counter() - started)
+        written = getattr(suite_report, writer_name)(results, out_dir)
+        print(f"{module_name}: {results['wall_time_s']:.0f} s on {args.device}; report in {out_dir}")
+        return written
+
+    runner.__doc__ = f"Suite ``{module_name}`` (see benchmarks.{module_name})."
+    return runner
+
+
+SUITES: dict[str, Callable[[argparse.Namespace, Path, list[str]], list[Path]]] = {
+    "table1": run_table1,
+    "attention": _run_kernel_suite("attention_cost", "write_attention"),
+    "kernels": _run_kernel_suite("kernels_suite", "write_kernels"),
+}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -1,0 +1,234 @@
+"""Suite ``kernels``: each fused kernel against PyTorch eager and ``torch.compile`` in the same run.
+
+* LayerNorm forward + backward over hidden sizes and row counts, in GB/s (bytes: x and y forward; x,
+  dy and dx backward) and as a share of the copy bandwidth this run measured;
+* the FFN forward + backward over d_model (d_ff = 4 d_model), in TFLOP/s (12 tokens d_model d_ff) and as
+  a share of the measured matmul rate, with the activation memory each keeps for its backward; ours
+  both with fused Triton products and on cuBLAS with one fused elementwise kernel;
+* attention forward + backward at the paper-scale shapes of the GPU targets, in TFLOP/s;
+* a training step of the paper's base Transformer (forward, loss, backward, Adam) in tokens/s.
+
+Our kernels are timed on CUDA only (on a CPU they would run in Triton's interpreter); the CPU run
+times the PyTorch peers at small sizes, which keeps the suite itself tested.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import kernels
+
+from .attention_cost import attention_flops
+from .measure import device_limits, is_oom, time_fn
+
+NOT_ON_CPU = "not timed: no CUDA device (on a CPU the kernels run in Triton's interpreter)"
+
+
+@dataclass(frozen=True)
+class Config:
+    layer_norm_rows: tuple[int, ...] = (1024, 4096, 16384)
+    layer_norm_widths: tuple[int, ...] = (1024, 2048, 4096, 8192, 16384)
+    ffn_widths: tuple[int, ...] = (1024, 2048, 4096)
+    ffn_tokens: int = 8192
+    ffn_activations: tuple[str, ...] = ("relu", "gelu_tanh", "swiglu")
+    attention_shapes: tuple[tuple[int, int, int, int, bool], ...] = (  # batch, heads, seqlen, head_dim, causal
+        (2, 16, 8192, 128, True), (2, 32, 8192, 64, False), (1, 16, 131072, 128, True))
+    step_batch: tuple[int, int] = (32, 256)  # sentences x tokens per training step
+    dtype: str = "bfloat16"
+    compile_peers: bool = True
+
+    @classmethod
+    def for_device(cls, device: str, quick: bool = False, **overrides) -> "Config":
+        if device == "cuda":
+            base = dict(layer_norm_rows=(4096,), layer_norm_widths=(4096,), ffn_widths=(1024,),
+                        attention_shapes=((2, 16, 2048, 128, True),)) if quick else {}
+        else:
+            base = dict(layer_norm_rows=(256,), layer_norm_widths=(512, 2048), ffn_widths=(128,), ffn_tokens=256,
+                        ffn_activations=("relu", "swiglu"), attention_shapes=((1, 4, 256, 64, True),),
+                        step_batch=(4, 32), dtype="float32", compile_peers=not quick)
+            if quick:
+                base.update(layer_norm_widths=(512,))
+        return cls(**{**base, **overrides})
+
+
+def _timed(label, fn, device, **info) -> dict:
+    """{peer, status, time} for one peer; failures and out-of-memory are reported, not raised."""
+    row = dict(peer=label, **info)
+    if fn is None:
+        return {**row, "status": NOT_ON_CPU}
+    try:
+        row.update(time=time_fn(fn, device), status="measured")
+    except Exception as error:  # noqa: BLE001
+        row["status"] = "out of memory" if is_oom(error) else f"failed: {type(error).__name__}: {error}"[:200]
+    return row
+
+
+def _compiled(fn, cfg: Config):
+    return torch.compile(fn) if cfg.compile_peers else None
+
+
+# --------------------------------------------------------------------------------------------------
+def layer_norm_rows(cfg: Config, device: str, dtype, limits: dict) -> list[dict]:
+    rows = []
+    for m in cfg.layer_norm_rows:
+        for n in cfg.layer_norm_widths:
+            x = torch.randn(m, n, device=device, dtype=dtype, requires_grad=True)
+            w, b = torch.ones(n, device=device, dtype=dtype, requires_grad=True), torch.zeros(n, device=device, dtype=dtype, requires_grad=True)
+            dy = torch.randn_like(x)
+
+            def step(norm):
+                return lambda: norm(x, (n,), w, b).backward(dy)
+
+            nbytes = 5 * m * n * x.element_size()
+            peers = {"ours (Triton)": step(kernels.layer_norm) if device == "cuda" else None,
+                     "torch eager": step(F.layer_norm)}
+            compiled = _compiled(F.layer_norm, cfg)
+            if compiled is not None:
+                peers["torch.compile"] = step(compiled)
+            for label, fn in peers.items():
+                row = _timed(label, fn, device, rows=m, width=n, bytes=nbytes)
+                if row["status"] == "measured":
+                    row["gb_per_s"] = nbytes / row["time"]["median_s"] / 1e9
+                    row["pct_of_copy_bandwidth"] = 100 * row["gb_per_s"] / limits["copy_gb_per_s"]
+                rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+def _eager_ffn(activation):
+    act = {"relu": F.relu, "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"), "silu": F.silu}
+
+    def run(x, w1, b1, w2, b2, wg):
+        if activation == "swiglu":
+            return F.linear(F.silu(F.linear(x, wg)) * F.linear(x, w1, b1), w2, b2)
+        return F.linear(act[activation](F.linear(x, w1, b1)), w2, b2)
+
+    return run
+
+
+def _saved_bytes(fn, exclude) -> int:
+    """Bytes of the tensors autograd keeps for the backward, not counting the inputs and weights."""
+    known = {t.data_ptr() for t in exclude if t is not None}
+    total = []
+
+    def pack(t):
+        if t.data_ptr() not in known:
+            total.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(total)
+
+
+def ffn_rows(cfg: Config, device: str, dtype, limits: dict) -> list[dict]:
+    rows = []
+    for d_model in cfg.ffn_widths:
+        d_ff, tokens = 4 * d_model, cfg.ffn_tokens
+        for activation in cfg.ffn_activations:
+            gated = activation == "swiglu"
+            make = lambda *s: (torch.randn(*s, device=device, dtype=dtype) / s[-1] ** 0.5).requires_grad_()  # noqa: E731
+            x, w1, w2 = make(tokens, d_model), make(d_ff, d_model), make(d_model, d_ff)
+            b1, b2 = make(d_ff), make(d_model)
+            wg = make(d_ff, d_model) if gated else None
+            dy = torch.randn(tokens, d_model, device=device, dtype=dtype)
+            flops = (3 if gated else 2) * 2 * tokens * d_model * d_ff * 3  # forward + backward (2x forward)
+
+            def ours(gemm):
+                return lambda: kernels.ffn(x, w1, b1, w2, b2, activation, weight_gate=wg, gemm=gemm)
+
+            eager = _eager_ffn(activation)
+            variants = {"ours (fused Triton GEMMs)": ours("triton") if device == "cuda" else None,
+                        "ours (cuBLAS + fused elementwise)": ours("torch") if device == "cuda" else None,
+                        "ours, recompute": (lambda: kernels.ffn(x, w1, b1, w2, b2, activation, weight_gate=wg,
+                                                                recompute=True)) if device == "cuda" else None,
+                        "torch eager": lambda: eager(x, w1, b1, w2, b2, wg)}
+            compiled = _compiled(eager, cfg)
+            if compiled is not None:
+                variants["torch.compile"] = lambda: compiled(x, w1, b1, w2, b2, wg)
+            for label, forward in variants.items():
+                step = None if forward is None else (lambda forward=forward: forward().backward(dy))
+                row = _timed(label, step, device, d_model=d_model, d_ff=d_ff, tokens=tokens, activation=activation,
+                             flops=flops)
+                if row["status"] == "measured":
+                    row["tflop_per_s"] = flops / row["time"]["median_s"] / 1e12
+                    row["pct_of_matmul_peak"] = 100 * row["tflop_per_s"] / limits["matmul_tflop_per_s"]
+                    row["activation_bytes"] = _saved_bytes(forward, (x, w1, b1, w2, b2, wg))
+                rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+def attention_rows(cfg: Config, device: str, dtype, limits: dict) -> list[dict]:
+    rows = []
+    for batch, heads, seqlen, head_dim, causal in cfg.attention_shapes:
+        q, k, v = (torch.randn(batch, heads, seqlen, head_dim, device=device, dtype=dtype, requires_grad=True)
+                   for _ in range(3))
+        dout = torch.randn_like(q)
+        flops = 3.5 * attention_flops(batch, heads, seqlen, head_dim, causal)  # forward + 2.5x backward
+        sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
+        variants = {"ours (Triton)": (lambda q, k, v: kernels.scaled_dot_product_attention(q, k, v, is_causal=causal))
+                    if device == "cuda" else None,
+                    "torch SDPA (default backend)": sdpa}
+        compiled = _compiled(sdpa, cfg)
+        if compiled is not None:
+            variants["torch.compile(SDPA)"] = compiled
+        for label, fn in variants.items():
+            step = None if fn is None else (lambda fn=fn: fn(q, k, v).backward(dout))
+            row = _timed(label, step, device, batch=batch, heads=heads, seqlen=seqlen, head_dim=head_dim,
+                         causal=causal, flops=flops)
+            if row["status"] == "measured":
+                row["tflop_per_s"] = flops / row["time"]["median_s"] / 1e12
+                row["pct_of_matmul_peak"] = 100 * row["tflop_per_s"] / limits["matmul_tflop_per_s"]
+            rows.append(row)
+        del q, k, v, dout
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+def training_step_rows(cfg: Config, device: str, dtype) -> list[dict]:
+    """Tokens/s of one optimizer step of the paper's base model (Vaswani et al., 2017, Table 3)."""
+    from transformer import Transformer, from_preset
+    from transformer.training import train_step
+
+    sentences, length = cfg.step_batch
+    rows = []
+    for label in ("ours (backend=triton)", "torch eager (backend=torch)", "torch.compile (backend=torch)"):
+        if label.startswith("ours") and device != "cuda":
+            rows.append(dict(peer=label, status=NOT_ON_CPU))
+            continue
+        if label.startswith("torch.compile") and not cfg.compile_peers:
+            continue
+        backend = "triton" if label.startswith("ours") else "torch"
+        config = from_preset("base", vocab_size=32000, backend=backend, max_len=max(length, 64),
+                             **({} if device == "cuda" else dict(d_model=128, num_heads=4, d_ff=512)))
+        model = Transformer(config).to(device=device, dtype=dtype)
+        if label.startswith("torch.compile"):
+            model = torch.compile(model)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9)
+        src = torch.randint(0, 32000, (sentences, length), device=device)
+        tgt = torch.randint(0, 32000, (sentences, length + 1), device=device)
+        row = _timed(label, lambda: train_step(model, (src, tgt), optimizer, label_smoothing=0.1), device,
+                     sentences=sentences, length=length, d_model=config.d_model)
+        if row["status"] == "measured":
+            row["tokens_per_s"] = 2 * sentences * length / row["time"]["median_s"]
+        rows.append(row)
+        del model, optimizer
+    return rows
+
+
+def run(cfg: Config, device: str, progress: bool = True) -> dict:
+    dtype = getattr(torch, cfg.dtype)
+    limits = device_limits(device, dtype)
+    sections = {}
+    for name, fn in tqdm((("layer_norm", lambda: layer_norm_rows(cfg, device, dtype, limits)),
+                          ("ffn", lambda: ffn_rows(cfg, device, dtype, limits)),
+                          ("attention", lambda: attention_rows(cfg, device, dtype, limits)),
+                          ("training_step", lambda: training_step_rows(cfg, device, dtype))),
+                         desc="kernels", disable=not progress, unit="section"):
+        sections[name] = fn()
+    return {"suite": "kernels", "config": {**asdict(cfg), "device": device}, "device_limits": limits, **sections}

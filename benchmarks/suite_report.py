@@ -1,0 +1,169 @@
+"""Reports of the ``attention`` and ``kernels`` suites: ``results.json``, ``results.csv``, ``report.md``, PNGs.
+
+Every number in the Markdown comes from the run's results; rows that were not measured say why.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _fmt(x, digits=3) -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, float):
+        return f"{x:.{digits}g}"
+    return str(x)
+
+
+def _ms(row: dict, key: str) -> str:
+    t = row.get(key)
+    return "—" if t is None else f"{t['median_s'] * 1e3:.3g} ({t['p25_s'] * 1e3:.3g}–{t['p75_s'] * 1e3:.3g})"
+
+
+def _mib(x) -> str:
+    return "—" if x is None else f"{x / 2**20:.4g}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                     + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
+
+
+def _flat(row: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in row.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _write_csv(rows: list[dict], path: Path) -> None:
+    flat = [_flat(r) for r in rows]
+    fields = list(dict.fromkeys(k for r in flat for k in r))
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(flat)
+
+
+def _header(results: dict, title: str) -> list[str]:
+    env, limits = results["environment"], results["device_limits"]
+    return [f"# {title}", "",
+            f"{env['date_utc']}, {env['device_name']}, torch {env['versions']['torch']}, triton "
+            f"{env['versions']['triton']}, CUDA {(env['cuda'] or {}).get('cuda_runtime')}, driver "
+            f"{(env['cuda'] or {}).get('driver')}, commit {env['git']['commit']}"
+            f"{' (uncommitted changes)' if env['git']['dirty'] else ''}. Command: `{env['command']}`.", "",
+            f"Device limits measured by this run ({limits['dtype']}): copy {limits['copy_gb_per_s']:.4g} GB/s "
+            f"(bytes read + written), matmul {limits['matmul_tflop_per_s']:.4g} TFLOP/s "
+            f"({'x'.join(map(str, limits['matmul_shape']))}). Times are medians with the interquartile range.", ""]
+
+
+# --------------------------------------------------------------------------------------------------
+def write_attention(results: dict, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    rows = results["rows"]
+    check = results["flop_formula_check"]
+    lines = _header(results, "Attention cost versus sequence length") + [
+        f"FLOPs: forward 4·B·H·N²·d (halved when causal), backward 2.5× forward; torch.utils.flop_counter "
+        f"counted {check['counted']:.4g} where the formula gives {check['formula']:.4g} (ratio "
+        f"{check['ratio']:.3g}) on the math backend.", ""]
+    table = [[r["backend"], r["head_dim"], "yes" if r["causal"] else "no", r["seqlen"], r["batch"], r["heads"],
+              _ms(r, "forward"), _ms(r, "backward"), _fmt(r.get("tflop_per_s_forward")),
+              _fmt(r.get("tflop_per_s_backward")), _fmt(r.get("pct_of_matmul_peak_forward")),
+              _mib(r.get("peak_bytes_forward")), _mib(r.get("peak_bytes_forward_backward")), r["status"]]
+             for r in rows]
+    lines.append(_table(["backend", "head_dim", "causal", "seqlen", "batch", "heads", "forward ms",
+                         "backward ms", "fwd TFLOP/s", "bwd TFLOP/s", "fwd % of matmul peak", "peak MiB fwd",
+                         "peak MiB fwd+bwd", "status"], table))
+    lines += ["", "![time](attention_time.png)", "", "![memory](attention_memory.png)", ""]
+    (out / "report.md").write_text("\n".join(lines))
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    _write_csv(rows, out / "results.csv")
+    paths = [out / "report.md", out / "results.json", out / "results.csv"]
+    paths.append(_attention_plot(rows, "forward", out / "attention_time.png", "forward time (ms)"))
+    paths.append(_attention_plot(rows, "peak_bytes_forward_backward", out / "attention_memory.png",
+                                 "peak memory, forward + backward (MiB)"))
+    return paths
+
+
+def _attention_plot(rows: list[dict], key: str, path: Path, ylabel: str) -> Path:
+    panels = sorted({(r["head_dim"], r["causal"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (head_dim, causal) in zip(axes[0], panels):
+        for backend in dict.fromkeys(r["backend"] for r in rows):
+            pts = [(r["seqlen"], r[key]) for r in rows if r["backend"] == backend and r["head_dim"] == head_dim
+                   and r["causal"] == causal and r["status"] == "measured" and r.get(key) is not None]
+            if pts:
+                ys = [y["median_s"] * 1e3 if isinstance(y, dict) else y / 2**20 for _, y in pts]
+                ax.plot([x for x, _ in pts], ys, marker="o", label=backend)
+        ax.set(xscale="log", yscale="log", xlabel="sequence length", ylabel=ylabel,
+               title=f"head_dim {head_dim}, {'causal' if causal else 'not causal'}")
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+def write_kernels(results: dict, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    lines = _header(results, "Kernels against PyTorch eager and torch.compile")
+    ln = results["layer_norm"]
+    lines += ["## LayerNorm, forward + backward", "",
+              _table(["peer", "rows", "width", "ms", "GB/s", "% of copy bandwidth", "status"],
+                     [[r["peer"], r["rows"], r["width"], _ms(r, "time"), _fmt(r.get("gb_per_s")),
+                       _fmt(r.get("pct_of_copy_bandwidth")), r["status"]] for r in ln]), ""]
+    ffn = results["ffn"]
+    lines += ["## FFN, forward + backward (d_ff = 4 d_model)", "",
+              _table(["peer", "activation", "d_model", "tokens", "ms", "TFLOP/s", "% of matmul peak",
+                      "activation memory MiB", "status"],
+                     [[r["peer"], r["activation"], r["d_model"], r["tokens"], _ms(r, "time"), _fmt(r.get("tflop_per_s")),
+                       _fmt(r.get("pct_of_matmul_peak")), _mib(r.get("activation_bytes")), r["status"]] for r in ffn]), ""]
+    att = results["attention"]
+    lines += ["## Attention, forward + backward", "",
+              _table(["peer", "batch", "heads", "seqlen", "head_dim", "causal", "ms", "TFLOP/s", "% of matmul peak",
+                      "status"],
+                     [[r["peer"], r["batch"], r["heads"], r["seqlen"], r["head_dim"], r["causal"], _ms(r, "time"),
+                       _fmt(r.get("tflop_per_s")), _fmt(r.get("pct_of_matmul_peak")), r["status"]] for r in att]), ""]
+    step = results["training_step"]
+    lines += ["## Training step of the base Transformer (forward, label-smoothed loss, backward, Adam)", "",
+              _table(["peer", "sentences x length", "d_model", "ms", "tokens/s", "status"],
+                     [[r["peer"], f"{r.get('sentences', '—')} x {r.get('length', '—')}", r.get("d_model", "—"),
+                       _ms(r, "time"), _fmt(r.get("tokens_per_s")), r["status"]] for r in step]), ""]
+    lines += ["![layer norm](layer_norm.png)", ""]
+    (out / "report.md").write_text("\n".join(lines))
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    _write_csv([dict(section=s, **r) for s in ("layer_norm", "ffn", "attention", "training_step") for r in results[s]],
+               out / "results.csv")
+    return [out / "report.md", out / "results.json", out / "results.csv", _layer_norm_plot(ln, out / "layer_norm.png")]
+
+
+def _layer_norm_plot(rows: list[dict], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    rows_m = max(r["rows"] for r in rows)
+    for peer in dict.fromkeys(r["peer"] for r in rows):
+        pts = [(r["width"], r["gb_per_s"]) for r in rows if r["peer"] == peer and r["rows"] == rows_m
+               and r["status"] == "measured"]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=peer)
+    ax.set(xscale="log", xlabel="hidden size", ylabel="GB/s (forward + backward)",
+           title=f"LayerNorm, {rows_m} rows")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

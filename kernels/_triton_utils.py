@@ -64,3 +64,13 @@ def check_same(op: str, named: dict[str, torch.Tensor], *, dtype: bool = True) -
 def block_size(n: int, lo: int = 16) -> int:
     """The power of two that covers ``n`` (at least ``lo``: ``tl.dot`` needs 16 along each side)."""
     return max(lo, triton.next_power_of_2(n))
+
+
+def autocast_to(*tensors):
+    """Under ``torch.autocast``, the floating tensors cast to its dtype (as ``F.linear`` / SDPA would
+    see them there), so fp32 parameters mix with half-precision activations; otherwise unchanged."""
+    first = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
+    if first is None or not torch.is_autocast_enabled(first.device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(first.device.type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)

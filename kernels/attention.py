@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from . import dispatch
-from ._triton_utils import block_size, check_same, check_tensor, dot, dot_flags
+from ._triton_utils import autocast_to, block_size, check_same, check_tensor, dot, dot_flags
 
 # Globals read inside @triton.jit code must be constexpr to compile (the interpreter does not check).
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -937,6 +937,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         ValueError: mismatched shapes, devices or head counts; a mask that does not broadcast; attn_mask
         together with is_causal; dropout_p outside [0, 1].
 
+    Under ``torch.autocast``, query, key and value are cast to its dtype first, as torch's SDPA does.
+
     Where it runs: Triton on CUDA (and on CPU under ``TRITON_INTERPRET=1``); otherwise PyTorch. Three
     documented fallbacks to ``F.scaled_dot_product_attention``, with a warning and
     ``kernels.last_path("attention") == "torch"``: head_dim above 256, an ``attn_mask`` that requires
@@ -944,6 +946,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     2^31 elements or more.
     """
     op = "scaled_dot_product_attention"
+    query, key, value = autocast_to(query, key, value)
     check_qkv(op, query, key, value, heads_dim=-3, gqa=bool(enable_gqa), names=("query", "key", "value"))
     dropout_p = _check_dropout(op, dropout_p)
     mask = _check_sdpa_mask(attn_mask, query, key, is_causal)

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from . import dispatch
-from ._triton_utils import check_same, check_tensor, dot, dot_flags
+from ._triton_utils import autocast_to, check_same, check_tensor, dot, dot_flags
 
 PLAIN_ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 GATED_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh"}  # name -> the gate's activation
@@ -481,7 +481,11 @@ def ffn(input, weight1, bias1, weight2, bias2, activation="relu", *, weight_gate
     Raises:
         TypeError: non-tensor, unsupported or mixed dtypes. ValueError: shape mismatch, mixed devices,
         unknown activation or gemm, a gate given for a plain activation or missing for a gated one.
+
+    Under ``torch.autocast`` every tensor is first cast to the autocast dtype, as ``F.linear`` would.
     """
+    input, weight1, bias1, weight2, bias2, weight_gate, bias_gate, residual = autocast_to(
+        input, weight1, bias1, weight2, bias2, weight_gate, bias_gate, residual)
     _check_ffn_inputs(input, weight1, bias1, weight2, bias2, activation, weight_gate, bias_gate, residual, gemm)
     if not dispatch.triton_available_for(input):
         dispatch.record_path("ffn", "torch")

@@ -34,6 +34,7 @@ import math
 import torch
 
 from . import dispatch
+from ._triton_utils import autocast_to
 from .attention import MAX_HEAD_DIM, attention_op, attention_reference, check_qkv, dropout_keep_mask
 
 __all__ = [
@@ -164,6 +165,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         TypeError / ValueError for unsupported dtypes, shapes, head counts or options.
     """
     op = "flash_attn_func"
+    q, k, v = autocast_to(q, k, v)
     check_qkv(op, q, k, v, heads_dim=-2, gqa=True)
     if q.dim() != 4:
         raise ValueError(f"{op}: q must be (batch, seqlen, nheads, headdim), got shape {tuple(q.shape)}")
@@ -215,6 +217,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     op = "flash_attn_varlen_func"
     if block_table is not None:
         raise NotImplementedError(f"{op}: block_table (paged K/V) is not supported")
+    q, k, v = autocast_to(q, k, v)
     check_qkv(op, q, k, v, heads_dim=-2, gqa=True)
     if q.dim() != 3:
         raise ValueError(f"{op}: q must be (total_tokens, nheads, headdim), got shape {tuple(q.shape)}")

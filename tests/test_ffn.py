@@ -195,3 +195,16 @@ def test_nn_linear_chain_equivalence(device):
     x = torch.randn(7, 16, device=device)
     torch.testing.assert_close(kernels.ffn(x, l1.weight, l1.bias, l2.weight, l2.bias, "silu"), l2(F.silu(l1(x))),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_autocast_casts_fp32_parameters(device):
+    """Under torch.autocast an FFN with fp32 weights runs in the autocast dtype, like F.linear."""
+    ffn = kernels.GatedFFN(16, 32).to(device)
+    x = torch.randn(4, 16, device=device, requires_grad=True)
+    with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16):
+        y = ffn(x)
+        want = ffn.down_proj(F.silu(ffn.gate_proj(x)) * ffn.up_proj(x))
+    assert y.dtype == torch.bfloat16 and kernels.last_path("ffn") == "triton"
+    assert ((y.float() - want.float()).norm() / want.float().norm()).item() < 2e-2
+    y.float().sum().backward()
+    assert ffn.gate_proj.weight.grad.dtype == torch.float32

@@ -20,6 +20,7 @@ from .layers import (
     PositionalEncoding,
     set_backend,
 )
+from .generate import Generation, beam_search, greedy, sample
 from .model import Decoder, Encoder, Transformer, TransformerLM
 from .training import compute_loss, copy_task_batch, train_step
 
@@ -40,6 +41,10 @@ __all__ = [
     "LayerNorm",
     "PositionalEncoding",
     "set_backend",
+    "greedy",
+    "beam_search",
+    "sample",
+    "Generation",
     "compute_loss",
     "train_step",
     "copy_task_batch",

@@ -16,6 +16,8 @@ from .flash_attn_interface import (
     flash_attn_with_kvcache,
 )
 from .layer_norm import LayerNorm, RMSNorm, add_layer_norm, add_rms_norm, layer_norm, rms_norm
+from .patching import PatchEntry, PatchReport, override_sdpa, patch, unpatch
+from . import hf  # noqa: E402 (kernels.hf imports transformers only when its functions are called)
 
 __all__ = [
     "scaled_dot_product_attention",
@@ -35,6 +37,12 @@ __all__ = [
     "ffn",
     "FFN",
     "GatedFFN",
+    "patch",
+    "unpatch",
+    "override_sdpa",
+    "PatchReport",
+    "PatchEntry",
+    "hf",
     "last_path",
     "launch_count",
     "launch_counts",

@@ -14,7 +14,8 @@ Two pieces, both reversible with :func:`kernels.unpatch`:
   subclass whose forward runs our kernels; parameters and ``state_dict`` keys stay): ``LlamaRMSNorm``
   -> ``kernels.rms_norm``; ``LlamaMLP`` (gate/up/down) -> gated ``kernels.ffn``; ``GPT2MLP`` (Conv1D,
   ``gelu_new``) -> ``kernels.ffn`` on the transposed Conv1D weights; ``BertIntermediate`` +
-  ``BertOutput`` -> one ``kernels.ffn`` (patched on ``BertLayer.feed_forward_chunk``); every
+  ``BertOutput`` -> one ``kernels.ffn`` (patched on ``BertLayer.feed_forward_chunk``); BERT's
+  ``LayerNorm(dropout(h) + x)`` -> the fused Add & Norm ``kernels.add_layer_norm``; every
   ``nn.LayerNorm`` -> ``kernels.layer_norm``.
 
 A module is recognized by *code*, not by name: its forward must be the very code of the reference
@@ -450,8 +451,7 @@ def _unknown_hf_rule(m, opts: Options):
 def _rules():
     torchscript, *torch_rules = patching.TORCH_RULES
     return (torchscript, _rms_norm_rule, _llama_mlp_rule, _gpt2_mlp_rule, _bert_layer_rule, _bert_self_output_rule,
-            *torch_rules,
-            _unknown_hf_rule)
+            *torch_rules, _unknown_hf_rule)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -466,7 +466,7 @@ def apply_kernels(model: nn.Module, *, attention: bool = True, layer_norm: bool 
     * norms (``layer_norm=True``): ``nn.LayerNorm`` -> ``kernels.layer_norm``; LlamaRMSNorm-code norms
       -> ``kernels.rms_norm``.
     * MLPs (``ffn=True``): LlamaMLP-, GPT2MLP- and BertLayer-code feed-forward blocks -> ``kernels.ffn``
-      (gated for Llama).
+      (gated for Llama); BERT's residual add goes into its LayerNorm (fused Add & Norm).
 
     Everything else (including the rules of :func:`kernels.patch` for torch.nn modules) is as in
     :func:`kernels.patch`: parameters and ``state_dict`` unchanged, call-time fallbacks where a kernel

@@ -56,6 +56,7 @@ import dataclasses
 import functools
 import importlib
 import inspect
+import sys
 import threading
 import types
 from typing import Callable, Union
@@ -365,11 +366,19 @@ def override_sdpa():
 def _with_sdpa_routed(fn):
     """A copy of torch function ``fn`` whose global ``scaled_dot_product_attention`` is :func:`routed_sdpa`
     (same code, defaults and other globals), or None if ``fn`` does not call it by that global name.
-    This leaves ``torch.nn.functional`` itself untouched, so it is thread-safe."""
+    This leaves ``torch.nn.functional`` itself untouched, so it is thread-safe.
+
+    The copy's globals are those of a module registered as ``kernels._routed_<module>`` in
+    ``sys.modules`` (torch.compile guards on a function's globals through its module's name)."""
     if "scaled_dot_product_attention" not in fn.__code__.co_names:
         return None
-    namespace = dict(fn.__globals__, scaled_dot_product_attention=routed_sdpa)
-    clone = types.FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__, fn.__closure__)
+    name = f"{__package__}._routed_{fn.__module__.replace('.', '_')}"
+    module = sys.modules.get(name) or types.ModuleType(name)
+    module.__dict__.update({k: v for k, v in fn.__globals__.items() if not k.startswith("__")})
+    module.__dict__["__builtins__"] = fn.__globals__["__builtins__"]
+    module.__dict__["scaled_dot_product_attention"] = routed_sdpa
+    sys.modules[name] = module
+    clone = types.FunctionType(fn.__code__, module.__dict__, fn.__name__, fn.__defaults__, fn.__closure__)
     clone.__kwdefaults__ = fn.__kwdefaults__
     return clone
 
@@ -588,6 +597,8 @@ class Options:
 
 @dataclasses.dataclass(frozen=True)
 class Replace:
+    """A rule's decision to patch: the module's class becomes ``patched_class(type(module), mixin, **attrs)``."""
+
     mixin: type
     reason: str
     covers: tuple[str, ...] = ()  # children whose forward the replacement runs itself (not reported)
@@ -596,6 +607,8 @@ class Replace:
 
 @dataclasses.dataclass(frozen=True)
 class Leave:
+    """A rule's decision to leave a module it recognized alone, and why (shown in the report)."""
+
     reason: str
 
 

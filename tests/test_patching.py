@@ -412,6 +412,15 @@ def test_unpatch_restores_classes_and_state_exactly(device):
     assert unpatch(model) == []
 
 
+def test_public_names():
+    import kernels.hf
+    import kernels.patching
+
+    for name in ("patch", "unpatch", "override_sdpa", "PatchReport", "PatchEntry"):
+        assert getattr(kernels, name, None) is getattr(kernels.patching, name), f"kernels.{name} is not exported"
+    assert kernels.hf.apply_kernels and "patch" in kernels.__all__
+
+
 def test_options_and_inplace(device):
     layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, device=device)
     report = patch(layer, inplace=False, attention=False, ffn=False)
@@ -442,6 +451,16 @@ def test_patched_model_pickles(device, tmp_path):
     code = f"import torch, kernels; m = torch.load({str(path)!r}, weights_only=False); print(type(m[0]).__name__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "KernelsTransformerEncoderLayer", out.stderr
+
+
+def test_torch_compile_traces_patched_modules(device, launches):
+    """torch.compile (dynamo) traces the patched forwards; the kernels run inside the compiled graph."""
+    torch.manual_seed(0)
+    model, ref, _ = patched_copy(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True, device=device))
+    compiled = torch.compile(model, backend="eager")
+    src = torch.randn(2, 5, 16, device=device)
+    with launches("attention_fwd"), launches("layer_norm_fwd", 2), launches("ffn_matmul", 2):
+        assert_match(compiled(src), ref(src))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ The total token count per step is held near 16k (batch = 16384 // seqlen), heads
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F

@@ -285,7 +285,7 @@ def _activation_problem(act, gated: bool = False) -> str | None:
         name = patching.GATED.get(name)
         if name is None:
             return f"gated activation with {activation_name(act)!r} has no kernel"
-    if name not in patching.ffn_activations():
+    if name not in patching.FFN_ACTIVATIONS:
         return f"the installed kernels.ffn has no {name!r} activation yet"
     return None
 
@@ -302,11 +302,10 @@ class _RMSNormMixin:
     """
 
     def forward(self, hidden_states):
-        rms_norm = patching.kernels_attr("rms_norm")
-        if rms_norm is None or not kernel_can_take(hidden_states, self.weight):
+        if not kernel_can_take(hidden_states, self.weight):
             return super().forward(hidden_states)
         with patching.autocast_off(hidden_states.device.type):
-            return rms_norm(hidden_states, (self.weight.shape[-1],), self.weight, self.variance_epsilon)
+            return patching.rms_norm(hidden_states, (self.weight.shape[-1],), self.weight, self.variance_epsilon)
 
 
 class _GatedMLPMixin:
@@ -373,8 +372,6 @@ def _rms_norm_rule(m, opts: Options):
         return Leave("forward is not LlamaRMSNorm's code: equivalence cannot be proven")
     if not opts.layer_norm:
         return Leave("layer_norm=False")
-    if patching.kernels_attr("rms_norm") is None:
-        return Leave("the installed kernels have no rms_norm yet")
     return Replace(_RMSNormMixin, "kernels.rms_norm with the same weight and variance_epsilon; an input dtype "
                                   "other than the weight's runs the original")
 
@@ -433,8 +430,6 @@ def _bert_self_output_rule(m, opts: Options):
         return None
     if not opts.layer_norm:
         return Leave("layer_norm=False")
-    if patching._add_layer_norm_function() is None:
-        return Leave("the installed kernels have no fused Add & Norm yet")
     return Replace(_BertSelfOutputMixin, "LayerNorm(dropout(dense(h)) + input) with the add fused into the norm "
                                          "(when LayerNorm is patched)")
 

@@ -8,7 +8,7 @@ original                               runs
 =====================================  ==========================================================
 ``nn.LayerNorm`` (any config)           :func:`kernels.layer_norm` (the class becomes a
                                         :class:`kernels.LayerNorm` subclass)
-``nn.RMSNorm``                          ``kernels.rms_norm`` (when the installed kernels have it)
+``nn.RMSNorm``                          ``kernels.rms_norm``
 ``nn.Sequential(Linear, act,            :func:`kernels.ffn`, both products and the activation
 [Dropout], Linear)``                    fused (act: ReLU, GELU, SiLU as the kernels support them)
 ``nn.MultiheadAttention``               torch's own ``F.multi_head_attention_forward`` with its
@@ -54,8 +54,6 @@ import contextlib
 import copy
 import dataclasses
 import functools
-import importlib
-import inspect
 import sys
 import threading
 import types
@@ -66,7 +64,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import scaled_dot_product_attention
-from .layer_norm import LayerNorm, layer_norm
+from .ffn import ACTIVATIONS as FFN_ACTIVATIONS
+from .ffn import ffn
+from .layer_norm import LayerNorm, RMSNorm, add_layer_norm, layer_norm, rms_norm
 
 __all__ = ["PatchEntry", "PatchReport", "patch", "unpatch", "override_sdpa"]
 
@@ -75,46 +75,6 @@ NO_KERNEL = "no kernel replaces this module type"
 
 # torch's own SDPA, whatever ``torch.nn.functional.scaled_dot_product_attention`` is bound to later.
 _TORCH_SDPA = torch._C._nn.scaled_dot_product_attention
-
-
-# --------------------------------------------------------------------------------------------------
-# Capabilities of the installed kernels (some ops land later; everything is looked up at call time)
-# --------------------------------------------------------------------------------------------------
-def kernels_attr(name: str):
-    """``kernels.<name>`` (e.g. "rms_norm", "RMSNorm") if the installed kernels have it, else None. Looked
-    up on the package, then on kernels/layer_norm.py (where the norms live), so it also works while
-    the package itself is still importing."""
-    found = getattr(importlib.import_module(__package__), name, None)
-    return found if found is not None else getattr(importlib.import_module(".layer_norm", __package__), name, None)
-
-
-def _ffn_function():
-    return importlib.import_module(".ffn", __package__).ffn
-
-
-def ffn_activations() -> frozenset[str]:
-    """Activation names ``kernels.ffn`` accepts: every ``*ACTIVATIONS`` collection in ``kernels/ffn.py``."""
-    return _activations_of(importlib.import_module(".ffn", __package__))
-
-
-@functools.lru_cache(maxsize=None)
-def _activations_of(module) -> frozenset[str]:
-    names: set[str] = set()
-    for attr, value in vars(module).items():
-        if attr.endswith("ACTIVATIONS") and isinstance(value, (tuple, list, set, frozenset, dict)):
-            names.update(v for v in value if isinstance(v, str))
-    return frozenset(names)
-
-
-@functools.lru_cache(maxsize=None)
-def _takes_gate(kernel) -> bool:
-    """Whether this ``kernels.ffn`` has the gated form (``weight_gate=``)."""
-    return "weight_gate" in inspect.signature(kernel).parameters
-
-
-def _add_layer_norm_function():
-    """``kernels.layer_norm.add_layer_norm`` (fused Add & Norm) if the installed kernels have it, else None."""
-    return getattr(importlib.import_module(".layer_norm", __package__), "add_layer_norm", None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -220,7 +180,7 @@ def activation_name(act) -> str | None:
     form), ``nn.GELU(approximate="tanh")``/``functools.partial(F.gelu, approximate="tanh")``
     ("gelu_tanh"), ``F.silu``/``nn.SiLU`` ("silu"), plus what :data:`ACTIVATION_RECOGNIZERS` adds.
     A module activation with hooks is not recognized (a fused kernel would skip them). Whether the
-    installed ``kernels.ffn`` supports the name is a separate question (:func:`ffn_activations`).
+    ``kernels.ffn`` supports the name is a separate question (``kernels.ffn.ACTIVATIONS``).
     """
     if act is F.relu or act is torch.relu:
         return "relu"
@@ -272,25 +232,17 @@ def fused_ffn(x, weight1, bias1, act, weight2, bias2, *, dropout=None, weight_ga
     name = activation_name(act)
     if gated and name is not None:
         name = GATED.get(name)
-    if name is None or name not in ffn_activations() or dropout_draws(dropout) or global_hooks():
+    if name is None or name not in FFN_ACTIVATIONS or dropout_draws(dropout) or global_hooks():
         return None
     if dropout is not None and has_hooks(dropout):
         return None
-    kernel = _ffn_function()
-    extra = {}
-    if gated:
-        if not _takes_gate(kernel):
-            return None
-        extra_tensors = (weight_gate, bias_gate)
-    else:
-        extra_tensors = ()
+    extra_tensors = (weight_gate, bias_gate) if gated else ()
     tensors = cast_like_autocast("linear", x.device.type, x, weight1, bias1, weight2, bias2, *extra_tensors)
     if not kernel_can_take(*tensors) or tensors[0].dim() < 1:
         return None
-    if gated:
-        extra = {"weight_gate": tensors[5], "bias_gate": tensors[6]}
+    extra = {"weight_gate": tensors[5], "bias_gate": tensors[6]} if gated else {}
     with autocast_off(x.device.type):
-        return kernel(*tensors[:5], activation=name, **extra)
+        return ffn(*tensors[:5], activation=name, **extra)
 
 
 def fused_linear_ffn(x, linear1, act, linear2, dropout=None):
@@ -410,12 +362,11 @@ def add_and_norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> to
     LayerNorm patched by :func:`patch` without hooks, ``x`` and ``residual`` have one shape and kernel
     dtype, and autocast is off; otherwise exactly that expression. (The kernel adds in fp32 before
     normalizing; torch rounds the sum to the input dtype first: equal in fp32, up to rounding in half.)"""
-    fused = _add_layer_norm_function()
     params_ok = all(t is None or (t.device == x.device and t.dtype in KERNEL_DTYPES) for t in (norm.weight, norm.bias))
-    if (fused is None or not isinstance(norm, _LayerNormMixin) or has_hooks(norm) or global_hooks() or not params_ok
+    if (not isinstance(norm, _LayerNormMixin) or has_hooks(norm) or global_hooks() or not params_ok
             or _autocast_on(x.device.type) or x.shape != residual.shape or not kernel_can_take(x, residual)):
         return norm(x + residual)
-    return fused(x, residual, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+    return add_layer_norm(x, residual, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
 class _RMSNormMixin:
@@ -425,12 +376,15 @@ class _RMSNormMixin:
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if args or kwargs:
             return super().forward(x, *args, **kwargs)
-        rms_norm = kernels_attr("rms_norm")
         x2, weight = cast_like_autocast("rms_norm", x.device.type, x, self.weight)
-        if rms_norm is None or not kernel_can_take(x2, weight):
+        if not kernel_can_take(x2, weight):
             return self._kernels_original_class.forward(self, x)
         with autocast_off(x.device.type):
             return rms_norm(x2, self.normalized_shape, weight, self.eps)
+
+
+class _KernelsRMSNormMixin(_RMSNormMixin, RMSNorm):
+    """A patched ``nn.RMSNorm`` is also a :class:`kernels.RMSNorm`."""
 
 
 class _MultiheadAttentionMixin:
@@ -638,24 +592,13 @@ def _layer_norm_rule(m, opts: Options):
 
 
 def _rms_norm_rule(m, opts: Options):
-    if not (hasattr(nn, "RMSNorm") and isinstance(m, nn.RMSNorm)):
+    if not isinstance(m, nn.RMSNorm):
         return None
     if _overrides(m, nn.RMSNorm, "forward"):
         return Leave(f"{type(m).__name__} overrides nn.RMSNorm.forward: equivalence cannot be proven")
     if not opts.layer_norm:
         return Leave("layer_norm=False")
-    if kernels_attr("rms_norm") is None:
-        return Leave("the installed kernels have no rms_norm yet")
-    return Replace(_rms_norm_mixin(), "kernels.rms_norm with the same weight and eps")
-
-
-@functools.lru_cache(maxsize=None)
-def _rms_norm_mixin() -> type:
-    """_RMSNormMixin, made a kernels.RMSNorm subclass too once the installed kernels have that class."""
-    kernels_rms = kernels_attr("RMSNorm")
-    if kernels_rms is None:
-        return _RMSNormMixin
-    return type("_KernelsRMSNormMixin", (_RMSNormMixin, kernels_rms), {"__module__": __name__})
+    return Replace(_KernelsRMSNormMixin, "kernels.rms_norm with the same weight and eps")
 
 
 def _mha_rule(m, opts: Options):
@@ -680,7 +623,7 @@ def _ffn_note(m) -> tuple[str, tuple[str, ...], bool]:
     name = activation_name(m.activation)
     if name is None:
         return f"feed-forward block unfused: activation {_describe_activation(m.activation)} has no kernel", (), False
-    if name not in ffn_activations():
+    if name not in FFN_ACTIVATIONS:
         return f"feed-forward block unfused: the installed kernels.ffn has no {name!r}", (), False
     if not (plain_linear(m.linear1) and plain_linear(m.linear2)):
         return "feed-forward block unfused: linear1/linear2 are not plain nn.Linear (or have hooks)", (), False
@@ -722,7 +665,7 @@ def _sequential_rule(m, opts: Options):
     name = activation_name(act)
     if not opts.ffn:
         return Leave("ffn=False")
-    if name not in ffn_activations():
+    if name not in FFN_ACTIVATIONS:
         return Leave(f"Linear-{type(act).__name__}-Linear MLP: the installed kernels.ffn has no {name!r}")
     note = f"kernels.ffn({name!r}) with the same weights"
     if dropout is not None and dropout.p > 0:
@@ -915,7 +858,7 @@ for _original, _mixin, _attrs in (
     (nn.TransformerEncoderLayer, _EncoderLayerMixin, {"_kernels_fuse_ffn": False}),
     (nn.TransformerDecoderLayer, _DecoderLayerMixin, {}),
     (nn.Sequential, _SequentialMLPMixin, {}),
-    *(((nn.RMSNorm, _rms_norm_mixin(), {}),) if hasattr(nn, "RMSNorm") else ()),
+    (nn.RMSNorm, _KernelsRMSNormMixin, {}),
 ):
     patched_class(_original, _mixin, **_attrs)
 del _original, _mixin, _attrs

@@ -20,9 +20,8 @@ from .layers import (
     PositionalEncoding,
     set_backend,
 )
-from .generate import Generation, beam_search, greedy, sample
 from .model import Decoder, Encoder, Transformer, TransformerLM
-from .training import compute_loss, copy_task_batch, train_step
+from .training import compute_loss, copy_task_batch, make_optimizer, noam_lr, noam_scheduler, train_step
 
 __all__ = [
     "BACKENDS",
@@ -45,7 +44,23 @@ __all__ = [
     "beam_search",
     "sample",
     "Generation",
+    "noam_lr",
+    "noam_scheduler",
+    "make_optimizer",
     "compute_loss",
     "train_step",
     "copy_task_batch",
 ]
+
+
+_GENERATION = ("Generation", "beam_search", "greedy", "sample")
+
+
+def __getattr__(name):
+    # transformer.generate is imported on first use, so `python -m transformer.generate` does not find
+    # it already imported (runpy warns then).
+    if name in _GENERATION:
+        from . import generate
+
+        return getattr(generate, name)
+    raise AttributeError(f"module 'transformer' has no attribute {name!r}")

@@ -6,6 +6,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.installed
+# pytest-xdist workers: one per core (the interpreter-run kernels are single-threaded numpy)
+WORKERS ?= auto
 
 .PHONY: bench test env clean
 
@@ -13,7 +15,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest -n $(WORKERS) --dist worksteal $(ARGS)
 
 env: $(STAMP)
 

@@ -586,7 +586,7 @@ def _problem(q, k, v, *, scale, bottom_right, window, softcap, alibi_slopes, att
         alibi_strides = (0, alibi_slopes.stride(0)) if alibi_slopes.dim() == 1 else tuple(alibi_slopes.stride())
     return dict(
         varlen=varlen, batch=batch, num_heads=num_heads, num_heads_k=num_heads_k,
-        group_size=num_heads // num_heads_k, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
+        group_size=num_heads // num_heads_k if num_heads_k else 1, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
         heavy=dropout_p > 0 or attn_mask is not None or alibi_slopes is not None or softcap > 0,
         head_dim=q.shape[3], head_dim_v=v.shape[3], mask_strides=mask_strides, alibi_strides=alibi_strides,
         scalars=dict(

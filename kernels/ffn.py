@@ -67,7 +67,7 @@ def _tanh(x):
 @triton.jit
 def _activation(x, ACTIVATION: tl.constexpr):
     if ACTIVATION == "relu":
-        return tl.maximum(x, 0.0)
+        return tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN, as torch.relu
     elif ACTIVATION == "gelu":
         return 0.5 * x * (1.0 + tl.erf(x * _RSQRT2))
     elif ACTIVATION == "gelu_tanh":

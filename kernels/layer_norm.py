@@ -421,7 +421,7 @@ def _norm(op, input, shape, weight, bias, eps, *, is_rms, residual=None, dropout
         eps = torch.finfo(input.dtype if isinstance(input, torch.Tensor) else torch.float32).eps
     _check_norm_inputs(op, input, shape, weight, bias, eps, residual, dropout_p)
     n = math.prod(shape)
-    if not dispatch.triton_available_for(input):
+    if not dispatch.triton_available_for(input) or input.numel() == 0:  # nothing to normalize: no launch
         dispatch.record_path("layer_norm", "torch")
         y, z = norm_reference(input, shape, weight, bias, eps, is_rms=is_rms, residual=residual, dropout_p=dropout_p,
                               return_residual=True)

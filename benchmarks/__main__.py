@@ -3,6 +3,9 @@
 Runs the named suites (default: ``table1``; also ``attention``, the attention cost profiler, and
 ``kernels``, each kernel against PyTorch eager and torch.compile), writes each one's report (Markdown,
 JSON, CSV, PNG) into the output folder, and prints the folder's path as the last line of output.
+
+``python -m benchmarks report DIR [DIR ...]`` re-renders the reports (Markdown, CSV, PNG) of stored
+runs from their ``results.json``, e.g. those under ``benchmarks/results/``; nothing is re-measured.
 """
 
 from __future__ import annotations
@@ -51,6 +54,32 @@ def _summarize(results: dict) -> None:
     at = {r["layer"]: r["layers"] for r in paths["rows"] if r["n"] == longest}
     print(f"table1: max path length at n={longest}: {at['attention']} (attention), {at['rnn']} (RNN), "
           f"{at['conv']} (conv), {at['conv_dilated']} (dilated conv)")
+    core = [c for c in results["crossover"]["by_flops"] if c["attention"] == "attention_core" and c["n_star"]]
+    print("table1: FLOP crossover attention core vs RNN, n*/d: "
+          + ", ".join(f"{c['n_star_over_d']:.3g} at d={c['d_model']}" for c in core))
+
+
+def rerender(folders: list[str]) -> int:
+    """``report DIR ...``: write each stored run's report again from its results.json."""
+    import json
+
+    from . import report, suite_report
+
+    writers = {"table1": lambda r, d: report.write(r, d, write_json=False),
+               "attention": suite_report.write_attention, "kernels": suite_report.write_kernels}
+    for folder in map(Path, folders):
+        stored = folder / "results.json"
+        if not stored.is_file():
+            print(f"report: {stored} does not exist", file=sys.stderr)
+            return 2
+        results = json.loads(stored.read_text())
+        suite = results.get("suite", "table1")
+        if suite not in writers:
+            print(f"report: {stored} holds suite {suite!r}; known: {', '.join(writers)}", file=sys.stderr)
+            return 2
+        writers[suite](results, folder)
+        print(folder.resolve())
+    return 0
 
 
 def _run_kernel_suite(module_name: str, writer_name: str):
@@ -112,6 +141,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["report"]:
+        if len(argv) < 2:
+            print("usage: python -m benchmarks report DIR [DIR ...]", file=sys.stderr)
+            return 2
+        return rerender(argv[1:])
     args = parse_args(argv)
     out = args.out or Path("bench-out") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     for suite in dict.fromkeys(args.suites):

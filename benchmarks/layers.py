@@ -11,7 +11,10 @@ count and stack them the same way:
   around each position (Table 1's last row, Sec. 4).
 * :class:`Convolution` - ``nn.Conv1d(d, d, k)`` keeping the length (centred padding, or causal for
   the dilated stacks of Sec. 4).
-* :class:`Recurrent` - ``nn.RNN`` or ``nn.LSTM``, returning the output sequence only.
+* :class:`SeparableConvolution` - a depthwise-separable convolution (Sec. 4, citing Xception): a
+  depthwise ``nn.Conv1d(d, d, k, groups=d)`` followed by a pointwise ``nn.Conv1d(d, d, 1)``, the
+  O(k·n·d + n·d²) layer of the paper.
+* :class:`Recurrent` - ``nn.RNN``, ``nn.LSTM`` or ``nn.GRU``, returning the output sequence only.
 * :class:`UnrolledRecurrence` - the same recurrence written cell by cell with the module's own
   weights. ``torch.utils.flop_counter`` cannot see inside ``nn.LSTM``'s fused CPU kernel and its
   autograd graph is a single node, so FLOPs and sequential operations are counted on this
@@ -135,12 +138,36 @@ class Convolution(nn.Module):
         return self.conv(x).transpose(1, 2)
 
 
+class SeparableConvolution(nn.Module):
+    """Depthwise-separable convolution on (batch, seqlen, d_model), length kept (centred padding).
+
+    A depthwise ``nn.Conv1d(d_model, d_model, kernel_size, groups=d_model)`` (each channel filtered on
+    its own: k·n·d multiply-adds) followed by a pointwise ``nn.Conv1d(d_model, d_model, 1)`` (n·d²),
+    the separable convolution of Sec. 4 of Vaswani et al. (2017), O(k·n·d + n·d²).
+    """
+
+    def __init__(self, d_model: int, kernel_size: int):
+        super().__init__()
+        if kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd for centred padding, got {kernel_size}")
+        self.depthwise = nn.Conv1d(d_model, d_model, kernel_size, padding=kernel_size // 2, groups=d_model)
+        self.pointwise = nn.Conv1d(d_model, d_model, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pointwise(self.depthwise(x.transpose(1, 2))).transpose(1, 2)
+
+
+RECURRENT = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
+
+
 class Recurrent(nn.Module):
-    """``nn.RNN`` (tanh) or ``nn.LSTM`` of width ``d_model``, batch first, returning the output sequence."""
+    """``nn.RNN`` (tanh), ``nn.LSTM`` or ``nn.GRU`` of width ``d_model``, batch first, returning the output sequence."""
 
     def __init__(self, kind: str, d_model: int):
         super().__init__()
-        cls = {"rnn": nn.RNN, "lstm": nn.LSTM}[kind]
+        if kind not in RECURRENT:
+            raise ValueError(f"kind must be one of {', '.join(RECURRENT)}, got {kind!r}")
+        cls = RECURRENT[kind]
         self.kind = kind
         self.rnn = cls(d_model, d_model, batch_first=True)
 
@@ -149,7 +176,7 @@ class Recurrent(nn.Module):
 
 
 class UnrolledRecurrence(nn.Module):
-    """A single-layer ``nn.RNN``/``nn.LSTM`` written out cell by cell, sharing the module's weights.
+    """A single-layer ``nn.RNN``/``nn.LSTM``/``nn.GRU`` written out cell by cell, sharing the module's weights.
 
     ``forward`` runs the recurrence one time step after another (what the fused kernel does), so its
     FLOPs are visible to ``FlopCounterMode`` and its autograd graph has one chain of nodes per step.
@@ -169,10 +196,12 @@ class UnrolledRecurrence(nn.Module):
             if module.proj_size:
                 raise ValueError("UnrolledRecurrence does not support LSTM proj_size")
             self.kind = "lstm"
+        elif isinstance(module, nn.GRU):
+            self.kind = "gru"
         elif isinstance(module, nn.RNN) and module.nonlinearity == "tanh":
             self.kind = "rnn"
         else:
-            raise ValueError(f"UnrolledRecurrence supports nn.LSTM and tanh nn.RNN, got {module}")
+            raise ValueError(f"UnrolledRecurrence supports nn.LSTM, nn.GRU and tanh nn.RNN, got {module}")
         self.module = module
 
     def input_projection(self, x: torch.Tensor) -> torch.Tensor:
@@ -184,8 +213,15 @@ class UnrolledRecurrence(nn.Module):
         return (h, h.clone()) if self.kind == "lstm" else (h,)
 
     def cell(self, x_proj: torch.Tensor, state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        """One step on any leading dims: the equations of torch's nn.RNN / nn.LSTM documentation."""
-        gates = x_proj + F.linear(state[0], self.module.weight_hh_l0, self.module.bias_hh_l0)
+        """One step on any leading dims: the equations of torch's nn.RNN / nn.LSTM / nn.GRU documentation."""
+        h_proj = F.linear(state[0], self.module.weight_hh_l0, self.module.bias_hh_l0)
+        if self.kind == "gru":  # gates in torch's order r, z, n; the reset gate scales W_hn h + b_hn
+            x_r, x_z, x_n = x_proj.chunk(3, dim=-1)
+            h_r, h_z, h_n = h_proj.chunk(3, dim=-1)
+            r, z = torch.sigmoid(x_r + h_r), torch.sigmoid(x_z + h_z)
+            candidate = torch.tanh(x_n + r * h_n)
+            return ((1 - z) * candidate + z * state[0],)
+        gates = x_proj + h_proj
         if self.kind == "rnn":
             return (torch.tanh(gates),)
         i, f, g, o = gates.chunk(4, dim=-1)
@@ -200,6 +236,18 @@ class UnrolledRecurrence(nn.Module):
             state = self.cell(x_proj[:, t], state)
             outputs.append(state[0])
         return torch.stack(outputs, dim=1)
+
+    def stepwise(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Yield the output at t = 0, 1, 2, ... computing the input projection of each step as it comes.
+
+        The same function and the same operations as :meth:`forward`, with the input projection split
+        by position, so the work done up to step ``t`` is exactly that of a sequence of length ``t + 1``:
+        one pass over a long sequence under ``FlopCounterMode`` gives the count of every shorter one.
+        """
+        state = self.initial_state(x[:, 0])
+        for t in range(x.shape[1]):
+            state = self.cell(self.input_projection(x[:, t]), state)
+            yield state[0]
 
     def iterations(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
         """Yield the output sequence after 1, 2, 3, ... parallel applications of the cell."""

@@ -10,13 +10,20 @@ import json
 from pathlib import Path
 
 from . import plots
+from .suite_report import _write_csv
 
 TIMED_LABELS = {
     "attention": "attention layer",
     "attention_core": "attention core",
     "rnn": "RNN",
     "lstm": "LSTM",
+    "gru": "GRU",
     "conv": "Conv1d",
+    "separable": "separable Conv1d",
+}
+TIME_SUBJECT = {  # Table 1 row -> the timed layer whose growth stands for it (torch's implementation)
+    "self_attention": "attention_core", "recurrent_rnn": "rnn", "recurrent_lstm": "lstm", "recurrent_gru": "gru",
+    "convolutional": "conv", "convolutional_separable": "separable",
 }
 
 
@@ -61,6 +68,7 @@ def _complexity_cell(results: dict, row: dict) -> str:
     fits, subjects = results["flops"]["fits"], results["subjects"]
     fit = fits[row["flops"]]
     formula = subjects[row["flops"]]["formula"]
+    formula = f"({formula})" if "+" in formula else formula
     lo, hi = fit["flops_per_formula_unit_min"], fit["flops_per_formula_unit_max"]
     const = f"= {lo:.4g}·{formula}" if lo == hi else f"{lo:.3g}–{hi:.3g} × {formula}"
     text = f"∝ n^{_f(fit['exponent_n'])}·d^{_f(fit['exponent_d'])} ({const} FLOPs)"
@@ -96,6 +104,19 @@ def _path_cells(results: dict, row: dict) -> tuple[str, str]:
     return paper, measured
 
 
+def _time_cell(results: dict, row: dict) -> str:
+    layer = TIME_SUBJECT.get(row["key"])
+    fits = results["timing"].get("fits", {})
+    fit = next((f for f in fits.values() if f["layer"] == layer and f["implementation"].startswith("torch")), None)
+    if fit is None:
+        return "— (not timed)"
+    text = f"∝ n^{_f(fit['exponent_n'])}·d^{_f(fit['exponent_d'])}"
+    if row["key"] == "self_attention" and "attention|torch SDPA" in fits:
+        whole = fits["attention|torch SDPA"]
+        text = (f"attention alone: {text}; whole layer: ∝ n^{_f(whole['exponent_n'])}·d^{_f(whole['exponent_d'])}")
+    return text
+
+
 def table1_markdown(results: dict) -> str:
     """Table 1 of the paper, each column's stated value beside what this run measured or counted."""
     paths = results["max_path_length"]
@@ -104,9 +125,11 @@ def table1_markdown(results: dict) -> str:
     for row in results["table1_rows"]:
         claims = row["paper_claims"]
         path_paper, path_measured = _path_cells(results, row)
-        rows.append([row["label"], claims["complexity"], _complexity_cell(results, row), claims["sequential"],
-                     _sequential_cell(results, row), path_paper, path_measured])
+        rows.append([row["label"], claims["complexity"], _complexity_cell(results, row), _time_cell(results, row),
+                     claims["sequential"], _sequential_cell(results, row), path_paper, path_measured])
+    cfg = results["config"]
     header = ["Layer type", "Complexity per layer (paper)", "FLOPs counted (fit over n and d)",
+              f"Forward time measured (fit over n and d, {cfg['device']})",
               "Sequential ops (paper)", "Sequential ops counted (longest autograd chain)",
               f"Max path length (paper, n = {ns})", f"Max path length measured (layers, n = {ns})"]
     return _table(header, rows)
@@ -131,19 +154,61 @@ def _attention_notes(results: dict) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 # Other sections
 # --------------------------------------------------------------------------------------------------
-def throughput_markdown(results: dict) -> str:
-    t = results["timing"]
-    impls = list(dict.fromkeys((r["layer"], r["implementation"]) for r in t["rows"]))
-    header = ["n"] + [f"{TIMED_LABELS[layer]}, {impl}" for layer, impl in impls]
-    rows = []
-    for n in dict.fromkeys(r["n"] for r in t["rows"]):
-        cells = [str(n)]
-        for layer, impl in impls:
-            r = next(r for r in t["rows"] if r["n"] == n and r["layer"] == layer and r["implementation"] == impl)
-            cells.append(_si(r["tokens_per_s"]) if r["status"] == "measured" else "not timed (no CUDA device)"
-                         if results["config"]["device"] != "cuda" else "not timed")
-        rows.append(cells)
-    return _table(header, rows)
+def _cell_text(results: dict, r: dict | None) -> str:
+    if r is None:
+        return "—"
+    if r["status"] == "measured":
+        return _si(r["tokens_per_s"])
+    return "not timed (no CUDA device)" if results["config"]["device"] != "cuda" else "not timed"
+
+
+def throughput_markdown(results: dict, mode: str, over: str = "n") -> str:
+    """Tokens/s of every (layer, implementation) in ``mode``, over n (at batch ``cfg.batch``) or over batch
+    size (at n = ``batch_sweep_seqlen``), at d_model."""
+    cfg, t = results["config"], results["timing"]
+    fixed = {"n": ("batch", cfg["batch"]), "batch": ("n", cfg["batch_sweep_seqlen"])}[over]
+    rows_ = [r for r in t["rows"] if r["mode"] == mode and r["d_model"] == cfg["d_model"] and r[fixed[0]] == fixed[1]]
+    # implementations never timed here (Triton off CUDA) are left out; the report's header says why
+    impls = list(dict.fromkeys((r["layer"], r["implementation"]) for r in rows_ if r["status"] == "measured"))
+    header = [over] + [f"{TIMED_LABELS[layer]}, {impl}" for layer, impl in impls]
+    table = []
+    for x in sorted({r[over] for r in rows_}):
+        table.append([str(x)] + [_cell_text(results, next((r for r in rows_ if r[over] == x and r["layer"] == layer
+                                                           and r["implementation"] == impl), None))
+                                 for layer, impl in impls])
+    return _table(header, table)
+
+
+def time_fits_markdown(results: dict) -> str:
+    cfg, fits = results["config"], results["timing"].get("fits", {})
+    header = ["layer", "implementation", f"time exponent in n (d = {cfg['d_model']})",
+              f"time exponent in d (n = {cfg['d_sweep_seqlen']})"]
+    return _table(header, [[TIMED_LABELS[f["layer"]], f["implementation"], _f(f["exponent_n"]), _f(f["exponent_d"])]
+                           for f in fits.values()])
+
+
+def crossover_markdown(results: dict) -> str:
+    """n* per d: by counted FLOPs (exact) and by forward time (interpolated on the grid)."""
+    c = results["crossover"]
+    pairs = list(dict.fromkeys((f["attention"], f["recurrent"]) for f in c["by_flops"]))
+    flop_rows = []
+    for d in dict.fromkeys(f["d_model"] for f in c["by_flops"]):
+        cells = [d]
+        for a, rec in pairs:
+            f = next(f for f in c["by_flops"] if (f["attention"], f["recurrent"], f["d_model"]) == (a, rec, d))
+            cells.append(f"{f['n_star']} ({_f(f['n_star_over_d'])}·d)" if f["n_star"] else f["status"])
+        flop_rows.append(cells)
+    flops_table = _table(["d"] + [f"{TIMED_LABELS[a]} vs {TIMED_LABELS[rec]}: n*" for a, rec in pairs], flop_rows)
+    time_rows = [[t["d_model"], f"attention layer ({t['attention_implementation']}) vs {TIMED_LABELS[t['recurrent']]}",
+                  f"{t['n_star']:.0f}" if t["n_star"] else t["status"], _f(t["n_star_over_d"]) if t["n_star"] else "—",
+                  " / ".join(f"{x:.2g}" for x in t["time_ratio"])]
+                 for t in c["by_time"]]
+    ns = " / ".join(str(n) for n in c["by_time"][0]["n"]) if c["by_time"] else ""
+    time_table = _table(["d", "attention vs recurrence", "n* (forward time)", "n*/d", f"time ratio at n = {ns}"],
+                        time_rows)
+    return ("By counted FLOPs (one sequence; the smallest n at which the attention count exceeds the "
+            "recurrence's):\n\n" + flops_table + "\n\nBy forward time on this device (batch "
+            f"{results['config']['batch']}):\n\n" + time_table)
 
 
 def disturbance_note(results: dict) -> str:
@@ -158,16 +223,17 @@ def disturbance_note(results: dict) -> str:
 
 
 def timing_detail_markdown(results: dict) -> str:
-    header = ["layer", "implementation", "n", "median ms", "IQR ms", "min–max ms", "runs", "median of each round ms",
+    header = ["layer", "implementation", "mode", "n", "d", "batch", "median ms", "IQR ms", "min–max ms", "runs", "median of each round ms",
               "tokens/s", "GFLOP/s"]
     rows = []
     for r in results["timing"]["rows"]:
         if r["status"] != "measured":
             continue
-        rows.append([TIMED_LABELS[r["layer"]], r["implementation"], r["n"], _ms(r["median_s"]),
+        rows.append([TIMED_LABELS[r["layer"]], r["implementation"], r["mode"], r["n"], r["d_model"], r["batch"],
+                     _ms(r["median_s"]),
                      f"{_ms(r['p25_s'])}–{_ms(r['p75_s'])}", f"{_ms(r['min_s'])}–{_ms(r['max_s'])}", r["repeats"],
                      ", ".join(_ms(m) for m in r["round_medians_s"]), _si(r["tokens_per_s"]),
-                     f"{r['flops_per_s'] / 1e9:.3g}"])
+                     f"{r['flops_per_s'] / 1e9:.3g}" if "flops_per_s" in r else "—"])
     return _table(header, rows)
 
 
@@ -261,10 +327,24 @@ def methods_markdown(results: dict) -> str:
         f"- **Layers** (d_model = {cfg['d_model']}, {cfg['num_heads']} heads, kernel width k = {cfg['kernel_size']}, "
         f"restricted neighbourhood r = {cfg['restricted_r']}): see `benchmarks/layers.py`. The self-attention layer is "
         "q/k/v/out projections around SDPA; the attention core is SDPA alone on the input split into heads.",
-        f"- **Time**: forward passes under `torch.inference_mode` on batch {cfg['batch']} in {cfg['dtype']} on "
-        f"{cfg['device']}: {timing}. Tokens/s = batch·n / median. GFLOP/s = batch × counted FLOPs / median. "
+        f"- **Time**: in {cfg['dtype']} on {cfg['device']}, forward passes under `torch.inference_mode` and "
+        "forward+backward steps (`torch.autograd.grad` of the output, with a fixed random cotangent, with respect "
+        "to the input and every parameter). Grid: every layer over n at batch "
+        f"{cfg['batch']} and over batch sizes {', '.join(map(str, cfg['batch_sweep']))} at n = "
+        f"{cfg['batch_sweep_seqlen']}, both modes, at d = {cfg['d_model']}; forward over d = "
+        f"{', '.join(map(str, cfg['d_sweep']))} at n = {cfg['d_sweep_seqlen']}; the attention layer and the "
+        f"recurrences forward over n at d = {', '.join(map(str, cfg['crossover_d']))} for the crossover. "
+        f"{timing}. Tokens/s = batch·n / median. GFLOP/s (forward only) = batch × counted FLOPs / median. Time "
+        "exponents are least-squares slopes of log median time on log n and on log d. "
         f"On this device `kernels.scaled_dot_product_attention` took the `{probe['last_path']}` path "
         "(`kernels.last_path`). Restricted self-attention is counted, not timed.",
+        f"- **Crossover n\***: by FLOPs, the recurrence unrolled cell by cell is counted once over n = 1 … "
+        f"{results['crossover']['max_ratio']}·d on the `meta` device (shapes only, nothing computed), reading the "
+        "running count after every time step, and the attention layer's count (also on `meta`) is bisected over n "
+        "against it: n\* is the smallest n at which attention counts more FLOPs. By time, n\* is where the ratio of "
+        "forward medians crosses 1, interpolated linearly in log n against log ratio between the two grid lengths "
+        "around it. Sec. 4 of the paper states self-attention is faster than recurrence when n < d, comparing "
+        "n²·d against n·d² (our `attention core vs RNN` row).",
         "- **FLOPs**: `torch.utils.flop_counter.FlopCounterMode` on CPU in float32, one sequence (batch 1); it counts "
         "matrix products and convolutions at 2 FLOPs per multiply-add, not elementwise work. Where it cannot see "
         "inside a fused kernel (it reports 0 for `nn.LSTM` and for torch's CPU flash-attention kernel; the counts "
@@ -314,9 +394,21 @@ def markdown(results: dict) -> str:
         "n: sequence length, d: representation width, k: kernel width, r: neighbourhood size.",
         table1_markdown(results),
         "\n".join(_attention_notes(results)),
-        f"## Throughput (tokens/s, forward, batch {cfg['batch']}, {cfg['dtype']}, {cfg['device']})",
+        "## Crossover: where self-attention becomes costlier than recurrence",
+        "![crossover](crossover.png)",
+        crossover_markdown(results),
+        f"## Throughput (tokens/s, d_model = {cfg['d_model']}, {cfg['dtype']}, {cfg['device']})",
         "![throughput](throughput.png)",
-        throughput_markdown(results),
+        f"### Forward, batch {cfg['batch']}",
+        throughput_markdown(results, "forward"),
+        f"### Forward+backward, batch {cfg['batch']}",
+        throughput_markdown(results, "forward+backward"),
+        f"### Over batch size at n = {cfg['batch_sweep_seqlen']}, forward",
+        throughput_markdown(results, "forward", over="batch"),
+        f"### Over batch size at n = {cfg['batch_sweep_seqlen']}, forward+backward",
+        throughput_markdown(results, "forward+backward", over="batch"),
+        "### Growth of forward time",
+        time_fits_markdown(results),
         disturbance_note(results),
         "### Timings in detail",
         timing_detail_markdown(results),
@@ -338,12 +430,30 @@ def markdown(results: dict) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def write(results: dict, out_dir: Path) -> list[Path]:
-    """Write results.json, the plots and report.md into ``out_dir``; return the paths written."""
+def write_csv(results: dict, out_dir: Path) -> list[Path]:
+    """results.csv (every timing), flops.csv, crossover.csv, sequential_ops.csv and max_path_length.csv."""
+    tables = {
+        "results.csv": results["timing"]["rows"],
+        "flops.csv": [dict(sweep=s, **r) for s in ("vs_n", "vs_d") for r in results["flops"][s]],
+        "crossover.csv": [dict(by=b, **r) for b in ("by_flops", "by_time") for r in results["crossover"][b]],
+        "sequential_ops.csv": results["sequential_ops"]["rows"],
+        "max_path_length.csv": results["max_path_length"]["rows"] + results["max_path_length"]["by_kernel_size"],
+    }
+    for name, rows in tables.items():
+        _write_csv(rows, out_dir / name)
+    return [out_dir / name for name in tables]
+
+
+def write(results: dict, out_dir: Path, write_json: bool = True) -> list[Path]:
+    """Write results.json, the CSVs, the plots and report.md into ``out_dir``; return the paths written.
+
+    ``write_json=False`` re-renders the rest from a stored results.json (``python -m benchmarks report``).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "results.json"
-    json_path.write_text(json.dumps(results, indent=2) + "\n")
-    written = [json_path, *plots.write_all(results, out_dir)]
+    if write_json:
+        json_path.write_text(json.dumps(results, indent=2) + "\n")
+    written = [json_path, *write_csv(results, out_dir), *plots.write_all(results, out_dir)]
     md_path = out_dir / "report.md"
     md_path.write_text(markdown(results))
     return [*written, md_path]

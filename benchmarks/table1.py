@@ -2,19 +2,23 @@
 
 Table 1 ("Maximum path lengths, per-layer complexity and minimum number of sequential operations for
 different layer types") and Sec. 4 ("Why Self-Attention") compare self-attention, recurrent and
-convolutional layers on three counts. For one layer of each kind at the paper's base size (d_model
-512, 8 heads, convolution kernel width 3) this suite
+convolutional layers on three counts. For one layer of each kind (self-attention, restricted
+self-attention, nn.RNN, nn.LSTM, nn.GRU, contiguous, dilated and depthwise-separable nn.Conv1d) at the
+paper's base size (d_model 512, 8 heads, convolution kernel width 3) this suite
 
-* times the forward pass over sequence lengths 16..1024 (tokens/s), with the Triton kernels of this
-  library beside torch's SDPA when a CUDA device is present (:func:`measure_timing`);
 * counts FLOPs per layer with ``torch.utils.flop_counter`` beside the Table 1 formula, over n and
   over d, and fits the exponents (:func:`measure_flops`);
 * counts sequential operations as the longest dependency chain of the autograd graph
   (:func:`measure_sequential`);
 * measures the maximum path length by Jacobian reachability through stacks of layers
-  (:func:`measure_paths`).
+  (:func:`measure_paths`);
+* times forward and forward+backward passes over n, batch size and d (tokens/s, time exponents), with
+  the Triton kernels of this library beside torch's SDPA when a CUDA device is present
+  (:func:`measure_timing`);
+* finds, per d, the length n* above which a self-attention layer costs more than a recurrent one, by
+  counted FLOPs and by time (:func:`measure_crossover`; Sec. 4 claims n* = d).
 
-:func:`run` does all four and returns one JSON-ready dict; :mod:`benchmarks.report` writes it out.
+:func:`run` does all five and returns one JSON-ready dict; :mod:`benchmarks.report` writes it out.
 """
 
 from __future__ import annotations
@@ -29,12 +33,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import stats
-from .flops import count_flops, math_sdpa
+from .flops import count_flops, cumulative_flops, math_sdpa
 from .graph import sequential_ops
 from .layers import (AttentionCore, Convolution, Recurrent, RestrictedSelfAttention, SelfAttention,
-                     UnrolledRecurrence)
+                     SeparableConvolution, UnrolledRecurrence)
 from .paths import layer_stack, path_length
-from .timing import METHODS, TimingPlan, sample
+from .timing import METHODS, MODES, TimingPlan, forward_backward, sample
 
 # Table 1 as printed in the paper: the claims this suite tests (not results).
 PAPER = {
@@ -44,6 +48,10 @@ PAPER = {
                       "max_path": "O(log_k(n)) dilated, O(n/k) contiguous"},
     "restricted": {"layer": "Self-Attention (restricted)", "complexity": "O(r·n·d)", "sequential": "O(1)",
                    "max_path": "O(n/r)"},
+    # Not a row of Table 1: Sec. 4 gives its complexity only; sequential ops and path are a contiguous
+    # convolution's, since the pointwise part does not mix positions.
+    "separable": {"layer": "Separable convolution (Sec. 4)", "complexity": "O(k·n·d + n·d²)",
+                  "sequential": "O(1) (as convolutional)", "max_path": "O(n/k) (as contiguous convolutional)"},
 }
 
 
@@ -57,8 +65,12 @@ class Config:
     restricted_r: int = 16  # neighbourhood size r of restricted self-attention (the paper fixes none)
     batch: int = 4
     seqlens: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024)
-    d_sweep: tuple[int, ...] = (64, 128, 256, 512, 1024)  # FLOPs over d, at n = d_sweep_seqlen
+    d_sweep: tuple[int, ...] = (64, 128, 256, 512, 1024)  # FLOPs and forward time over d, at n = d_sweep_seqlen
     d_sweep_seqlen: int = 256
+    batch_sweep: tuple[int, ...] = (1, 4, 16)  # throughput over batch size, at n = batch_sweep_seqlen
+    batch_sweep_seqlen: int = 256
+    crossover_d: tuple[int, ...] = (64, 128, 256, 512)  # n* where attention overtakes a recurrence, per d
+    crossover_max_ratio: int = 3  # FLOP crossover searched for n up to this multiple of d
     path_width: int = 8  # path lengths need no width, so they are measured on narrow layers
     path_heads: int = 2
     path_seqlens: tuple[int, ...] = (16, 32, 64, 128)
@@ -69,8 +81,8 @@ class Config:
     @classmethod
     def quick(cls, **overrides) -> Config:
         """A reduced sweep (3 lengths, one round of few runs) for the smoke test: well under a minute."""
-        small = dict(seqlens=(16, 64, 256), d_sweep=(64, 128, 256), d_sweep_seqlen=64, path_seqlens=(16, 32),
-                     path_kernel_sizes=(3, 5),
+        small = dict(seqlens=(16, 64, 256), d_sweep=(64, 128, 256), d_sweep_seqlen=64, batch_sweep=(1, 4),
+                     batch_sweep_seqlen=64, crossover_d=(32, 64), path_seqlens=(16, 32), path_kernel_sizes=(3, 5),
                      timing=TimingPlan(rounds=1, warmup=1, min_repeats=3, max_repeats=5, budget_s=0.2, rep_ms=20))
         return cls(**{**small, **overrides})
 
@@ -126,10 +138,19 @@ SUBJECTS = {s.key: s for s in (
             "FlopCounterMode over the cell-by-cell unrolling with the module's weights "
             "(the fused nn.LSTM kernel has no FLOP formula)",
             "n·d²", lambda c, n, d: n * d * d),
+    Subject("gru", "nn.GRU(d, d)", "recurrent",
+            lambda c, d: Recurrent("gru", d), UnrolledRecurrence,
+            "FlopCounterMode over the cell-by-cell unrolling with the module's weights "
+            "(the fused nn.GRU kernel has no FLOP formula)",
+            "n·d²", lambda c, n, d: n * d * d),
     Subject("conv", "nn.Conv1d(d, d, k), same padding", "convolutional",
             lambda c, d: Convolution(d, c.kernel_size), _as_is,
             "FlopCounterMode over the layer (aten.convolution)",
             "k·n·d²", lambda c, n, d: c.kernel_size * n * d * d),
+    Subject("separable", "depthwise nn.Conv1d(d, d, k, groups=d) then pointwise nn.Conv1d(d, d, 1)", "separable",
+            lambda c, d: SeparableConvolution(d, c.kernel_size), _as_is,
+            "FlopCounterMode over the layer (two aten.convolution)",
+            "k·n·d + n·d²", lambda c, n, d: c.kernel_size * n * d + n * d * d),
     Subject("restricted", "restricted self-attention layer (projections + windowed attention)", "restricted",
             lambda c, d: RestrictedSelfAttention(d, c.num_heads, c.restricted_r), _as_is,
             "FlopCounterMode over the layer (windows gathered with unfold, products as einsum/bmm)",
@@ -211,6 +232,9 @@ SEQUENTIAL = {  # key -> (subject, wrap, how the graph was obtained)
     "rnn_unrolled": ("rnn", UnrolledRecurrence, "autograd graph of the cell-by-cell unrolling"),
     "lstm_module": ("lstm", _as_is, "autograd graph of nn.LSTM as it runs on CPU: one fused node hides the loop"),
     "lstm_unrolled": ("lstm", UnrolledRecurrence, "autograd graph of the cell-by-cell unrolling"),
+    "gru_module": ("gru", _as_is, "autograd graph of nn.GRU as it runs on CPU: one fused node hides the loop"),
+    "gru_unrolled": ("gru", UnrolledRecurrence, "autograd graph of the cell-by-cell unrolling"),
+    "separable": ("separable", _as_is, "autograd graph of the layer as it runs"),
 }
 
 
@@ -245,11 +269,15 @@ def _path_subjects(cfg: Config) -> dict:
                 lambda: UnrolledRecurrence(Recurrent("rnn", w).double()).iterations, "n", float),
         "lstm": ("nn.LSTM recurrence, one time step per application",
                  lambda: UnrolledRecurrence(Recurrent("lstm", w).double()).iterations, "n", float),
+        "gru": ("nn.GRU recurrence, one time step per application",
+                lambda: UnrolledRecurrence(Recurrent("gru", w).double()).iterations, "n", float),
         "conv": (f"stack of contiguous convolutions, k={k}, centred",
                  lambda: layer_stack(lambda i: Convolution(w, k).double()), "n/k", lambda n: n / k),
         "conv_dilated": (f"stack of causal dilated convolutions, k={k}, dilation k^i",
                          lambda: layer_stack(lambda i: Convolution(w, k, k**i, causal=True).double()),
                          "log_k(n)", lambda n: math.log(n, k)),
+        "separable": (f"stack of depthwise-separable convolutions, k={k}, centred",
+                      lambda: layer_stack(lambda i: SeparableConvolution(w, k).double()), "n/k", lambda n: n / k),
         "restricted": (f"stack of restricted self-attention layers, r={r}",
                        lambda: layer_stack(lambda i: RestrictedSelfAttention(w, h, r).double()),
                        "n/r", lambda n: n / r),
@@ -301,8 +329,39 @@ TIMED = (  # (layer, implementation, SDPA backend or None)
     ("attention_core", "Triton SDPA (kernels)", "triton"),
     ("rnn", "torch nn.RNN", None),
     ("lstm", "torch nn.LSTM", None),
+    ("gru", "torch nn.GRU", None),
     ("conv", "torch nn.Conv1d", None),
+    ("separable", "torch nn.Conv1d depthwise + pointwise", None),
 )
+RECURRENT = ("rnn", "lstm", "gru")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One timing: a layer and implementation at sequence length n, width d, batch size and mode."""
+
+    layer: str
+    impl: str
+    backend: str | None
+    n: int
+    d: int
+    batch: int
+    mode: str  # one of timing.MODES
+
+
+def timing_cells(cfg: Config) -> list[Cell]:
+    """The timing grid, without repeats: every layer over n (both modes) and over batch size (both modes)
+    at d_model; over d at ``d_sweep_seqlen`` (forward); attention and the recurrences over n at each
+    ``crossover_d`` (forward), for the crossover in time."""
+    cells = []
+    for mode in MODES:
+        cells += [Cell(k, i, b, n, cfg.d_model, cfg.batch, mode) for n in cfg.seqlens for k, i, b in TIMED]
+        cells += [Cell(k, i, b, cfg.batch_sweep_seqlen, cfg.d_model, batch, mode)
+                  for batch in cfg.batch_sweep for k, i, b in TIMED]
+    cells += [Cell(k, i, b, cfg.d_sweep_seqlen, d, cfg.batch, "forward") for d in cfg.d_sweep for k, i, b in TIMED]
+    cells += [Cell(k, i, b, n, d, cfg.batch, "forward") for d in cfg.crossover_d for n in cfg.seqlens
+              for k, i, b in TIMED if k == "attention" or k in RECURRENT]
+    return list(dict.fromkeys(cells))
 
 
 def probe_kernels(device: str, dtype: torch.dtype) -> dict:
@@ -328,40 +387,70 @@ def triton_timed(device: str, probe: dict) -> str | None:
     return None
 
 
-def _forward(layer: nn.Module, x: torch.Tensor, backend: str | None) -> Callable[[], torch.Tensor]:
-    """The call to time: the layer, with the Triton SDPA swapped in for backend "triton"."""
+def _call(layer: nn.Module, x: torch.Tensor, backend: str | None, mode: str) -> Callable[[], object]:
+    """The call to time: the layer (with the Triton SDPA swapped in for backend "triton"), forward only
+    or forward+backward (:func:`benchmarks.timing.forward_backward`)."""
     if backend == "triton":
         import kernels
 
-        return lambda: layer(x, sdpa=kernels.scaled_dot_product_attention)
-    return lambda: layer(x)
+        def call(t):
+            return layer(t, sdpa=kernels.scaled_dot_product_attention)
+    else:
+        call = layer
+    if mode == "forward":
+        return lambda: call(x)
+    return forward_backward(call, layer, x)
 
 
 DISAGREE = 1.5  # round medians further apart than this factor mark a disturbed measurement
 
 
-def _timed_row(cfg: Config, key: str, impl: str, n: int, x: torch.Tensor, rounds: list[list[float]],
-               flops_per_seq: int, path_ran: str | None) -> dict:
+class _FlopCache:
+    """Counted forward FLOPs of one sequence, by (layer, n, d), counted on the meta device when first asked."""
+
+    def __init__(self, cfg: Config, known: list[dict]):
+        self.cfg = cfg
+        self.counts = {(r["layer"], r["n"], r["d_model"]): r["flops"] for r in known}
+
+    def __call__(self, key: str, n: int, d: int) -> int:
+        if (key, n, d) not in self.counts:
+            self.counts[key, n, d] = count_on_meta(self.cfg, key, n, d)
+        return self.counts[key, n, d]
+
+
+def count_on_meta(cfg: Config, key: str, n: int, d: int) -> int:
+    """FLOPs of one sequence through the countable form of ``key``, on the meta device (shapes only)."""
+    subject = SUBJECTS[key]
+    layer = SUBJECTS[key].build(cfg, d).to("meta")
+    x = torch.empty(1, n, d, device="meta")
+    return count_flops(lambda: subject.countable(layer)(x))["total"]
+
+
+def _timed_row(cell: Cell, x: torch.Tensor, rounds: list[list[float]], flops_per_seq: int | None,
+               path_ran: str | None) -> dict:
     """Summary of one cell: the least-disturbed round (lowest median) is the headline, pooled runs beside."""
     per_round = [stats.summarize(runs) for runs in rounds]
     best = min(per_round, key=lambda r: r["median_s"])
     medians = [r["median_s"] for r in per_round]
-    row = {"layer": key, "implementation": impl, "n": n, "batch": cfg.batch, "d_model": cfg.d_model,
-           "input_shape": list(x.shape), "dtype": str(x.dtype).replace("torch.", ""), "device": x.device.type,
-           "status": "measured", **best, "round_medians_s": medians,
+    row = {**_cell_json(cell, x), "status": "measured", **best, "round_medians_s": medians,
            "rounds_disagree": max(medians) > DISAGREE * min(medians),
            "pooled": stats.summarize([t for runs in rounds for t in runs]), "method": METHODS[x.device.type]}
     if path_ran:
         row["path_ran"] = path_ran
-    batch_flops = cfg.batch * flops_per_seq
-    row.update(tokens_per_s=cfg.batch * n / row["median_s"], flops=batch_flops,
-               flops_per_s=batch_flops / row["median_s"])
+    row["tokens_per_s"] = cell.batch * cell.n / row["median_s"]
+    if flops_per_seq is not None:  # forward only: the counter counts forward passes
+        row.update(flops=cell.batch * flops_per_seq, flops_per_s=cell.batch * flops_per_seq / row["median_s"])
     return row
 
 
-def measure_timing(cfg: Config, device: str, dtype: torch.dtype, flops_vs_n: list[dict],
-                   progress: bool = True) -> dict:
-    """Forward time of every (layer, implementation) in TIMED at each n, or why it was not timed.
+def _cell_json(cell: Cell, x: torch.Tensor) -> dict:
+    return {"layer": cell.layer, "implementation": cell.impl, "n": cell.n, "d_model": cell.d, "batch": cell.batch,
+            "mode": cell.mode, "input_shape": list(x.shape), "dtype": str(x.dtype).replace("torch.", ""),
+            "device": x.device.type}
+
+
+def measure_timing(cfg: Config, device: str, dtype: torch.dtype, flops: list[dict], progress: bool = True) -> dict:
+    """Time of every cell of :func:`timing_cells`, or why it was not timed (the Triton rows off CUDA).
 
     The whole grid is swept ``cfg.timing.rounds`` times; see :func:`_timed_row` for how rounds combine.
     """
@@ -369,37 +458,139 @@ def measure_timing(cfg: Config, device: str, dtype: torch.dtype, flops_vs_n: lis
 
     probe = probe_kernels(device, dtype)
     skip_triton = triton_timed(device, probe)
-    todo = [t for t in TIMED if not (t[2] == "triton" and skip_triton)]
-    flops = {(r["layer"], r["n"]): r["flops"] for r in flops_vs_n if r["d_model"] == cfg.d_model}
-    layers = {key: _build(cfg, key, cfg.d_model).to(device=device, dtype=dtype) for key, _, _ in todo}
+    cells = timing_cells(cfg)
+    todo = [c for c in cells if not (c.backend == "triton" and skip_triton)]
+    layers = {(k, d): _build(cfg, k, d).to(device=device, dtype=dtype) for k, d in {(c.layer, c.d) for c in cells}}
     inputs = {}
-    for n in cfg.seqlens:
+    for batch, n, d in sorted({(c.batch, c.n, c.d) for c in cells}):
         torch.manual_seed(cfg.seed)
-        inputs[n] = torch.randn(cfg.batch, n, cfg.d_model, device=device, dtype=dtype)
-    times = {(key, impl, n): [] for key, impl, _ in todo for n in cfg.seqlens}  # one list of runs per round
-    paths: dict = {}
-    with _bar(cfg.timing.rounds * len(times), f"timing on {device}", progress) as bar:
+        inputs[batch, n, d] = torch.randn(batch, n, d, device=device, dtype=dtype)
+    times: dict[Cell, list[list[float]]] = {c: [] for c in todo}  # one list of runs per round
+    paths: dict[Cell, str] = {}
+    with _bar(cfg.timing.rounds * len(todo), f"timing on {device}", progress) as bar:
         for _ in range(cfg.timing.rounds):
-            for n in cfg.seqlens:
-                for key, impl, backend in todo:
-                    times[key, impl, n].append(sample(_forward(layers[key], inputs[n], backend), device, cfg.timing))
-                    if backend:
-                        paths[key, impl, n] = kernels.last_path("attention") if backend == "triton" else "torch"
-                    bar.update()
+            for c in todo:
+                x = inputs[c.batch, c.n, c.d]
+                times[c].append(sample(_call(layers[c.layer, c.d], x, c.backend, c.mode), device, cfg.timing,
+                                       grad=c.mode != "forward"))
+                if c.backend:
+                    paths[c] = kernels.last_path("attention") if c.backend == "triton" else "torch"
+                bar.update()
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+    count = _FlopCache(cfg, flops["vs_n"] + flops["vs_d"])
     rows = []
-    for n in cfg.seqlens:
-        for key, impl, backend in TIMED:
-            if (key, impl, n) in times:
-                rows.append(_timed_row(cfg, key, impl, n, inputs[n], times[key, impl, n], flops[key, n],
-                                       paths.get((key, impl, n))))
-            else:
-                rows.append({"layer": key, "implementation": impl, "n": n, "batch": cfg.batch,
-                             "d_model": cfg.d_model, "input_shape": list(inputs[n].shape),
-                             "dtype": str(dtype).replace("torch.", ""), "device": device,
-                             "status": "not timed", "reason": skip_triton})
+    for c in cells:
+        x = inputs[c.batch, c.n, c.d]
+        if c in times:
+            per_seq = count(c.layer, c.n, c.d) if c.mode == "forward" else None
+            rows.append(_timed_row(c, x, times[c], per_seq, paths.get(c)))
+        else:
+            rows.append({**_cell_json(c, x), "status": "not timed", "reason": skip_triton})
     disturbed = sum(r.get("rounds_disagree", False) for r in rows)
     return {"rows": rows, "kernels_probe": probe, "triton_not_timed_reason": skip_triton,
-            "rounds_disagree_factor": DISAGREE, "cells_with_disagreeing_rounds": disturbed}
+            "rounds_disagree_factor": DISAGREE, "cells_with_disagreeing_rounds": disturbed,
+            "fits": timing_fits(cfg, rows)}
+
+
+def timing_fits(cfg: Config, rows: list[dict]) -> dict:
+    """Exponents of forward time: in n at d_model and batch ``cfg.batch``, in d at ``d_sweep_seqlen``."""
+    fits = {}
+    for key, impl, _ in TIMED:
+        mine = [r for r in rows if r["layer"] == key and r["implementation"] == impl and r["status"] == "measured"
+                and r["mode"] == "forward" and r["batch"] == cfg.batch]
+        over_n = sorted((r["n"], r["median_s"]) for r in mine if r["d_model"] == cfg.d_model)
+        over_d = sorted((r["d_model"], r["median_s"]) for r in mine if r["n"] == cfg.d_sweep_seqlen)
+        if len(over_n) >= 2 and len(over_d) >= 2:
+            fits[f"{key}|{impl}"] = {"layer": key, "implementation": impl,
+                                     "exponent_n": stats.loglog_exponent(*zip(*over_n)),
+                                     "exponent_d": stats.loglog_exponent(*zip(*over_d))}
+    return fits
+
+
+# --------------------------------------------------------------------------------------------------
+# Crossover: the n* above which a self-attention layer costs more than a recurrent one (Sec. 4)
+# --------------------------------------------------------------------------------------------------
+CROSSOVER_PAIRS = (  # (attention subject, recurrent subject)
+    ("attention_core", "rnn"),  # the paper's comparison: n²·d against n·d²
+    ("attention", "rnn"),
+    ("attention", "lstm"),
+    ("attention", "gru"),
+)
+
+
+def flop_crossover(cfg: Config, attention: str, recurrent: str, d: int, recurrent_counts: list[int]) -> dict:
+    """Smallest n with more counted FLOPs in ``attention`` than in ``recurrent`` at width d.
+
+    ``recurrent_counts[n - 1]`` is the recurrence's count at length n (:func:`recurrent_flops`); the
+    attention count grows with n, so n* is found by bisection over lengths 1..len(recurrent_counts).
+    """
+    n_max = len(recurrent_counts)
+
+    def attention_costlier(n: int) -> bool:
+        return count_on_meta(cfg, attention, n, d) > recurrent_counts[n - 1]
+
+    row = {"attention": attention, "recurrent": recurrent, "d_model": d, "searched_up_to_n": n_max}
+    if not attention_costlier(n_max):
+        return {**row, "n_star": None, "status": f"attention cheaper at every n <= {n_max}"}
+    lo, hi = 0, n_max  # attention_costlier(hi) holds; lo is 0 or a length where it does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if attention_costlier(mid) else (mid, hi)
+    return {**row, "n_star": hi, "n_star_over_d": hi / d, "status": "crossed",
+            "attention_flops_at_n_star": count_on_meta(cfg, attention, hi, d),
+            "recurrent_flops_at_n_star": recurrent_counts[hi - 1]}
+
+
+def recurrent_flops(cfg: Config, key: str, d: int, n_max: int) -> list[int]:
+    """Counted FLOPs of the unrolled recurrence at every length 1..n_max, in one pass on the meta device."""
+    layer = UnrolledRecurrence(SUBJECTS[key].build(cfg, d).to("meta"))
+    return cumulative_flops(layer.stepwise(torch.empty(1, n_max, d, device="meta")))
+
+
+def time_crossover(rows: list[dict], attention_impl: str, recurrent: str, d: int, batch: int) -> dict | None:
+    """The n where forward time of the attention layer overtakes the recurrence's, from the timing grid.
+
+    Between the two grid lengths where the time ratio crosses 1, n* is interpolated linearly in
+    log n against log(ratio). None when either series was not timed.
+    """
+    def series(layer, impl=None):
+        return {r["n"]: r["median_s"] for r in rows if r["layer"] == layer and r["d_model"] == d and
+                r["batch"] == batch and r["mode"] == "forward" and r["status"] == "measured" and
+                (impl is None or r["implementation"] == impl)}
+
+    att, rec = series("attention", attention_impl), series(recurrent)
+    ns = sorted(set(att) & set(rec))
+    if len(ns) < 2:
+        return None
+    ratio = [att[n] / rec[n] for n in ns]
+    row = {"attention_implementation": attention_impl, "recurrent": recurrent, "d_model": d, "batch": batch,
+           "n": ns, "time_ratio": ratio}
+    if ratio[0] > 1:
+        return {**row, "n_star": None, "status": f"attention slower at every n (from n = {ns[0]})"}
+    for (n0, r0), (n1, r1) in zip(zip(ns, ratio), zip(ns[1:], ratio[1:])):
+        if r1 > 1:
+            frac = -math.log(r0) / (math.log(r1) - math.log(r0)) if r0 != r1 else 0.0
+            n_star = math.exp(math.log(n0) + frac * (math.log(n1) - math.log(n0)))
+            return {**row, "n_star": n_star, "n_star_over_d": n_star / d, "status": "crossed"}
+    return {**row, "n_star": None, "status": f"attention faster at every n (up to n = {ns[-1]})"}
+
+
+def measure_crossover(cfg: Config, timing_rows: list[dict], progress: bool = True) -> dict:
+    """n* by counted FLOPs (exact, one sequence) and by forward time (interpolated), per d."""
+    ds = sorted(set(cfg.crossover_d) | {cfg.d_model})  # the timing grid has every layer at d_model too
+    by_flops = []
+    with _bar(len(cfg.crossover_d) * len(RECURRENT), "crossover (FLOPs)", progress) as bar:
+        for d in cfg.crossover_d:
+            n_max = cfg.crossover_max_ratio * d
+            for recurrent in RECURRENT:
+                counts = recurrent_flops(cfg, recurrent, d, n_max)
+                by_flops += [flop_crossover(cfg, a, r, d, counts) for a, r in CROSSOVER_PAIRS if r == recurrent]
+                bar.update()
+    impls = [i for k, i, _ in TIMED if k == "attention"]
+    by_time = [t for d in ds for impl in impls for rec in RECURRENT
+               if (t := time_crossover(timing_rows, impl, rec, d, cfg.batch)) is not None]
+    return {"by_flops": by_flops, "by_time": by_time, "d_values": ds, "max_ratio": cfg.crossover_max_ratio}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -412,10 +603,14 @@ TABLE1_ROWS = (  # Table 1 row -> which measurements stand for it
      "flops": "rnn", "sequential": "rnn_unrolled", "path": "rnn"},
     {"key": "recurrent_lstm", "paper": "recurrent", "label": "Recurrent (nn.LSTM)",
      "flops": "lstm", "sequential": "lstm_unrolled", "path": "lstm"},
+    {"key": "recurrent_gru", "paper": "recurrent", "label": "Recurrent (nn.GRU)",
+     "flops": "gru", "sequential": "gru_unrolled", "path": "gru"},
     {"key": "convolutional", "paper": "convolutional", "label": "Convolutional (contiguous, k={k})",
      "flops": "conv", "sequential": "conv", "path": "conv"},
     {"key": "convolutional_dilated", "paper": "convolutional", "label": "Convolutional (dilated, k={k})",
      "flops": None, "sequential": None, "path": "conv_dilated"},
+    {"key": "convolutional_separable", "paper": "separable", "label": "Convolutional (separable, k={k})",
+     "flops": "separable", "sequential": "separable", "path": "separable"},
     {"key": "restricted", "paper": "restricted", "label": "Self-Attention (restricted, r={r})",
      "flops": "restricted_core", "flops_layer": "restricted", "sequential": "restricted", "path": "restricted"},
 )
@@ -427,7 +622,8 @@ def run(cfg: Config, device: str = "cpu", progress: bool = True) -> dict:
     flops = measure_flops(cfg, progress)
     sequential = measure_sequential(cfg, progress)
     paths = measure_paths(cfg, progress)
-    timing = measure_timing(cfg, device, dtype, flops["vs_n"], progress)
+    timing = measure_timing(cfg, device, dtype, flops, progress)
+    crossover = measure_crossover(cfg, timing["rows"], progress)
     rows = [{**r, "label": r["label"].format(k=cfg.kernel_size, r=cfg.restricted_r), "paper_claims": PAPER[r["paper"]]}
             for r in TABLE1_ROWS]
     return {
@@ -441,4 +637,5 @@ def run(cfg: Config, device: str = "cpu", progress: bool = True) -> dict:
         "sequential_ops": sequential,
         "max_path_length": paths,
         "timing": timing,
+        "crossover": crossover,
     }

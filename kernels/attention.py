@@ -520,24 +520,35 @@ def _config(block_d: int, dtype: torch.dtype, seqlen_q: int, heavy: bool) -> dic
     return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8 if heavy else 4, num_stages=2)
 
 
-def _bwd_config(block_d: int, dtype: torch.dtype, heavy: bool) -> dict:
-    """Backward blocks (shared by the dK/dV and dQ kernels): each program holds two fp32 accumulators
-    and five operand tiles, so tiles are smaller than the forward's; same no-spill rule."""
+def _bwd_configs(block_d: int, dtype: torch.dtype, heavy: bool) -> tuple[dict, dict]:
+    """Backward blocks as ``(dK/dV kernel, dQ kernel)``. Each program holds two fp32 accumulators (one
+    for dQ) and five operand tiles, so tiles are smaller than the forward's; same no-spill rule.
+
+    The rows of every product are the program's own block: keys (BLOCK_N) in the dK/dV kernel, queries
+    (BLOCK_M) in the dQ kernel. On sm_90a Triton emits warpgroup MMA (HGMMA) only when those rows are a
+    multiple of 64 with whole warpgroups (4 warps), so that block is 64 or 128 and the streamed one
+    small, as in FlashAttention-2's backward (Dao, 2023, Sec. 3.2) and the Triton fused-attention
+    tutorial. ``python -m kernels.static_check`` reports the HGMMA count of each.
+    """
     if dispatch.INTERPRETER:
-        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
-    if dtype == torch.float32:
+        cfg = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+        return cfg, cfg
+    if dtype == torch.float32:  # no tensor cores: the FMA dot wants small square tiles
         if heavy:
-            return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
-        return dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=2) if block_d <= 64 else \
-            dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2)
-    if heavy and block_d <= 128:
-        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
-    if block_d <= 64:
-        return dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2)
-    if block_d <= 128:
-        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
-    return dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=2) if heavy else \
-        dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2)
+            cfg = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+        else:
+            cfg = dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=2) if block_d <= 64 else \
+                dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2)
+        return cfg, cfg
+    if block_d > 128:  # two 64x256 fp32 accumulators would spill: small square tiles, mma.sync
+        cfg = dict(BLOCK_M=16 if heavy else 32, BLOCK_N=32, num_warps=8, num_stages=2)
+        return cfg, cfg
+    own, streamed = (64, 16) if heavy else (64, 32)  # heavy: Philox state, mask, ALiBi beside the tile
+    warps = 8 if heavy or block_d > 64 else 4
+    stages = 1 if heavy and block_d > 64 else 2  # sm_80's cp.async pipeline costs the registers it lacks
+    dkdv = dict(BLOCK_M=streamed, BLOCK_N=own, num_warps=warps, num_stages=stages)
+    dq = dict(BLOCK_M=own, BLOCK_N=streamed, num_warps=warps, num_stages=stages)
+    return dkdv, dq
 
 
 # The row sums dO.O are memory-bound; 64 rows x 8 warps stays spill-free up to fp32 head_dim 256.
@@ -685,7 +696,7 @@ def attention_backward(do, q, k, v, out, lse, *, scale: float, bottom_right: boo
         for t in (dq, dk, dv):
             t.zero_()
     block_d, block_dv = block_size(pb["head_dim"]), block_size(pb["head_dim_v"])
-    cfg = _bwd_config(max(block_d, block_dv), q.dtype, pb["heavy"])
+    cfg_dkdv, cfg_dq = _bwd_configs(max(block_d, block_dv), q.dtype, pb["heavy"])
     lse_strides = (0 if varlen else lse.stride(0), lse.stride(1), lse.stride(2))
     delta = torch.empty_like(lse)
     rows_o = out.shape[2]  # physical rows: for a packed batch, all tokens
@@ -697,18 +708,18 @@ def attention_backward(do, q, k, v, out, lse, *, scale: float, bottom_right: boo
     tensors = dict(MASK=dummy if attn_mask is None else attn_mask, ALIBI=dummy if alibi_slopes is None else alibi_slopes,
                    CU_SEQLENS_Q=dummy if cu_seqlens_q is None else cu_seqlens_q,
                    CU_SEQLENS_K=dummy if cu_seqlens_k is None else cu_seqlens_k)
-    common = dict(**pb["scalars"], **pb["flags"], BLOCK_D=block_d, BLOCK_DV=block_dv, **cfg, **dot_flags(q.dtype))
+    common = dict(**pb["scalars"], **pb["flags"], BLOCK_D=block_d, BLOCK_DV=block_dv, **dot_flags(q.dtype))
     sizes = (pb["group_size"], pb["seqlen_q"], pb["seqlen_k"], pb["head_dim"], pb["head_dim_v"], scale)
     qkvdo = (*_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen), *_strides4(do, varlen))
-    _attn_bwd_dkdv_kernel[(triton.cdiv(pb["seqlen_k"], cfg["BLOCK_N"]), batch * pb["num_heads_k"])](
+    _attn_bwd_dkdv_kernel[(triton.cdiv(pb["seqlen_k"], cfg_dkdv["BLOCK_N"]), batch * pb["num_heads_k"])](
         q, k, v, do, lse, delta, dk, dv, *tensors.values(),
         *qkvdo, *_strides4(dk, varlen), *_strides4(dv, varlen), *lse_strides, *pb["mask_strides"], *pb["alibi_strides"],
-        pb["num_heads_k"], *sizes, **common,
+        pb["num_heads_k"], *sizes, **common, **cfg_dkdv,
     )
-    _attn_bwd_dq_kernel[(triton.cdiv(pb["seqlen_q"], cfg["BLOCK_M"]), batch * num_heads)](
+    _attn_bwd_dq_kernel[(triton.cdiv(pb["seqlen_q"], cfg_dq["BLOCK_M"]), batch * num_heads)](
         q, k, v, do, lse, delta, dq, *tensors.values(),
         *qkvdo, *_strides4(dq, varlen), *lse_strides, *pb["mask_strides"], *pb["alibi_strides"],
-        num_heads, *sizes, **common,
+        num_heads, *sizes, **common, **cfg_dq,
     )
     for name in ("attention_bwd_delta", "attention_bwd_dkdv", "attention_bwd_dq"):
         dispatch.record_launch(name)

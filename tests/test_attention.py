@@ -146,6 +146,43 @@ def test_fully_masked_rows_give_zero_output_and_gradient(device):
     assert torch.isfinite(out).all() and torch.isfinite(k.grad).all() and torch.isfinite(v.grad).all()
 
 
+# --- the tiles a GPU runs -----------------------------------------------------------------------------
+@pytest.fixture
+def gpu_tiles(monkeypatch):
+    """Make the launchers pick the block sizes they ship for a GPU (the interpreter otherwise takes
+    32x32 tiles): the non-square forward and backward tiles run here, through the interpreter."""
+    import importlib
+
+    from kernels import dispatch
+
+    mod = importlib.import_module("kernels.attention")
+
+    def as_on_gpu(pick):
+        def picked(*args, **kwargs):
+            with monkeypatch.context() as m:
+                m.setattr(dispatch, "INTERPRETER", False)
+                return pick(*args, **kwargs)
+        return picked
+
+    monkeypatch.setattr(mod, "_config", as_on_gpu(mod._config))
+    monkeypatch.setattr(mod, "_bwd_configs", as_on_gpu(mod._bwd_configs))
+
+
+@pytest.mark.parametrize("head_dim,causal,heavy", [(64, True, False), (128, False, False), (128, True, True),
+                                                  (256, True, False)])
+def test_gpu_tiles_forward_and_backward(device, gpu_tiles, head_dim, causal, heavy):
+    """fp16 at the shipped GPU tiles (e.g. dK/dV over 64 keys x 32 queries, dQ over 64 queries x 32 keys,
+    forward 128 x 64), lengths that are no multiple of any block; ``heavy`` adds a mask."""
+    seqlen_q, seqlen_k = 150, 139
+    mask = None
+    if heavy:
+        mask = torch.rand(1, 1, seqlen_q, seqlen_k, device=device) > 0.2
+        mask[..., :1] = True  # every row sees a key
+    kw = dict(attn_mask=mask) if heavy else dict(is_causal=causal)
+    check_fwd_bwd(_sdpa(**kw), _ref(attn_mask=mask) if heavy else _ref(causal=causal),
+                  _qkv(1, 2, seqlen_q, seqlen_k, head_dim, torch.float16, device), torch.float16)
+
+
 # --- grouped-query attention ------------------------------------------------------------------------
 @pytest.mark.parametrize("heads,heads_k", [(4, 2), (6, 3), (4, 1)])
 def test_gqa(device, heads, heads_k):

@@ -25,3 +25,10 @@ def test_every_shipped_config_compiles_spill_free_with_tensor_cores():
     assert {r["arch"] for r in reports} == {"sm_80", "sm_90a"}
     half = [r for r in reports if r["needs_mma"]]
     assert half and all(r["mma_instructions"] > 0 for r in half)
+    # Hopper's warpgroup MMA (HGMMA) wherever a program owns 64+ rows: every half-precision attention
+    # product except decoding (16-row blocks) and head_dim 256's backward (small tiles against spills).
+    attn = {"_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"}
+    hopper = [r for r in half if r["arch"] == "sm_90a" and r["kernel"] in attn and "decode" not in r["case"]
+              and not (r["kernel"] != "_attn_fwd_kernel" and "d=256" in r["case"])]
+    assert hopper and not [(r["kernel"], r["case"]) for r in hopper if r["wgmma_instructions"] == 0]
+    assert all(r["wgmma_instructions"] > 0 for r in half if r["arch"] == "sm_90a" and r["kernel"] == "_matmul_kernel")

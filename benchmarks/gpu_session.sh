@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# What a session with a lent GPU (H100/H200; see the device tool's README) runs, in two calls that
+# each fit the tool's 10-minute limit:
+#
+#   bash benchmarks/gpu_session.sh check              # GPU tests, compute-sanitizer, static SASS check
+#   bash benchmarks/gpu_session.sh bench [SUITE ...]  # suites (default: table1 attention kernels)
+#
+# Uses the machine's own python3 (its torch and triton): nothing is installed. Everything lands in
+# benchmarks/results/<gpu>-<date>/; with $OUT set (the tool's return folder, at most 8 files) that
+# folder is also packed into $OUT/<phase>.tar.gz. A failing step is logged and the next still runs,
+# and each step has a time limit: device time is too scarce to stop early or to hang.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+PY=${PY:-python3}
+PHASE=${1:-check}
+shift || true
+NAME=$($PY -c "import datetime, torch; print(torch.cuda.get_device_name().replace(' ', '_') + '-' + datetime.date.today().isoformat())")
+DIR=benchmarks/results/$NAME
+mkdir -p "$DIR"
+
+step() {  # step NAME SECONDS CMD...: run under a time limit, log to $DIR/NAME.log, record the status
+    echo "=== $1: ${*:3}"
+    timeout "$2" "${@:3}" 2>&1 | tee "$DIR/$1.log"
+    echo "$1 exit ${PIPESTATUS[0]}" | tee -a "$DIR/steps.txt"
+}
+
+case $PHASE in
+check)
+    nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.limit --format=csv > "$DIR/gpu.csv" 2>&1
+    step gpu-tests 240 "$PY" -m pytest -m gpu -q -p no:cacheprovider
+    step sanitizer-memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 1 \
+        "$PY" -m pytest -m gpu -q -p no:cacheprovider -x tests/test_attention.py tests/test_layer_norm.py
+    step sanitizer-racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 1 \
+        "$PY" -m pytest -m gpu -q -p no:cacheprovider -x tests/test_layer_norm.py
+    step static-check 120 "$PY" -m kernels.static_check
+    ;;
+bench)
+    # shellcheck disable=SC2068
+    step benchmarks 560 "$PY" -m benchmarks ${@:-table1 attention kernels} --device cuda --no-progress --out "$DIR"
+    ;;
+*)
+    echo "usage: $0 check | bench [SUITE ...]" >&2
+    exit 2
+    ;;
+esac
+if [ -n "${OUT:-}" ]; then
+    tar -czf "$OUT/$PHASE.tar.gz" -C benchmarks/results "$NAME"
+fi
+cat "$DIR/steps.txt"

@@ -93,7 +93,8 @@ def _run_kernel_suite(module_name: str, writer_name: str):
 
         module = importlib.import_module(f"benchmarks.{module_name}")
         started, load_at_start = time.perf_counter(), load_average()
-        cfg = module.Config.for_device(args.device, quick=args.quick)
+        overrides = {"trace_dir": str(out_dir)} if args.trace and module_name == "attention_cost" else {}
+        cfg = module.Config.for_device(args.device, quick=args.quick, **overrides)
         results = module.run(cfg, device=args.device, progress=not args.no_progress)
         results.update(quick=args.quick, environment=environment(argv, load_at_start),
                        wall_time_s=time.perf_counter() - started)
@@ -126,6 +127,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="where to time the layers (default: cuda if available, else cpu)")
     parser.add_argument("--batch", type=int, default=None, help="batch size of the timed forward passes")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--trace", action="store_true",
+                        help="attention suite: also export torch.profiler Chrome traces of each backend")
     args = parser.parse_args(argv)
     unknown = [s for s in args.suites if s not in SUITES]
     if unknown:

@@ -11,6 +11,10 @@ achieved TFLOP/s with the share of the matmul rate this run measured on the devi
 * FlexAttention (``torch.nn.attention.flex_attention``, compiled) where it runs;
 * naive eager attention (softmax(Q K^T) V, the score matrix materialized) until it runs out of memory.
 
+With ``trace_dir`` set (``python -m benchmarks attention --trace``) one causal forward+backward of every
+backend that ran, at the second sequence length and the largest head_dim, is recorded with
+``torch.profiler`` and exported as a Chrome trace (``trace-<backend>.json``, open in Perfetto).
+
 FLOPs follow DESIGN.md: forward 4 * batch * heads * seqlen^2 * head_dim, halved when causal, backward
 2.5x forward; the run checks the forward formula against ``torch.utils.flop_counter`` once.
 The total token count per step is held near 16k (batch = 16384 // seqlen), heads * head_dim = 2048.
@@ -19,7 +23,9 @@ The total token count per step is held near 16k (batch = 16384 // seqlen), heads
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +45,7 @@ class Config:
     width: int = 2048  # heads * head_dim
     dtype: str = "bfloat16"
     backward: bool = True
+    trace_dir: str | None = None  # where to write torch.profiler Chrome traces; None: no traces
 
     @classmethod
     def for_device(cls, device: str, quick: bool = False, **overrides) -> "Config":
@@ -181,8 +188,39 @@ def run(cfg: Config, device: str, progress: bool = True) -> dict:
             _rates(row, limits)
         rows.append(row)
     sync(device)
+    traces = export_traces(found, cfg, device, dtype) if cfg.trace_dir else {}
     return {"suite": "attention", "config": {**asdict(cfg), "device": device}, "device_limits": limits,
-            "flop_formula_check": check_flop_formula(device), "rows": rows}
+            "flop_formula_check": check_flop_formula(device), "rows": rows, "traces": traces}
+
+
+def export_traces(found: dict, cfg: Config, device: str, dtype: torch.dtype) -> dict:
+    """backend -> Chrome trace file name (or why none): one causal forward+backward under torch.profiler,
+    after one untraced warm-up call so compilation stays out of the trace."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    seqlen, head_dim = cfg.seqlens[min(1, len(cfg.seqlens) - 1)], max(cfg.head_dims)
+    heads, batch = cfg.width // head_dim, max(1, cfg.tokens // seqlen)
+    out_dir = Path(cfg.trace_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    traces = {}
+    for name, (fn, why) in found.items():
+        if fn is None:
+            traces[name] = why
+            continue
+        try:
+            q, k, v = (torch.randn(batch, heads, seqlen, head_dim, device=device, dtype=dtype, requires_grad=True)
+                       for _ in range(3))
+            fn(q, k, v, True).sum().backward()
+            with profile(activities=activities, record_shapes=True) as prof:
+                fn(q, k, v, True).sum().backward()
+                sync(device)
+            path = out_dir / f"trace-{re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-')}.json"
+            prof.export_chrome_trace(str(path))
+            traces[name] = path.name
+        except Exception as error:  # noqa: BLE001 - a backend that fails here is reported, the others traced
+            traces[name] = f"not traced: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
+    return traces
 
 
 def _rates(row: dict, limits: dict) -> None:

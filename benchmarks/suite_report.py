@@ -86,6 +86,9 @@ def write_attention(results: dict, out: Path) -> list[Path]:
                          "backward ms", "fwd TFLOP/s", "bwd TFLOP/s", "fwd % of matmul peak", "peak MiB fwd",
                          "peak MiB fwd+bwd", "status"], table))
     lines += ["", "![time](attention_time.png)", "", "![memory](attention_memory.png)", ""]
+    if results.get("traces"):
+        lines += ["torch.profiler Chrome traces (one causal forward+backward each; open in Perfetto):", ""]
+        lines += [f"- {name}: `{what}`" for name, what in results["traces"].items()] + [""]
     (out / "report.md").write_text("\n".join(lines))
     (out / "results.json").write_text(json.dumps(results, indent=1))
     _write_csv(rows, out / "results.csv")

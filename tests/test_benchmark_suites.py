@@ -10,9 +10,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(suite: str, out: Path) -> dict:
+def _run(suite: str, out: Path, *extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "benchmarks", suite, "--quick", "--no-progress", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", suite, "--quick", "--no-progress", "--out", str(out),
+                           *extra],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == str(out.resolve())
@@ -22,7 +23,7 @@ def _run(suite: str, out: Path) -> dict:
 
 
 def test_attention_suite(tmp_path):
-    results = _run("attention", tmp_path / "attention")
+    results = _run("attention", tmp_path / "attention", "--trace")
     assert abs(results["flop_formula_check"]["ratio"] - 1) < 1e-9
     rows = results["rows"]
     measured = [r for r in rows if r["status"] == "measured"]
@@ -31,6 +32,8 @@ def test_attention_suite(tmp_path):
     ours = [r for r in rows if r["backend"] == "ours (Triton)"]
     assert ours and all("no CUDA device" in r["status"] for r in ours)  # said plainly, not faked
     assert (tmp_path / "attention" / "attention_time.png").exists()
+    trace = tmp_path / "attention" / results["traces"]["torch math"]  # a Chrome trace of one fwd+bwd
+    assert "traceEvents" in json.loads(trace.read_text())
 
 
 def test_kernels_suite(tmp_path):

@@ -77,6 +77,10 @@ def rerender(folders: list[str]) -> int:
         if suite not in writers:
             print(f"report: {stored} holds suite {suite!r}; known: {', '.join(writers)}", file=sys.stderr)
             return 2
+        if suite == "table1" and "crossover" not in results:
+            print(f"report: {stored} was written by an older table1 (no crossover, no forward+backward "
+                  "timings); run the suite again to get a report of this version", file=sys.stderr)
+            return 2
         writers[suite](results, folder)
         print(folder.resolve())
     return 0

@@ -159,6 +159,8 @@ def _cell_text(results: dict, r: dict | None) -> str:
         return "—"
     if r["status"] == "measured":
         return _si(r["tokens_per_s"])
+    if r["status"] == "failed":
+        return "failed (reason in results.json)"
     return "not timed (no CUDA device)" if results["config"]["device"] != "cuda" else "not timed"
 
 

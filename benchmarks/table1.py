@@ -467,12 +467,17 @@ def measure_timing(cfg: Config, device: str, dtype: torch.dtype, flops: list[dic
         inputs[batch, n, d] = torch.randn(batch, n, d, device=device, dtype=dtype)
     times: dict[Cell, list[list[float]]] = {c: [] for c in todo}  # one list of runs per round
     paths: dict[Cell, str] = {}
+    failed: dict[Cell, str] = {}
     with _bar(cfg.timing.rounds * len(todo), f"timing on {device}", progress) as bar:
         for _ in range(cfg.timing.rounds):
             for c in todo:
-                x = inputs[c.batch, c.n, c.d]
-                times[c].append(sample(_call(layers[c.layer, c.d], x, c.backend, c.mode), device, cfg.timing,
-                                       grad=c.mode != "forward"))
+                x, layer = inputs[c.batch, c.n, c.d], layers[c.layer, c.d]
+                layer.train(c.mode != "forward")  # cuDNN's RNN backward refuses eval mode; no layer has dropout
+                try:
+                    times[c].append(sample(_call(layer, x, c.backend, c.mode), device, cfg.timing,
+                                           grad=c.mode != "forward"))
+                except Exception as error:  # noqa: BLE001 - a cell that fails is reported, the grid goes on
+                    failed[c] = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
                 if c.backend:
                     paths[c] = kernels.last_path("attention") if c.backend == "triton" else "torch"
                 bar.update()
@@ -482,7 +487,9 @@ def measure_timing(cfg: Config, device: str, dtype: torch.dtype, flops: list[dic
     rows = []
     for c in cells:
         x = inputs[c.batch, c.n, c.d]
-        if c in times:
+        if c in failed:
+            rows.append({**_cell_json(c, x), "status": "failed", "reason": failed[c]})
+        elif c in times:
             per_seq = count(c.layer, c.n, c.d) if c.mode == "forward" else None
             rows.append(_timed_row(c, x, times[c], per_seq, paths.get(c)))
         else:
@@ -500,7 +507,8 @@ def timing_fits(cfg: Config, rows: list[dict]) -> dict:
         mine = [r for r in rows if r["layer"] == key and r["implementation"] == impl and r["status"] == "measured"
                 and r["mode"] == "forward" and r["batch"] == cfg.batch]
         over_n = sorted((r["n"], r["median_s"]) for r in mine if r["d_model"] == cfg.d_model)
-        over_d = sorted((r["d_model"], r["median_s"]) for r in mine if r["n"] == cfg.d_sweep_seqlen)
+        over_d = sorted((r["d_model"], r["median_s"]) for r in mine
+                        if r["n"] == cfg.d_sweep_seqlen and r["d_model"] in cfg.d_sweep)
         if len(over_n) >= 2 and len(over_d) >= 2:
             fits[f"{key}|{impl}"] = {"layer": key, "implementation": impl,
                                      "exponent_n": stats.loglog_exponent(*zip(*over_n)),
@@ -549,10 +557,10 @@ def recurrent_flops(cfg: Config, key: str, d: int, n_max: int) -> list[int]:
 
 
 def time_crossover(rows: list[dict], attention_impl: str, recurrent: str, d: int, batch: int) -> dict | None:
-    """The n where forward time of the attention layer overtakes the recurrence's, from the timing grid.
+    """The n above which the attention layer's forward time stays above the recurrence's, on the grid.
 
-    Between the two grid lengths where the time ratio crosses 1, n* is interpolated linearly in
-    log n against log(ratio). None when either series was not timed.
+    Between the last grid length where the time ratio is <= 1 and the next, n* is interpolated
+    linearly in log n against log(ratio). None when either series was not timed.
     """
     def series(layer, impl=None):
         return {r["n"]: r["median_s"] for r in rows if r["layer"] == layer and r["d_model"] == d and
@@ -566,14 +574,16 @@ def time_crossover(rows: list[dict], attention_impl: str, recurrent: str, d: int
     ratio = [att[n] / rec[n] for n in ns]
     row = {"attention_implementation": attention_impl, "recurrent": recurrent, "d_model": d, "batch": batch,
            "n": ns, "time_ratio": ratio}
-    if ratio[0] > 1:
+    below = [i for i, r in enumerate(ratio) if r <= 1]
+    if not below:
         return {**row, "n_star": None, "status": f"attention slower at every n (from n = {ns[0]})"}
-    for (n0, r0), (n1, r1) in zip(zip(ns, ratio), zip(ns[1:], ratio[1:])):
-        if r1 > 1:
-            frac = -math.log(r0) / (math.log(r1) - math.log(r0)) if r0 != r1 else 0.0
-            n_star = math.exp(math.log(n0) + frac * (math.log(n1) - math.log(n0)))
-            return {**row, "n_star": n_star, "n_star_over_d": n_star / d, "status": "crossed"}
-    return {**row, "n_star": None, "status": f"attention faster at every n (up to n = {ns[-1]})"}
+    i = below[-1]  # n* is where attention becomes, and on the grid stays, the costlier one
+    if i < len(ns) - 1:
+        (n0, r0), (n1, r1) = (ns[i], ratio[i]), (ns[i + 1], ratio[i + 1])
+        frac = -math.log(r0) / (math.log(r1) - math.log(r0))  # r0 <= 1 < r1
+        n_star = math.exp(math.log(n0) + frac * (math.log(n1) - math.log(n0)))
+        return {**row, "n_star": n_star, "n_star_over_d": n_star / d, "status": "crossed"}
+    return {**row, "n_star": None, "status": f"attention not slower at the longest n = {ns[-1]}"}
 
 
 def measure_crossover(cfg: Config, timing_rows: list[dict], progress: bool = True) -> dict:

@@ -15,7 +15,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRITON_IN
 PY=${PY:-python3}
 PHASE=${1:-check}
 shift || true
-NAME=$($PY -c "import datetime, torch; print(torch.cuda.get_device_name().replace(' ', '_') + '-' + datetime.date.today().isoformat())")
+DEVICE=${DEVICE:-cuda}  # DEVICE=cpu RUN_NAME=dry-run: a dry run of the plumbing on a machine without a GPU
+NAME=${RUN_NAME:-$($PY -c "import datetime, torch; print(torch.cuda.get_device_name().replace(' ', '_') + '-' + datetime.date.today().isoformat())")}
 DIR=benchmarks/results/$NAME
 mkdir -p "$DIR"
 
@@ -37,7 +38,7 @@ check)
     ;;
 bench)
     # shellcheck disable=SC2068
-    step benchmarks 560 "$PY" -m benchmarks ${@:-table1 attention kernels} --device cuda --no-progress --out "$DIR"
+    step benchmarks 560 "$PY" -m benchmarks ${@:-table1 attention kernels} --device "$DEVICE" --no-progress --out "$DIR"
     ;;
 *)
     echo "usage: $0 check | bench [SUITE ...]" >&2

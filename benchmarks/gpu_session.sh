@@ -2,7 +2,7 @@
 # What a session with a lent GPU (H100/H200; see the device tool's README) runs, in two calls that
 # each fit the tool's 10-minute limit:
 #
-#   bash benchmarks/gpu_session.sh check              # GPU tests, compute-sanitizer, static SASS check
+#   bash benchmarks/gpu_session.sh check              # all tests on the GPU, compute-sanitizer
 #   bash benchmarks/gpu_session.sh bench [SUITE ...]  # suites (default: table1 attention kernels)
 #
 # Uses the machine's own python3 (its torch and triton): nothing is installed. Everything lands in
@@ -29,12 +29,13 @@ step() {  # step NAME SECONDS CMD...: run under a time limit, log to $DIR/NAME.l
 case $PHASE in
 check)
     nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.limit --format=csv > "$DIR/gpu.csv" 2>&1
-    step gpu-tests 240 "$PY" -m pytest -m gpu -q -p no:cacheprovider
+    # the whole suite: with CUDA present every kernel test runs compiled on the GPU (and the static
+    # check runs as tests/test_static_check.py), plus the tests marked gpu
+    step tests 300 "$PY" -m pytest -q -p no:cacheprovider -n 8 --dist worksteal
     step sanitizer-memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 1 \
         "$PY" -m pytest -m gpu -q -p no:cacheprovider -x tests/test_attention.py tests/test_layer_norm.py
     step sanitizer-racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 1 \
         "$PY" -m pytest -m gpu -q -p no:cacheprovider -x tests/test_layer_norm.py
-    step static-check 120 "$PY" -m kernels.static_check
     ;;
 bench)
     # shellcheck disable=SC2068

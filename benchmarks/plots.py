@@ -24,6 +24,21 @@ MARKERS = ("o", "s", "^", "v", "D", "x", "*")
 STYLES = ("-", "--", "-.", ":")
 
 
+def save(fig, path: Path, dpi: int = 110) -> Path:
+    """Lay out, write the PNG and free the figure; returns ``path``."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
+def _log_log(ax) -> None:
+    """Sizes on a base-2 log axis, costs on a log axis, with a grid on both."""
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+
+
 def _series(rows: list[dict], key: str, value: str, **match) -> tuple[list, list]:
     sel = [r for r in rows if r.get(key) is not None and all(r.get(k) == v for k, v in match.items())]
     return [r["n"] for r in sel], [r[value] for r in sel]
@@ -65,19 +80,14 @@ def throughput(results: dict, path: Path) -> Path:
                       fontsize=10)
     axes[2].set_xlabel("batch size")
     for ax in axes:
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
+        _log_log(ax)
         ax.set_ylabel("tokens / s")
-        ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=8)
     title = f"Throughput, d_model={cfg['d_model']}, {cfg['dtype']} on {cfg['device']}"
     if t["triton_not_timed_reason"]:
         title += " (Triton kernels not timed: no CUDA device)"
     fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def crossover(results: dict, path: Path) -> Path:
@@ -98,17 +108,12 @@ def crossover(results: dict, path: Path) -> Path:
                 ax.axvline(flop["n_star_over_d"], color=f"C{c['d_values'].index(d)}", alpha=0.3, linestyle=":")
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.axvline(1.0, color="grey", linewidth=0.8, linestyle="-.")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
+        _log_log(ax)
         ax.set_xlabel("n / d  (dash-dot: the paper's n = d; dotted: counted-FLOP n*/d)")
         ax.set_ylabel(f"time(self-attention layer) / time({LABELS[rec]})")
         ax.set_title(f"Self-attention layer vs {LABELS[rec]}, forward", fontsize=10)
-        ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def flops(results: dict, path: Path) -> Path:
@@ -118,17 +123,12 @@ def flops(results: dict, path: Path) -> Path:
     for key in f["fits"]:
         ns, ys = _series(f["vs_n"], "flops", "flops", layer=key)
         ax.plot(ns, ys, marker="o", label=f"{LABELS[key]}: ∝ n^{f['fits'][key]['exponent_n']:.2f}")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
+    _log_log(ax)
     ax.set_xlabel("sequence length n")
     ax.set_ylabel("FLOPs per layer, one sequence (FlopCounterMode)")
     ax.set_title(f"FLOPs per layer, d_model={results['config']['d_model']}", fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path, dpi=120)
 
 
 def table1(results: dict, path: Path) -> Path:
@@ -148,15 +148,10 @@ def table1(results: dict, path: Path) -> Path:
     right.set_title(f"Maximum path length (Jacobian reachability, width {paths['width']})", fontsize=10)
     right.set_ylabel("layers (recurrence: steps) from input 0 to output n-1")
     for ax in (left, right):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
+        _log_log(ax)
         ax.set_xlabel("sequence length n")
-        ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path, dpi=120)
 
 
 def write_all(results: dict, out_dir: Path) -> list[Path]:

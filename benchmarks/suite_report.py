@@ -9,10 +9,7 @@ import csv
 import json
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from .plots import plt, save
 
 
 def _fmt(x, digits=3) -> str:
@@ -114,10 +111,7 @@ def _attention_plot(rows: list[dict], key: str, path: Path, ylabel: str) -> Path
         ax.grid(True, which="both", alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -166,7 +160,4 @@ def _layer_norm_plot(rows: list[dict], path: Path) -> Path:
            title=f"LayerNorm, {rows_m} rows")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)

@@ -24,6 +24,7 @@ paper's base size (d_model 512, 8 heads, convolution kernel width 3) this suite
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -119,6 +120,13 @@ class Subject:
     formula_value: Callable[[Config, int, int], float]  # (cfg, n, d) -> the paper's term
 
 
+def _recurrent(kind: str, label: str, note: str = "") -> Subject:
+    """A recurrent layer, counted through its cell-by-cell unrolling (Table 1's n·d² row)."""
+    return Subject(kind, label, "recurrent", lambda c, d: Recurrent(kind, d), UnrolledRecurrence,
+                   "FlopCounterMode over the cell-by-cell unrolling with the module's weights" + note,
+                   "n·d²", lambda c, n, d: n * d * d)
+
+
 SUBJECTS = {s.key: s for s in (
     Subject("attention", "self-attention layer (q/k/v/out projections + SDPA)", "self_attention",
             lambda c, d: SelfAttention(d, c.num_heads), _with_math_sdpa,
@@ -129,20 +137,9 @@ SUBJECTS = {s.key: s for s in (
             lambda c, d: AttentionCore(d, c.num_heads), _with_math_sdpa,
             "FlopCounterMode over F.scaled_dot_product_attention on the MATH backend",
             "n²·d", lambda c, n, d: n * n * d),
-    Subject("rnn", "nn.RNN(d, d), tanh", "recurrent",
-            lambda c, d: Recurrent("rnn", d), UnrolledRecurrence,
-            "FlopCounterMode over the cell-by-cell unrolling with the module's weights",
-            "n·d²", lambda c, n, d: n * d * d),
-    Subject("lstm", "nn.LSTM(d, d)", "recurrent",
-            lambda c, d: Recurrent("lstm", d), UnrolledRecurrence,
-            "FlopCounterMode over the cell-by-cell unrolling with the module's weights "
-            "(the fused nn.LSTM kernel has no FLOP formula)",
-            "n·d²", lambda c, n, d: n * d * d),
-    Subject("gru", "nn.GRU(d, d)", "recurrent",
-            lambda c, d: Recurrent("gru", d), UnrolledRecurrence,
-            "FlopCounterMode over the cell-by-cell unrolling with the module's weights "
-            "(the fused nn.GRU kernel has no FLOP formula)",
-            "n·d²", lambda c, n, d: n * d * d),
+    _recurrent("rnn", "nn.RNN(d, d), tanh"),
+    _recurrent("lstm", "nn.LSTM(d, d)", " (the fused nn.LSTM kernel has no FLOP formula)"),
+    _recurrent("gru", "nn.GRU(d, d)", " (the fused nn.GRU kernel has no FLOP formula)"),
     Subject("conv", "nn.Conv1d(d, d, k), same padding", "convolutional",
             lambda c, d: Convolution(d, c.kernel_size), _as_is,
             "FlopCounterMode over the layer (aten.convolution)",
@@ -421,7 +418,7 @@ class _FlopCache:
 def count_on_meta(cfg: Config, key: str, n: int, d: int) -> int:
     """FLOPs of one sequence through the countable form of ``key``, on the meta device (shapes only)."""
     subject = SUBJECTS[key]
-    layer = SUBJECTS[key].build(cfg, d).to("meta")
+    layer = subject.build(cfg, d).to("meta")
     x = torch.empty(1, n, d, device="meta")
     return count_flops(lambda: subject.countable(layer)(x))["total"]
 
@@ -534,9 +531,10 @@ def flop_crossover(cfg: Config, attention: str, recurrent: str, d: int, recurren
     attention count grows with n, so n* is found by bisection over lengths 1..len(recurrent_counts).
     """
     n_max = len(recurrent_counts)
+    attention_count = functools.cache(lambda n: count_on_meta(cfg, attention, n, d))
 
     def attention_costlier(n: int) -> bool:
-        return count_on_meta(cfg, attention, n, d) > recurrent_counts[n - 1]
+        return attention_count(n) > recurrent_counts[n - 1]
 
     row = {"attention": attention, "recurrent": recurrent, "d_model": d, "searched_up_to_n": n_max}
     if not attention_costlier(n_max):
@@ -546,7 +544,7 @@ def flop_crossover(cfg: Config, attention: str, recurrent: str, d: int, recurren
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if attention_costlier(mid) else (mid, hi)
     return {**row, "n_star": hi, "n_star_over_d": hi / d, "status": "crossed",
-            "attention_flops_at_n_star": count_on_meta(cfg, attention, hi, d),
+            "attention_flops_at_n_star": attention_count(hi),
             "recurrent_flops_at_n_star": recurrent_counts[hi - 1]}
 
 

@@ -184,12 +184,6 @@ FUZZ = settings(max_examples=500, deadline=None, derandomize=bool(os.environ.get
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
-def _launched(*names):
-    """A check that each named Triton kernel launched since this call (kernels.launch_count)."""
-    before = {n: kernels.launch_count(n) for n in names}
-    return lambda: all(kernels.launch_count(n) > before[n] for n in names)
-
-
 def _rel(a, b):
     a, b = a.detach().double(), b.detach().double()
     return ((a - b).norm() / b.norm().clamp_min(1e-12)).item() if torch.isfinite(a).all() else math.inf
@@ -199,8 +193,7 @@ def _rel(a, b):
 @given(b=st.integers(1, 2), hk=st.integers(1, 2), g=st.integers(1, 2), lq=st.integers(1, 24), lk=st.integers(1, 24),
        d=st.sampled_from([8, 16, 24, 32]), mode=st.sampled_from(["none", "causal", "bool", "float"]),
        seed=st.integers(0, 2**31 - 1))
-def test_fuzz_attention(device, b, hk, g, lq, lk, d, mode, seed):
-    launched = _launched("attention_fwd", "attention_bwd_dq")
+def test_fuzz_attention(device, launches, b, hk, g, lq, lk, d, mode, seed):
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(b, hk * g, lq, d, generator=gen)
     k, v = (torch.randn(b, hk, lk, d, generator=gen) for _ in range(2))
@@ -209,13 +202,13 @@ def test_fuzz_attention(device, b, hk, g, lq, lk, d, mode, seed):
         mask = torch.rand(b, 1, lq, lk, generator=gen) > 0.3
     elif mode == "float":
         mask = torch.randn(1, hk * g, lq, lk, generator=gen)
-    leaves = [t.to(device).requires_grad_() for t in (q, k, v)]
-    out = kernels.scaled_dot_product_attention(*leaves, attn_mask=None if mask is None else mask.to(device),
-                                               is_causal=mode == "causal", enable_gqa=True)
-    dout = torch.randn(out.shape, generator=gen)
-    out.backward(dout.to(device))
+    with launches("attention_fwd"), launches("attention_bwd_dq"):  # Triton ran, not a fallback
+        leaves = [t.to(device).requires_grad_() for t in (q, k, v)]
+        out = kernels.scaled_dot_product_attention(*leaves, attn_mask=None if mask is None else mask.to(device),
+                                                   is_causal=mode == "causal", enable_gqa=True)
+        dout = torch.randn(out.shape, generator=gen)
+        out.backward(dout.to(device))
     refs = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    assert launched()  # the Triton kernels ran, not the PyTorch fallback
     ref = attention_reference(*refs, causal=mode == "causal", attn_mask=mask)
     ref.backward(dout.double())
     assert _rel(out.cpu(), ref) < 1e-4
@@ -227,26 +220,25 @@ def test_fuzz_attention(device, b, hk, g, lq, lk, d, mode, seed):
 @given(rows=st.integers(1, 12), cols=st.integers(1, 80), kind=st.sampled_from(["layer", "rms"]),
        affine=st.sampled_from(["none", "weight", "both"]), residual=st.booleans(), prenorm=st.booleans(),
        seed=st.integers(0, 2**31 - 1))
-def test_fuzz_norms(device, rows, cols, kind, affine, residual, prenorm, seed):
-    launched = _launched("layer_norm_fwd", "layer_norm_bwd")
+def test_fuzz_norms(device, launches, rows, cols, kind, affine, residual, prenorm, seed):
     gen = torch.Generator().manual_seed(seed)
     x, res = torch.randn(rows, cols, generator=gen) * 3, torch.randn(rows, cols, generator=gen)
     w = torch.randn(cols, generator=gen) if affine != "none" else None
     bias = torch.randn(cols, generator=gen) if (affine == "both" and kind == "layer") else None
     tensors = [x, res if residual else None, w, bias]
-    leaves = [t.to(device).requires_grad_() if t is not None else None for t in tensors]
-    is_rms = kind == "rms"
-    if residual:
-        fn = kernels.add_rms_norm if is_rms else kernels.add_layer_norm
-        args = (leaves[0], leaves[1], cols, leaves[2]) + (() if is_rms else (leaves[3],))
-        out = fn(*args, eps=1e-5, prenorm=prenorm)
-    else:
-        out = (kernels.rms_norm(leaves[0], cols, leaves[2], eps=1e-5) if is_rms
-               else kernels.layer_norm(leaves[0], cols, leaves[2], leaves[3]))
-    outs = out if isinstance(out, tuple) else (out,)
-    grads = [torch.randn(o.shape, generator=gen) for o in outs]
-    sum((o * gr.to(device)).sum() for o, gr in zip(outs, grads)).backward()
-    assert launched()
+    with launches("layer_norm_fwd"), launches("layer_norm_bwd"):
+        leaves = [t.to(device).requires_grad_() if t is not None else None for t in tensors]
+        is_rms = kind == "rms"
+        if residual:
+            fn = kernels.add_rms_norm if is_rms else kernels.add_layer_norm
+            args = (leaves[0], leaves[1], cols, leaves[2]) + (() if is_rms else (leaves[3],))
+            out = fn(*args, eps=1e-5, prenorm=prenorm)
+        else:
+            out = (kernels.rms_norm(leaves[0], cols, leaves[2], eps=1e-5) if is_rms
+                   else kernels.layer_norm(leaves[0], cols, leaves[2], leaves[3]))
+        outs = out if isinstance(out, tuple) else (out,)
+        grads = [torch.randn(o.shape, generator=gen) for o in outs]
+        sum((o * gr.to(device)).sum() for o, gr in zip(outs, grads)).backward()
     refs = [t.detach().double().requires_grad_() if t is not None else None for t in tensors]
     y, z = norm_reference(refs[0], cols, refs[2], refs[3], 1e-5, is_rms=is_rms, residual=refs[1], return_residual=True)
     ref_outs = (y, z) if (residual and prenorm) else (y,)
@@ -262,20 +254,19 @@ def test_fuzz_norms(device, rows, cols, kind, affine, residual, prenorm, seed):
 @given(tokens=st.integers(1, 20), d_model=st.integers(1, 40), d_ff=st.integers(1, 48),
        activation=st.sampled_from(ACTIVATIONS), bias=st.booleans(), residual=st.booleans(),
        recompute=st.booleans(), seed=st.integers(0, 2**31 - 1))
-def test_fuzz_ffn(device, tokens, d_model, d_ff, activation, bias, residual, recompute, seed):
-    launched = _launched("ffn_matmul")
+def test_fuzz_ffn(device, launches, tokens, d_model, d_ff, activation, bias, residual, recompute, seed):
     gen = torch.Generator().manual_seed(seed)
     make = lambda *s: torch.randn(*s, generator=gen) / math.sqrt(s[-1])  # noqa: E731
     gated = activation in GATED_ACTIVATIONS
     tensors = [make(tokens, d_model) * 3, make(d_ff, d_model), make(d_ff) if bias else None, make(d_model, d_ff),
                make(d_model) if bias else None, make(d_ff, d_model) if gated else None,
                make(d_ff) if (gated and bias) else None, make(tokens, d_model) if residual else None]
-    leaves = [t.to(device).requires_grad_() if t is not None else None for t in tensors]
-    out = kernels.ffn(*leaves[:5], activation, weight_gate=leaves[5], bias_gate=leaves[6], residual=leaves[7],
-                      recompute=recompute)
-    dy = torch.randn(out.shape, generator=gen)
-    out.backward(dy.to(device))
-    assert launched()
+    with launches("ffn_matmul"):
+        leaves = [t.to(device).requires_grad_() if t is not None else None for t in tensors]
+        out = kernels.ffn(*leaves[:5], activation, weight_gate=leaves[5], bias_gate=leaves[6], residual=leaves[7],
+                          recompute=recompute)
+        dy = torch.randn(out.shape, generator=gen)
+        out.backward(dy.to(device))
     refs = [t.detach().double().requires_grad_() if t is not None else None for t in tensors]
     ref = ffn_reference(*refs[:5], activation, weight_gate=refs[5], bias_gate=refs[6], residual=refs[7])
     ref.backward(dy.double())

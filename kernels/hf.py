@@ -290,6 +290,15 @@ def _activation_problem(act, gated: bool = False) -> str | None:
     return None
 
 
+def _ffn_refusal(opts: Options, act, gated: bool = False) -> Leave | None:
+    """The Leave for an MLP whose FFN may not or cannot be fused (``ffn=False``, an activation with no
+    kernel), or None when it can."""
+    if not opts.ffn:
+        return Leave("ffn=False")
+    problem = _activation_problem(act, gated)
+    return Leave(problem) if problem else None
+
+
 # --------------------------------------------------------------------------------------------------
 # Patched forwards
 # --------------------------------------------------------------------------------------------------
@@ -381,11 +390,9 @@ def _llama_mlp_rule(m, opts: Options):
         return None
     if not all(plain_linear(getattr(m, p, None)) for p in ("gate_proj", "up_proj", "down_proj")):
         return Leave("gate_proj/up_proj/down_proj are not plain nn.Linear (or have hooks)")
-    if not opts.ffn:
-        return Leave("ffn=False")
-    problem = _activation_problem(m.act_fn, gated=True)
-    if problem:
-        return Leave(problem)
+    refusal = _ffn_refusal(opts, m.act_fn, gated=True)
+    if refusal:
+        return refusal
     name = patching.GATED[activation_name(m.act_fn)]
     return Replace(_GatedMLPMixin, f"gated kernels.ffn({name!r}) with gate_proj, up_proj, down_proj",
                    covers=("gate_proj", "up_proj", "down_proj", "act_fn"))
@@ -396,11 +403,9 @@ def _gpt2_mlp_rule(m, opts: Options):
         return None
     if not (_plain_conv1d(m.c_fc) and _plain_conv1d(m.c_proj)):
         return Leave("c_fc/c_proj are not plain Conv1D (or have hooks)")
-    if not opts.ffn:
-        return Leave("ffn=False")
-    problem = _activation_problem(m.act)
-    if problem:
-        return Leave(problem)
+    refusal = _ffn_refusal(opts, m.act)
+    if refusal:
+        return refusal
     return Replace(_GPT2MLPMixin, f"kernels.ffn({activation_name(m.act)!r}) on the Conv1D weights (transposed "
                                   "views); the dropout after c_proj stays", covers=("c_fc", "c_proj", "act"))
 
@@ -413,11 +418,9 @@ def _bert_layer_rule(m, opts: Options):
         return Leave("intermediate/output are not BertIntermediate/BertOutput code: equivalence cannot be proven")
     if not (plain_linear(inter.dense) and plain_linear(out.dense)) or has_hooks(inter) or has_hooks(out):
         return Leave("intermediate.dense/output.dense are not plain nn.Linear (or have hooks)")
-    if not opts.ffn:
-        return Leave("ffn=False")
-    problem = _activation_problem(inter.intermediate_act_fn)
-    if problem:
-        return Leave(problem)
+    refusal = _ffn_refusal(opts, inter.intermediate_act_fn)
+    if refusal:
+        return refusal
     name = activation_name(inter.intermediate_act_fn)
     covers = ("intermediate", "intermediate.dense", "intermediate.intermediate_act_fn", "output", "output.dense")
     return Replace(_BertLayerMixin, f"intermediate + output fused by kernels.ffn({name!r}), then "

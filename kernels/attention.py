@@ -84,38 +84,74 @@ def _sequence(b, CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, seqlen_q, seqlen_k,
 @triton.jit
 def _key_range(m0, seqlen_k, diag, window_left, window_right,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
-    """Key blocks that rows [m0, m0 + BLOCK_M) can see: everything else is skipped, not masked."""
+    """Key blocks that rows [m0, m0 + BLOCK_M) can see, ``(lo, hi)``: everything else is skipped, not
+    masked. Also ``(first, limit)``: the keys in [first, limit) are visible to every one of the rows."""
     lo = 0
     hi = seqlen_k
+    first = 0
+    limit = seqlen_k
     if HAS_RIGHT:
         hi = tl.minimum(hi, m0 + BLOCK_M + diag + window_right)
+        limit = tl.minimum(limit, m0 + diag + window_right + 1)
     if HAS_LEFT:
         lo = tl.maximum(m0 + diag - window_left, 0) // BLOCK_N * BLOCK_N
-    return lo, hi
+        first = m0 + BLOCK_M - 1 + diag - window_left
+    return lo, hi, first, limit
 
 
 @triton.jit
 def _query_range(n0, seqlen_q, diag, window_left, window_right,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
-    """Query blocks that see some key of [n0, n0 + BLOCK_N)."""
+    """Query blocks that see some key of [n0, n0 + BLOCK_N), ``(lo, hi)``, and the rows [first, limit)
+    that see every one of those keys."""
     lo = 0
     hi = seqlen_q
+    first = 0
+    limit = seqlen_q
     if HAS_RIGHT:
         lo = tl.maximum(n0 - diag - window_right, 0) // BLOCK_M * BLOCK_M
+        first = n0 + BLOCK_N - 1 - diag - window_right
     if HAS_LEFT:
         hi = tl.minimum(hi, n0 + BLOCK_N - diag + window_left)
-    return lo, hi
+        limit = tl.minimum(limit, n0 - diag + window_left + 1)
+    return lo, hi, first, limit
+
+
+@triton.jit
+def _walk(PART: tl.constexpr, SPLIT: tl.constexpr, lo, hi, first, limit, BLOCK: tl.constexpr):
+    """Part ``PART`` of the walk over the blocks starting at lo, lo + BLOCK, ... below hi, as
+    ``(start, stop)`` for ``range(start, stop, BLOCK)``. With ``SPLIT`` the walk is cut in three: parts
+    0 and 2 are edge blocks, part 1 the interior blocks lying wholly in [first, limit), which need no
+    positional mask. This is FlashAttention-2's split of the causal walk into the blocks on the
+    diagonal and those below it (Dao, 2023, Sec. 3.1.1; the Triton tutorial's two "stages"),
+    generalized to windows and ragged ends. Without ``SPLIT``, part 0 is the whole walk."""
+    start = lo
+    stop = hi
+    if SPLIT:
+        end = lo + tl.cdiv(tl.maximum(hi - lo, 0), BLOCK) * BLOCK
+        n1 = tl.minimum(lo + tl.cdiv(tl.maximum(first - lo, 0), BLOCK) * BLOCK, end)
+        n2 = tl.maximum(tl.minimum(lo + tl.maximum(limit - lo, 0) // BLOCK * BLOCK, end), n1)
+        if PART == 0:
+            stop = n1
+        elif PART == 1:
+            start = n1
+            stop = n2
+        else:
+            start = n2
+    return start, stop
 
 
 @triton.jit
 def _scores(qk, i, j, seqlen_q, seqlen_k, diag, window_left, window_right,
             MASK, smask_m, smask_n, slope_log2, qk_scale_log2, softcap_scale, softcap_log2,
             HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
-            HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+            HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EDGE: tl.constexpr):
     """Scores of a tile in base-2 units (-inf where key j is not visible to query i).
 
-    ``i`` and ``j`` broadcast to the tile (either orientation). Returns ``(s, t)``: ``t`` is the
-    soft-cap's tanh, which the backward needs for its derivative (the raw tile when there is none).
+    ``i`` and ``j`` broadcast to the tile (either orientation). ``EDGE`` False: the caller knows every
+    streamed index is in bounds and inside the band (an interior block of :func:`_walk`), so the
+    positional mask is skipped. Returns ``(s, t)``: ``t`` is the soft-cap's tanh, which the backward
+    needs for its derivative (the raw tile when there is none).
     """
     if HAS_SOFTCAP:
         t = _tanh(qk * softcap_scale)
@@ -126,17 +162,20 @@ def _scores(qk, i, j, seqlen_q, seqlen_k, diag, window_left, window_right,
     inside = (i < seqlen_q) & (j < seqlen_k)
     valid = inside
     rel = j - i - diag
-    if HAS_LEFT:
-        valid = valid & (rel >= -window_left)
-    if HAS_RIGHT:
-        valid = valid & (rel <= window_right)
+    if EDGE:
+        if HAS_LEFT:
+            valid = valid & (rel >= -window_left)
+        if HAS_RIGHT:
+            valid = valid & (rel <= window_right)
     if HAS_ALIBI:
         s = s - slope_log2 * tl.abs(rel).to(tl.float32)
     if MASK_KIND == 1:  # boolean: nonzero = take part
         valid = valid & (tl.load(MASK + i * smask_m + j * smask_n, mask=inside, other=0) != 0)
     elif MASK_KIND == 2:  # additive
         s = s + tl.load(MASK + i * smask_m + j * smask_n, mask=inside, other=0.0).to(tl.float32) * LOG2E
-    return tl.where(valid, s, float("-inf")), t
+    if EDGE or MASK_KIND == 1:
+        s = tl.where(valid, s, float("-inf"))
+    return s, t
 
 
 @triton.jit
@@ -165,6 +204,7 @@ def _attn_fwd_kernel(
     BOTTOM_RIGHT: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, HAS_SEQUSED_K: tl.constexpr, HAS_KV_BATCH_IDX: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    SPLIT_WALK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -202,33 +242,36 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    lo, hi = _key_range(m0, seqlen_k, diag, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    lo, hi, first, limit = _key_range(m0, seqlen_k, diag, window_left, window_right, BLOCK_M, BLOCK_N,
+                                      HAS_LEFT, HAS_RIGHT)
     if NUM_SPLITS > 1:  # flash-decoding: this program takes one slice of the keys
         lo = tl.maximum(lo, split * split_size)
         hi = tl.minimum(hi, (split + 1) * split_size)
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        col_ok = cols < seqlen_k
-        kt = tl.load(K + cols[None, :] * sk_n + offs_d[:, None] * sk_d,
-                     mask=col_ok[None, :] & (offs_d[:, None] < head_dim), other=0.0)
-        qk = dot(q, kt, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, PRECISION)
-        s, _ = _scores(qk, rows[:, None], cols[None, :], seqlen_q, seqlen_k, diag, window_left, window_right,
-                       MASK, smask_m, smask_n, slope_log2, qk_scale_log2, softcap_scale, softcap_log2,
-                       HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row with nothing visible yet keeps m = -inf; subtracting 0 instead avoids inf - inf.
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)  # the normalizer counts dropped entries too (dropout follows softmax)
-        if DROPOUT:
-            keep = _dropout_keep(seed, pid_bh.to(tl.int64) * philox_seqlen_q, rows[:, None], cols[None, :],
-                                 philox_seqlen_k, dropout_p)
-            p = tl.where(keep, p * dropout_scale, 0.0)
-        v = tl.load(V + cols[:, None] * sv_n + offs_dv[None, :] * sv_d,
-                    mask=col_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
-        acc = dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, PRECISION)
-        m_i = m_new
+    for part in tl.static_range(3 if SPLIT_WALK else 1):  # edge, interior (no positional mask), edge
+        start, stop = _walk(part, SPLIT_WALK, lo, hi, first, limit, BLOCK_N)
+        for start_n in range(start, stop, BLOCK_N):
+            cols = start_n + offs_n
+            col_ok = cols < seqlen_k
+            kt = tl.load(K + cols[None, :] * sk_n + offs_d[:, None] * sk_d,
+                         mask=col_ok[None, :] & (offs_d[:, None] < head_dim), other=0.0)
+            qk = dot(q, kt, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, PRECISION)
+            s, _ = _scores(qk, rows[:, None], cols[None, :], seqlen_q, seqlen_k, diag, window_left, window_right,
+                           MASK, smask_m, smask_n, slope_log2, qk_scale_log2, softcap_scale, softcap_log2,
+                           HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, part != 1)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # A row with nothing visible yet keeps m = -inf; subtracting 0 instead avoids inf - inf.
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_use[:, None])
+            alpha = tl.exp2(m_i - m_use)
+            l_i = l_i * alpha + tl.sum(p, 1)  # the normalizer counts dropped entries too (dropout follows softmax)
+            if DROPOUT:
+                keep = _dropout_keep(seed, pid_bh.to(tl.int64) * philox_seqlen_q, rows[:, None], cols[None, :],
+                                     philox_seqlen_k, dropout_p)
+                p = tl.where(keep, p * dropout_scale, 0.0)
+            v = tl.load(V + cols[:, None] * sv_n + offs_dv[None, :] * sv_d,
+                        mask=col_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
+            acc = dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, PRECISION)
+            m_i = m_new
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -316,7 +359,7 @@ def _attn_bwd_dkdv_kernel(
     dropout_p, dropout_scale, seed, philox_seqlen_q, philox_seqlen_k,
     BOTTOM_RIGHT: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
-    VARLEN: tl.constexpr,
+    VARLEN: tl.constexpr, SPLIT_WALK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -345,7 +388,8 @@ def _attn_bwd_dkdv_kernel(
     v = tl.load(V + cols[:, None] * sv_n + offs_dv[None, :] * sv_d, mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-    lo, hi = _query_range(n0, seqlen_q, diag, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    lo, hi, first, limit = _query_range(n0, seqlen_q, diag, window_left, window_right, BLOCK_M, BLOCK_N,
+                                        HAS_LEFT, HAS_RIGHT)
 
     for g in range(group_size):
         h = hk * group_size + g
@@ -357,32 +401,35 @@ def _attn_bwd_dkdv_kernel(
         MASKh = MASK + b64 * smask_b + h64 * smask_h
         slope_log2 = tl.load(ALIBI + b * salibi_b + h * salibi_h) * LOG2E if HAS_ALIBI else 0.0
         row_base = (b64 * num_heads_k * group_size + h64) * philox_seqlen_q
-        for start_m in range(lo, hi, BLOCK_M):
-            rows = start_m + offs_m
-            row_ok = rows < seqlen_q
-            q = tl.load(Qh + rows[:, None] * sq_m + offs_d[None, :] * sq_d, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            do = tl.load(DOh + rows[:, None] * sdo_m + offs_dv[None, :] * sdo_d,
-                         mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
-            lse = tl.load(LSEh + rows * sl_m, mask=row_ok, other=0.0)
-            delta = tl.load(DELTAh + rows * sl_m, mask=row_ok, other=0.0)
-            # A row that saw no key has lse = -inf; +inf there makes its probabilities exactly 0.
-            lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
-            qkt = dot(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), UPCAST, PRECISION)
-            st, tt = _scores(qkt, rows[None, :], cols[:, None], seqlen_q, seqlen_k, diag, window_left, window_right,
-                             MASKh, smask_m, smask_n, slope_log2, qk_scale_log2, softcap_scale, softcap_log2,
-                             HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP)
-            pt = tl.exp2(st - lse2[None, :])
-            dpt = dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), UPCAST, PRECISION)
-            if DROPOUT:
-                keep = _dropout_keep(seed, row_base, rows[None, :], cols[:, None], philox_seqlen_k, dropout_p)
-                dv = dot(tl.where(keep, pt * dropout_scale, 0.0).to(do.dtype), do, dv, UPCAST, PRECISION)
-                dpt = tl.where(keep, dpt * dropout_scale, 0.0)
-            else:
-                dv = dot(pt.to(do.dtype), do, dv, UPCAST, PRECISION)
-            dst = pt * (dpt - delta[None, :])
-            if HAS_SOFTCAP:
-                dst = dst * (1.0 - tt * tt)
-            dk = dot(dst.to(q.dtype), q, dk, UPCAST, PRECISION)
+        for part in tl.static_range(3 if SPLIT_WALK else 1):  # edge, interior (no positional mask), edge
+            start, stop = _walk(part, SPLIT_WALK, lo, hi, first, limit, BLOCK_M)
+            for start_m in range(start, stop, BLOCK_M):
+                rows = start_m + offs_m
+                row_ok = rows < seqlen_q
+                q = tl.load(Qh + rows[:, None] * sq_m + offs_d[None, :] * sq_d,
+                            mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+                do = tl.load(DOh + rows[:, None] * sdo_m + offs_dv[None, :] * sdo_d,
+                             mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
+                lse = tl.load(LSEh + rows * sl_m, mask=row_ok, other=0.0)
+                delta = tl.load(DELTAh + rows * sl_m, mask=row_ok, other=0.0)
+                # A row that saw no key has lse = -inf; +inf there makes its probabilities exactly 0.
+                lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
+                qkt = dot(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), UPCAST, PRECISION)
+                st, tt = _scores(qkt, rows[None, :], cols[:, None], seqlen_q, seqlen_k, diag, window_left,
+                                 window_right, MASKh, smask_m, smask_n, slope_log2, qk_scale_log2, softcap_scale,
+                                 softcap_log2, HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, part != 1)
+                pt = tl.exp2(st - lse2[None, :])
+                dpt = dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), UPCAST, PRECISION)
+                if DROPOUT:
+                    keep = _dropout_keep(seed, row_base, rows[None, :], cols[:, None], philox_seqlen_k, dropout_p)
+                    dv = dot(tl.where(keep, pt * dropout_scale, 0.0).to(do.dtype), do, dv, UPCAST, PRECISION)
+                    dpt = tl.where(keep, dpt * dropout_scale, 0.0)
+                else:
+                    dv = dot(pt.to(do.dtype), do, dv, UPCAST, PRECISION)
+                dst = pt * (dpt - delta[None, :])
+                if HAS_SOFTCAP:
+                    dst = dst * (1.0 - tt * tt)
+                dk = dot(dst.to(q.dtype), q, dk, UPCAST, PRECISION)
 
     DK += b64 * sdk_b + hk64 * sdk_h + k_start * sdk_n
     DV += b64 * sdv_b + hk64 * sdv_h + k_start * sdv_n
@@ -408,7 +455,7 @@ def _attn_bwd_dq_kernel(
     dropout_p, dropout_scale, seed, philox_seqlen_q, philox_seqlen_k,
     BOTTOM_RIGHT: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
-    VARLEN: tl.constexpr,
+    VARLEN: tl.constexpr, SPLIT_WALK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -446,26 +493,31 @@ def _attn_bwd_dq_kernel(
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    lo, hi = _key_range(m0, seqlen_k, diag, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        col_ok = cols < seqlen_k
-        kt = tl.load(K + cols[None, :] * sk_n + offs_d[:, None] * sk_d, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-        vt = tl.load(V + cols[None, :] * sv_n + offs_dv[:, None] * sv_d, mask=col_ok[None, :] & dv_ok[:, None], other=0.0)
-        qk = dot(q, kt, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, PRECISION)
-        s, t = _scores(qk, rows[:, None], cols[None, :], seqlen_q, seqlen_k, diag, window_left, window_right,
-                       MASK, smask_m, smask_n, slope_log2, qk_scale_log2, softcap_scale, softcap_log2,
-                       HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP)
-        p = tl.exp2(s - lse2[:, None])
-        dp = dot(do, vt, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, PRECISION)
-        if DROPOUT:
-            keep = _dropout_keep(seed, pid_bh.to(tl.int64) * philox_seqlen_q, rows[:, None], cols[None, :],
-                                 philox_seqlen_k, dropout_p)
-            dp = tl.where(keep, dp * dropout_scale, 0.0)
-        ds = p * (dp - delta[:, None])
-        if HAS_SOFTCAP:
-            ds = ds * (1.0 - t * t)
-        dq = dot(ds.to(kt.dtype), tl.trans(kt), dq, UPCAST, PRECISION)
+    lo, hi, first, limit = _key_range(m0, seqlen_k, diag, window_left, window_right, BLOCK_M, BLOCK_N,
+                                      HAS_LEFT, HAS_RIGHT)
+    for part in tl.static_range(3 if SPLIT_WALK else 1):  # edge, interior (no positional mask), edge
+        start, stop = _walk(part, SPLIT_WALK, lo, hi, first, limit, BLOCK_N)
+        for start_n in range(start, stop, BLOCK_N):
+            cols = start_n + offs_n
+            col_ok = cols < seqlen_k
+            kt = tl.load(K + cols[None, :] * sk_n + offs_d[:, None] * sk_d, mask=col_ok[None, :] & d_ok[:, None],
+                         other=0.0)
+            vt = tl.load(V + cols[None, :] * sv_n + offs_dv[:, None] * sv_d, mask=col_ok[None, :] & dv_ok[:, None],
+                         other=0.0)
+            qk = dot(q, kt, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, PRECISION)
+            s, t = _scores(qk, rows[:, None], cols[None, :], seqlen_q, seqlen_k, diag, window_left, window_right,
+                           MASK, smask_m, smask_n, slope_log2, qk_scale_log2, softcap_scale, softcap_log2,
+                           HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, part != 1)
+            p = tl.exp2(s - lse2[:, None])
+            dp = dot(do, vt, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, PRECISION)
+            if DROPOUT:
+                keep = _dropout_keep(seed, pid_bh.to(tl.int64) * philox_seqlen_q, rows[:, None], cols[None, :],
+                                     philox_seqlen_k, dropout_p)
+                dp = tl.where(keep, dp * dropout_scale, 0.0)
+            ds = p * (dp - delta[:, None])
+            if HAS_SOFTCAP:
+                ds = ds * (1.0 - t * t)
+            dq = dot(ds.to(kt.dtype), tl.trans(kt), dq, UPCAST, PRECISION)
 
     DQ += b64 * sdq_b + h64 * sdq_h + q_start * sdq_m
     tl.store(DQ + rows[:, None] * sdq_m + offs_d[None, :] * sdq_d, (dq * sm_scale).to(DQ.dtype.element_ty),
@@ -544,7 +596,8 @@ def _bwd_configs(block_d: int, dtype: torch.dtype, heavy: bool) -> tuple[dict, d
         cfg = dict(BLOCK_M=16 if heavy else 32, BLOCK_N=32, num_warps=8, num_stages=2)
         return cfg, cfg
     own, streamed = (64, 16) if heavy else (64, 32)  # heavy: Philox state, mask, ALiBi beside the tile
-    warps = 8 if heavy or block_d > 64 else 4
+    # 4 warps only at head_dim 64: at 32 the split walk (see _walk) needs a stack frame on sm_80 with 4.
+    warps = 4 if block_d == 64 and not heavy else 8
     stages = 1 if heavy and block_d > 64 else 2  # sm_80's cp.async pipeline costs the registers it lacks
     dkdv = dict(BLOCK_M=streamed, BLOCK_N=own, num_warps=warps, num_stages=stages)
     dq = dict(BLOCK_M=own, BLOCK_N=streamed, num_warps=warps, num_stages=stages)
@@ -595,10 +648,11 @@ def _problem(q, k, v, *, scale, bottom_right, window, softcap, alibi_slopes, att
         alibi_strides = (0, 0)
     else:
         alibi_strides = (0, alibi_slopes.stride(0)) if alibi_slopes.dim() == 1 else tuple(alibi_slopes.stride())
+    heavy = dropout_p > 0 or attn_mask is not None or alibi_slopes is not None or softcap > 0
     return dict(
         varlen=varlen, batch=batch, num_heads=num_heads, num_heads_k=num_heads_k,
         group_size=num_heads // num_heads_k if num_heads_k else 1, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
-        heavy=dropout_p > 0 or attn_mask is not None or alibi_slopes is not None or softcap > 0,
+        heavy=heavy,
         head_dim=q.shape[3], head_dim_v=v.shape[3], mask_strides=mask_strides, alibi_strides=alibi_strides,
         scalars=dict(
             qk_scale_log2=scale * LOG2E.value,
@@ -612,6 +666,9 @@ def _problem(q, k, v, *, scale, bottom_right, window, softcap, alibi_slopes, att
             BOTTOM_RIGHT=bottom_right, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
             MASK_KIND=mask_kind, HAS_ALIBI=alibi_slopes is not None, HAS_SOFTCAP=softcap > 0,
             DROPOUT=dropout_p > 0, VARLEN=varlen,
+            # Interior blocks skip the positional mask; a heavy tile pays per element anyway, and the
+            # extra loops would cost it registers it lacks (spills on sm_80, static check).
+            SPLIT_WALK=not heavy,
         ),
     )
 

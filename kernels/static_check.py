@@ -9,7 +9,9 @@ needed) and the cubin is read with the ``cuobjdump`` shipped inside the Triton w
   resource usage);
 * tensor-core instructions for the matmul-bearing kernels in half precision: ``HMMA`` (mma.sync)
   on sm_80; on sm_90a ``HGMMA`` (warpgroup MMA, the fast path) or, where Triton could not use it,
-  ``HMMA``. Both count as tensor-core use; the HGMMA count is reported on its own.
+  ``HMMA``. Both count as tensor-core use; the HGMMA count is reported on its own, with the number of
+  warpgroup waits (``WARPGROUP.DEPBAR``): HGMMA is asynchronous, and a wait after every one of them
+  means the kernel serializes its MMAs (seen when a runtime branch sat in the attention backward's loop).
 
 Run ``python -m kernels.static_check`` (without ``TRITON_INTERPRET``) for a table; ``tests/test_static_check.py``
 runs it in a subprocess and fails on any spill or missing tensor-core instruction.
@@ -68,6 +70,7 @@ class Report:
     local_bytes: int
     mma_instructions: int
     wgmma_instructions: int
+    wgmma_waits: int
     needs_mma: bool
 
     @property
@@ -213,6 +216,7 @@ def inspect_cubin(cubin: bytes, arch: str) -> dict:
         "spill_instructions": len(re.findall(r"\b(?:LDL|STL)\b", sass)),
         "mma_instructions": len(re.findall(r"\bH(?:G)?MMA\b", sass)),
         "wgmma_instructions": len(re.findall(r"\bHGMMA\b", sass)),
+        "wgmma_waits": len(re.findall(r"\bWARPGROUP\.DEPBAR\b", sass)),
     }
 
 
@@ -268,10 +272,12 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps([asdict(r) | {"ok": r.ok} for r in reports]))
     else:
-        print(f"{'case':38} {'kernel':24} {'arch':7} {'regs':>4} {'spill':>5} {'stack':>5} {'mma':>5} {'wgmma':>5}  ok")
+        print(f"{'case':38} {'kernel':24} {'arch':7} {'regs':>4} {'spill':>5} {'stack':>5} {'mma':>5} {'wgmma':>5} "
+              f"{'waits':>5}  ok")
         for r in reports:
             print(f"{r.case:38} {r.kernel:24} {r.arch:7} {r.registers:4} {r.spill_instructions:5} "
-                  f"{r.stack_bytes + r.local_bytes:5} {r.mma_instructions:5} {r.wgmma_instructions:5}  {'yes' if r.ok else 'NO'}")
+                  f"{r.stack_bytes + r.local_bytes:5} {r.mma_instructions:5} {r.wgmma_instructions:5} {r.wgmma_waits:5}  "
+                  f"{'yes' if r.ok else 'NO'}")
     return 0 if all(r.ok for r in reports) else 1
 
 

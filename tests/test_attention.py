@@ -9,11 +9,14 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kernels
-from kernels.attention import attention_backward, attention_forward, attention_reference, dropout_keep_mask
+from kernels.attention import (_key_range, _query_range, _walk, attention_backward, attention_forward,
+                               attention_reference, dropout_keep_mask)
 from helpers import check_fwd_bwd, poisoned
 
 
@@ -181,6 +184,71 @@ def test_gpu_tiles_forward_and_backward(device, gpu_tiles, head_dim, causal, hea
     kw = dict(attn_mask=mask) if heavy else dict(is_causal=causal)
     check_fwd_bwd(_sdpa(**kw), _ref(attn_mask=mask) if heavy else _ref(causal=causal),
                   _qkv(1, 2, seqlen_q, seqlen_k, head_dim, torch.float16, device), torch.float16)
+
+
+# --- the block walk: which blocks skip the positional mask ---------------------------------------------
+@triton.jit
+def _walk_probe(OUT, own0, seqlen, diag, window_left, window_right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, KEYS: tl.constexpr):
+    """Stores (start, stop) of the three parts of one program's walk: over key blocks for the query
+    block at ``own0`` (``KEYS``, as the forward and dQ kernels), else over query blocks for the key
+    block at ``own0`` (as the dK/dV kernel)."""
+    if KEYS:
+        lo, hi, first, limit = _key_range(own0, seqlen, diag, window_left, window_right, BLOCK_M, BLOCK_N,
+                                          HAS_LEFT, HAS_RIGHT)
+        for part in tl.static_range(3):
+            start, stop = _walk(part, True, lo, hi, first, limit, BLOCK_N)
+            tl.store(OUT + 2 * part, start)
+            tl.store(OUT + 2 * part + 1, stop)
+    else:
+        lo, hi, first, limit = _query_range(own0, seqlen, diag, window_left, window_right, BLOCK_M, BLOCK_N,
+                                            HAS_LEFT, HAS_RIGHT)
+        for part in tl.static_range(3):
+            start, stop = _walk(part, True, lo, hi, first, limit, BLOCK_M)
+            tl.store(OUT + 2 * part, start)
+            tl.store(OUT + 2 * part + 1, stop)
+
+
+@settings(max_examples=300, deadline=None)
+@given(keys=st.booleans(), seqlen_q=st.integers(1, 300), seqlen_k=st.integers(1, 300),
+       block_m=st.sampled_from([16, 32, 64, 128]), block_n=st.sampled_from([16, 32, 64, 128]),
+       bottom_right=st.booleans(), window_left=st.integers(-1, 90), window_right=st.integers(-1, 90),
+       own=st.integers(0, 20))
+def test_walk_splits_exactly_the_interior_blocks(device, keys, seqlen_q, seqlen_k, block_m, block_n, bottom_right,
+                                                 window_left, window_right, own):
+    """The three parts of a walk visit the blocks of the unsplit walk once each, in order, and the middle
+    part is exactly the blocks every (i, j) of which is in bounds and inside the band (checked element by
+    element), so skipping the positional mask there changes nothing, and every such block skips it."""
+    own_block, own_len = (block_m, seqlen_q) if keys else (block_n, seqlen_k)
+    block, seqlen = (block_n, seqlen_k) if keys else (block_m, seqlen_q)
+    own0 = own % triton.cdiv(own_len, own_block) * own_block
+    diag = seqlen_k - seqlen_q if bottom_right else 0
+    out = torch.full((6,), -99, dtype=torch.int32, device=device)
+    _walk_probe[(1,)](out, own0, seqlen, diag, max(window_left, 0), max(window_right, 0), BLOCK_M=block_m,
+                      BLOCK_N=block_n, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, KEYS=keys)
+    (s0, e0), (s1, e1), (s2, e2) = out.view(3, 2).tolist()
+    if keys:  # the unsplit walk: blocks of which some key is visible to some row
+        lo = max(own0 + diag - window_left, 0) // block * block if window_left >= 0 else 0
+        hi = min(seqlen, own0 + own_block + diag + window_right) if window_right >= 0 else seqlen
+    else:
+        lo = max(own0 - diag - window_right, 0) // block * block if window_right >= 0 else 0
+        hi = min(seqlen, own0 + own_block - diag + window_left) if window_left >= 0 else seqlen
+    assert (s0, e2) == (lo, hi)
+    whole = list(range(lo, hi, block))
+    parts = [list(range(s, e, block)) for s, e in ((s0, e0), (s1, e1), (s2, e2))]
+    assert parts[0] + parts[1] + parts[2] == whole
+
+    def visible_everywhere(start):
+        rows = torch.arange(own0, own0 + own_block) if keys else torch.arange(start, start + block)
+        cols = torch.arange(start, start + block) if keys else torch.arange(own0, own0 + own_block)
+        streamed = cols if keys else rows
+        rel = cols[None, :] - rows[:, None] - diag
+        ok = (streamed < seqlen).all().item()
+        ok &= window_left < 0 or (rel >= -window_left).all().item()
+        ok &= window_right < 0 or (rel <= window_right).all().item()
+        return ok
+
+    assert parts[1] == [b for b in whole if visible_everywhere(b)]
 
 
 # --- grouped-query attention ------------------------------------------------------------------------

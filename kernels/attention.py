@@ -123,8 +123,8 @@ def _walk(PART: tl.constexpr, SPLIT: tl.constexpr, lo, hi, first, limit, BLOCK: 
     ``(start, stop)`` for ``range(start, stop, BLOCK)``. With ``SPLIT`` the walk is cut in three: parts
     0 and 2 are edge blocks, part 1 the interior blocks lying wholly in [first, limit), which need no
     positional mask. This is FlashAttention-2's split of the causal walk into the blocks on the
-    diagonal and those below it (Dao, 2023, Sec. 3.1.1; the Triton tutorial's two "stages"),
-    generalized to windows and ragged ends. Without ``SPLIT``, part 0 is the whole walk."""
+    diagonal and those below it (Dao, 2023, Sec. 3.1, "causal masking"; the Triton tutorial's two
+    "stages"), generalized to windows and ragged ends. Without ``SPLIT``, part 0 is the whole walk."""
     start = lo
     stop = hi
     if SPLIT:

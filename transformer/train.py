@@ -364,7 +364,10 @@ def train(args: argparse.Namespace) -> dict:
     (also stored under ``"summary"`` in metrics.json). Only rank 0 writes files and prints."""
     d = setup_distributed(args.device)
     try:
-        return _train(args, d)
+        summary = _train(args, d)
+        if d.enabled:  # no rank tears gloo down while another still talks to it (a CI run aborted so)
+            dist.barrier()
+        return summary
     finally:
         if d.enabled:
             dist.destroy_process_group()

@@ -189,24 +189,20 @@ def test_gpu_tiles_forward_and_backward(device, gpu_tiles, head_dim, causal, hea
 # --- the block walk: which blocks skip the positional mask ---------------------------------------------
 @triton.jit
 def _walk_probe(OUT, own0, seqlen, diag, window_left, window_right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, KEYS: tl.constexpr):
-    """Stores (start, stop) of the three parts of one program's walk: over key blocks for the query
-    block at ``own0`` (``KEYS``, as the forward and dQ kernels), else over query blocks for the key
-    block at ``own0`` (as the dK/dV kernel)."""
+                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, KEYS: tl.constexpr, BLOCK: tl.constexpr):
+    """Stores (start, stop) of the three parts of one program's walk over ``BLOCK``-sized blocks: key
+    blocks for the query block at ``own0`` (``KEYS``, as the forward and dQ kernels), else query blocks
+    for the key block at ``own0`` (as the dK/dV kernel)."""
     if KEYS:
         lo, hi, first, limit = _key_range(own0, seqlen, diag, window_left, window_right, BLOCK_M, BLOCK_N,
                                           HAS_LEFT, HAS_RIGHT)
-        for part in tl.static_range(3):
-            start, stop = _walk(part, True, lo, hi, first, limit, BLOCK_N)
-            tl.store(OUT + 2 * part, start)
-            tl.store(OUT + 2 * part + 1, stop)
     else:
         lo, hi, first, limit = _query_range(own0, seqlen, diag, window_left, window_right, BLOCK_M, BLOCK_N,
                                             HAS_LEFT, HAS_RIGHT)
-        for part in tl.static_range(3):
-            start, stop = _walk(part, True, lo, hi, first, limit, BLOCK_M)
-            tl.store(OUT + 2 * part, start)
-            tl.store(OUT + 2 * part + 1, stop)
+    for part in tl.static_range(3):
+        start, stop = _walk(part, True, lo, hi, first, limit, BLOCK)
+        tl.store(OUT + 2 * part, start)
+        tl.store(OUT + 2 * part + 1, stop)
 
 
 @settings(max_examples=300, deadline=None)
@@ -225,7 +221,8 @@ def test_walk_splits_exactly_the_interior_blocks(device, keys, seqlen_q, seqlen_
     diag = seqlen_k - seqlen_q if bottom_right else 0
     out = torch.full((6,), -99, dtype=torch.int32, device=device)
     _walk_probe[(1,)](out, own0, seqlen, diag, max(window_left, 0), max(window_right, 0), BLOCK_M=block_m,
-                      BLOCK_N=block_n, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, KEYS=keys)
+                      BLOCK_N=block_n, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, KEYS=keys,
+                      BLOCK=block)
     (s0, e0), (s1, e1), (s2, e2) = out.view(3, 2).tolist()
     if keys:  # the unsplit walk: blocks of which some key is visible to some row
         lo = max(own0 + diag - window_left, 0) // block * block if window_left >= 0 else 0

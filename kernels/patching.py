@@ -387,6 +387,18 @@ class _KernelsRMSNormMixin(_RMSNormMixin, RMSNorm):
     """A patched ``nn.RMSNorm`` is also a :class:`kernels.RMSNorm`."""
 
 
+def _canonical_masks(key_padding_mask, attn_mask, dtype, names):
+    """Both masks as torch's MultiheadAttention and TransformerEncoderLayer convert them (bool to an
+    additive float mask of ``dtype``, the pair checked for matching types), named in errors by ``names``."""
+    padding_name, mask_name = names
+    key_padding_mask = F._canonical_mask(
+        mask=key_padding_mask, mask_name=padding_name, other_type=F._none_or_dtype(attn_mask),
+        other_name=mask_name, target_type=dtype)
+    attn_mask = F._canonical_mask(
+        mask=attn_mask, mask_name=mask_name, other_type=None, other_name="", target_type=dtype, check_other=False)
+    return key_padding_mask, attn_mask
+
+
 class _MultiheadAttentionMixin:
     """``nn.MultiheadAttention`` whose attention step runs :func:`routed_sdpa`.
 
@@ -406,12 +418,8 @@ class _MultiheadAttentionMixin:
                                    attn_mask=attn_mask, average_attn_weights=average_attn_weights,
                                    is_causal=is_causal)
         is_batched = query.dim() == 3
-        key_padding_mask = F._canonical_mask(
-            mask=key_padding_mask, mask_name="key_padding_mask", other_type=F._none_or_dtype(attn_mask),
-            other_name="attn_mask", target_type=query.dtype)
-        attn_mask = F._canonical_mask(
-            mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="", target_type=query.dtype,
-            check_other=False)
+        key_padding_mask, attn_mask = _canonical_masks(key_padding_mask, attn_mask, query.dtype,
+                                                       ("key_padding_mask", "attn_mask"))
         if self.batch_first and is_batched:  # as torch: keep `query is key is value` for the packed projection
             if key is value:
                 if query is key:
@@ -459,12 +467,8 @@ class _EncoderLayerMixin(_FeedForwardBlockMixin):
         if src.is_nested:
             return super().forward(src, src_mask=src_mask, src_key_padding_mask=src_key_padding_mask,
                                    is_causal=is_causal)
-        src_key_padding_mask = F._canonical_mask(
-            mask=src_key_padding_mask, mask_name="src_key_padding_mask", other_type=F._none_or_dtype(src_mask),
-            other_name="src_mask", target_type=src.dtype)
-        src_mask = F._canonical_mask(
-            mask=src_mask, mask_name="src_mask", other_type=None, other_name="", target_type=src.dtype,
-            check_other=False)
+        src_key_padding_mask, src_mask = _canonical_masks(src_key_padding_mask, src_mask, src.dtype,
+                                                          ("src_key_padding_mask", "src_mask"))
         x = src
         if self.norm_first:
             x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal=is_causal)

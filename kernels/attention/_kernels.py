@@ -1,0 +1,496 @@
+"""The ``@triton.jit`` code of attention: score helpers and the forward, split-combine, backward and
+dropout-mask kernels (FlashAttention-2; see the package docstring, ``kernels/attention/__init__.py``)."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .._triton_utils import dot
+
+# Globals read inside @triton.jit code must be constexpr to compile (the interpreter does not check).
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernel helpers
+# --------------------------------------------------------------------------------------------------
+@triton.jit
+def _tanh(x):
+    # From exp, exact at the limits: overflow gives 1, underflow -1 (interpreter and GPU alike).
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _sequence(b, CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, seqlen_q, seqlen_k,
+              VARLEN: tl.constexpr, HAS_SEQUSED_K: tl.constexpr):
+    """(first q row, seqlen_q, first k row, seqlen_k) of batch entry ``b``; starts are int64."""
+    q_start = tl.full([], 0, tl.int64)
+    k_start = tl.full([], 0, tl.int64)
+    if VARLEN:
+        q_start = tl.load(CU_SEQLENS_Q + b).to(tl.int64)
+        seqlen_q = (tl.load(CU_SEQLENS_Q + b + 1) - tl.load(CU_SEQLENS_Q + b))
+        k_start = tl.load(CU_SEQLENS_K + b).to(tl.int64)
+        seqlen_k = (tl.load(CU_SEQLENS_K + b + 1) - tl.load(CU_SEQLENS_K + b))
+    if HAS_SEQUSED_K:
+        seqlen_k = tl.load(SEQUSED_K + b)
+    return q_start, seqlen_q, k_start, seqlen_k
+
+
+@triton.jit
+def _key_range(m0, seqlen_k, diag, window_left, window_right,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Key blocks that rows [m0, m0 + BLOCK_M) can see, ``(lo, hi)``: everything else is skipped, not
+    masked. Also ``(first, limit)``: the keys in [first, limit) are visible to every one of the rows."""
+    lo = 0
+    hi = seqlen_k
+    first = 0
+    limit = seqlen_k
+    if HAS_RIGHT:
+        hi = tl.minimum(hi, m0 + BLOCK_M + diag + window_right)
+        limit = tl.minimum(limit, m0 + diag + window_right + 1)
+    if HAS_LEFT:
+        lo = tl.maximum(m0 + diag - window_left, 0) // BLOCK_N * BLOCK_N
+        first = m0 + BLOCK_M - 1 + diag - window_left
+    return lo, hi, first, limit
+
+
+@triton.jit
+def _query_range(n0, seqlen_q, diag, window_left, window_right,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Query blocks that see some key of [n0, n0 + BLOCK_N), ``(lo, hi)``, and the rows [first, limit)
+    that see every one of those keys."""
+    lo = 0
+    hi = seqlen_q
+    first = 0
+    limit = seqlen_q
+    if HAS_RIGHT:
+        lo = tl.maximum(n0 - diag - window_right, 0) // BLOCK_M * BLOCK_M
+        first = n0 + BLOCK_N - 1 - diag - window_right
+    if HAS_LEFT:
+        hi = tl.minimum(hi, n0 + BLOCK_N - diag + window_left)
+        limit = tl.minimum(limit, n0 - diag + window_left + 1)
+    return lo, hi, first, limit
+
+
+@triton.jit
+def _walk(PART: tl.constexpr, SPLIT: tl.constexpr, lo, hi, first, limit, BLOCK: tl.constexpr):
+    """Part ``PART`` of the walk over the blocks starting at lo, lo + BLOCK, ... below hi, as
+    ``(start, stop)`` for ``range(start, stop, BLOCK)``. With ``SPLIT`` the walk is cut in three: parts
+    0 and 2 are edge blocks, part 1 the interior blocks lying wholly in [first, limit), which need no
+    positional mask. This is FlashAttention-2's split of the causal walk into the blocks on the
+    diagonal and those below it (Dao, 2023, Sec. 3.1, "causal masking"; the Triton tutorial's two
+    "stages"), generalized to windows and ragged ends. Without ``SPLIT``, part 0 is the whole walk."""
+    start = lo
+    stop = hi
+    if SPLIT:
+        end = lo + tl.cdiv(tl.maximum(hi - lo, 0), BLOCK) * BLOCK
+        n1 = tl.minimum(lo + tl.cdiv(tl.maximum(first - lo, 0), BLOCK) * BLOCK, end)
+        n2 = tl.maximum(tl.minimum(lo + tl.maximum(limit - lo, 0) // BLOCK * BLOCK, end), n1)
+        if PART == 0:
+            stop = n1
+        elif PART == 1:
+            start = n1
+            stop = n2
+        else:
+            start = n2
+    return start, stop
+
+
+@triton.jit
+def _scores(qk, i, j, seqlen_q, seqlen_k, diag, window_left, window_right,
+            MASK, smask_m, smask_n, slope_log2, qk_scale_log2, softcap_scale, softcap_log2,
+            HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
+            HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EDGE: tl.constexpr):
+    """Scores of a tile in base-2 units (-inf where key j is not visible to query i).
+
+    ``i`` and ``j`` broadcast to the tile (either orientation). ``EDGE`` False: the caller knows every
+    streamed index is in bounds and inside the band (an interior block of :func:`_walk`), so the
+    positional mask is skipped. Returns ``(s, t)``: ``t`` is the soft-cap's tanh, which the backward
+    needs for its derivative (the raw tile when there is none).
+    """
+    if HAS_SOFTCAP:
+        t = _tanh(qk * softcap_scale)
+        s = t * softcap_log2
+    else:
+        t = qk
+        s = qk * qk_scale_log2
+    inside = (i < seqlen_q) & (j < seqlen_k)
+    valid = inside
+    rel = j - i - diag
+    if EDGE:
+        if HAS_LEFT:
+            valid = valid & (rel >= -window_left)
+        if HAS_RIGHT:
+            valid = valid & (rel <= window_right)
+    if HAS_ALIBI:
+        s = s - slope_log2 * tl.abs(rel).to(tl.float32)
+    if MASK_KIND == 1:  # boolean: nonzero = take part
+        valid = valid & (tl.load(MASK + i * smask_m + j * smask_n, mask=inside, other=0) != 0)
+    elif MASK_KIND == 2:  # additive
+        s = s + tl.load(MASK + i * smask_m + j * smask_n, mask=inside, other=0.0).to(tl.float32) * LOG2E
+    if EDGE or MASK_KIND == 1:
+        s = tl.where(valid, s, float("-inf"))
+    return s, t
+
+
+@triton.jit
+def _dropout_keep(seed, row_base, i, j, philox_seqlen_k, dropout_p):
+    """Philox keep-mask: element (i, j) of the (batch, head) whose rows start at ``row_base``."""
+    offsets = (row_base + i) * philox_seqlen_k + j
+    return tl.rand(seed, offsets) >= dropout_p
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------------
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE, MASK, ALIBI, CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, KV_BATCH_IDX,
+    sq_b, sq_h, sq_m, sq_d,
+    sk_b, sk_h, sk_n, sk_d,
+    sv_b, sv_h, sv_n, sv_d,
+    so_s, so_b, so_h, so_m, so_d,  # so_s / sl_s: split stride of the partial results (0 without splits)
+    sl_s, sl_b, sl_h, sl_m,
+    smask_b, smask_h, smask_m, smask_n,
+    salibi_b, salibi_h,
+    num_heads, group_size, seqlen_q, seqlen_k, head_dim, head_dim_v,
+    qk_scale_log2, softcap_scale, softcap_log2, window_left, window_right,
+    dropout_p, dropout_scale, seed, philox_seqlen_q, philox_seqlen_k, split_size,
+    BOTTOM_RIGHT: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_SEQUSED_K: tl.constexpr, HAS_KV_BATCH_IDX: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    SPLIT_WALK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_bh = tl.program_id(1)
+    pid_m = tl.program_id(0) // NUM_SPLITS
+    split = tl.program_id(0) % NUM_SPLITS
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    q_start, seqlen_q, k_start, seqlen_k = _sequence(b, CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, seqlen_q, seqlen_k,
+                                                     VARLEN, HAS_SEQUSED_K)
+    m0 = pid_m * BLOCK_M
+    if m0 >= seqlen_q:  # a shorter sequence of a packed batch
+        return
+    kb = b
+    if HAS_KV_BATCH_IDX:
+        kb = tl.load(KV_BATCH_IDX + b)
+    b64, h64, kb64, hk64 = b.to(tl.int64), h.to(tl.int64), kb.to(tl.int64), (h // group_size).to(tl.int64)
+    Q += b64 * sq_b + h64 * sq_h + q_start * sq_m
+    K += kb64 * sk_b + hk64 * sk_h + k_start * sk_n
+    V += kb64 * sv_b + hk64 * sv_h + k_start * sv_n
+    O += split * so_s + b64 * so_b + h64 * so_h + q_start * so_m
+    LSE += split * sl_s + b64 * sl_b + h64 * sl_h + q_start * sl_m
+    MASK += b64 * smask_b + h64 * smask_h
+    diag = seqlen_k - seqlen_q if BOTTOM_RIGHT else 0
+    slope_log2 = tl.load(ALIBI + b * salibi_b + h * salibi_h) * LOG2E if HAS_ALIBI else 0.0
+
+    rows = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = rows < seqlen_q
+    q = tl.load(Q + rows[:, None] * sq_m + offs_d[None, :] * sq_d,
+                mask=row_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    lo, hi, first, limit = _key_range(m0, seqlen_k, diag, window_left, window_right, BLOCK_M, BLOCK_N,
+                                      HAS_LEFT, HAS_RIGHT)
+    if NUM_SPLITS > 1:  # flash-decoding: this program takes one slice of the keys
+        lo = tl.maximum(lo, split * split_size)
+        hi = tl.minimum(hi, (split + 1) * split_size)
+    for part in tl.static_range(3 if SPLIT_WALK else 1):  # edge, interior (no positional mask), edge
+        start, stop = _walk(part, SPLIT_WALK, lo, hi, first, limit, BLOCK_N)
+        for start_n in range(start, stop, BLOCK_N):
+            cols = start_n + offs_n
+            col_ok = cols < seqlen_k
+            kt = tl.load(K + cols[None, :] * sk_n + offs_d[:, None] * sk_d,
+                         mask=col_ok[None, :] & (offs_d[:, None] < head_dim), other=0.0)
+            qk = dot(q, kt, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, PRECISION)
+            s, _ = _scores(qk, rows[:, None], cols[None, :], seqlen_q, seqlen_k, diag, window_left, window_right,
+                           MASK, smask_m, smask_n, slope_log2, qk_scale_log2, softcap_scale, softcap_log2,
+                           HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, part != 1)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # A row with nothing visible yet keeps m = -inf; subtracting 0 instead avoids inf - inf.
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_use[:, None])
+            alpha = tl.exp2(m_i - m_use)
+            l_i = l_i * alpha + tl.sum(p, 1)  # the normalizer counts dropped entries too (dropout follows softmax)
+            if DROPOUT:
+                keep = _dropout_keep(seed, pid_bh.to(tl.int64) * philox_seqlen_q, rows[:, None], cols[None, :],
+                                     philox_seqlen_k, dropout_p)
+                p = tl.where(keep, p * dropout_scale, 0.0)
+            v = tl.load(V + cols[:, None] * sv_n + offs_dv[None, :] * sv_d,
+                        mask=col_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
+            acc = dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, PRECISION)
+            m_i = m_new
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    tl.store(O + rows[:, None] * so_m + offs_dv[None, :] * so_d, (acc / l_safe[:, None]).to(O.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v))
+    tl.store(LSE + rows * sl_m, tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * LN2), mask=row_ok)
+
+
+@triton.jit
+def _attn_combine_kernel(
+    O_PART, LSE_PART, O, LSE,
+    sp_s, sp_b, sp_h, sp_m, slp_s, slp_b, slp_h,
+    so_b, so_h, so_m, so_d, sl_b, sl_h, sl_m,
+    num_heads, seqlen_q, head_dim_v,
+    NUM_SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """Merge the splits' partial outputs: out = sum_s exp(lse_s - lse) out_s, lse = logsumexp_s lse_s."""
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // num_heads).to(tl.int64)
+    h = (pid_bh % num_heads).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = rows < seqlen_q
+    LSE_PART += b * slp_b + h * slp_h
+    O_PART += b * sp_b + h * sp_h
+    lse_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    for s in range(NUM_SPLITS):
+        lse_max = tl.maximum(lse_max, tl.load(LSE_PART + s * slp_s + rows, mask=row_ok, other=float("-inf")))
+    m_use = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    total = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    for s in range(NUM_SPLITS):
+        w = tl.exp(tl.load(LSE_PART + s * slp_s + rows, mask=row_ok, other=float("-inf")) - m_use)
+        part = tl.load(O_PART + s * sp_s + rows[:, None] * sp_m + offs_dv[None, :],
+                       mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
+        acc += w[:, None] * part
+        total += w
+    empty = total == 0.0
+    out = acc / tl.where(empty, 1.0, total)[:, None]
+    tl.store(O + b * so_b + h * so_h + rows[:, None] * so_m + offs_dv[None, :] * so_d, out.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v))
+    lse = tl.where(empty, float("-inf"), m_use + tl.log(tl.where(empty, 1.0, total)))
+    tl.store(LSE + b * sl_b + h * sl_h + rows * sl_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(
+    O, DO, DELTA,
+    so_b, so_h, so_m, so_d,
+    sdo_b, sdo_h, sdo_m, sdo_d,
+    sl_b, sl_h, sl_m,
+    num_heads, seqlen_q, head_dim_v,
+    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """delta_i = sum_d dO_id * O_id: the row term of the softmax Jacobian (FlashAttention-2, Alg. 2 line 4).
+
+    Rows are rows of the physical tensors, so packed (varlen) batches need no special case.
+    """
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // num_heads).to(tl.int64)
+    h = (pid_bh % num_heads).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask = (rows[:, None] < seqlen_q) & (offs_dv[None, :] < head_dim_v)
+    o = tl.load(O + b * so_b + h * so_h + rows[:, None] * so_m + offs_dv[None, :] * so_d, mask=mask, other=0.0)
+    do = tl.load(DO + b * sdo_b + h * sdo_h + rows[:, None] * sdo_m + offs_dv[None, :] * sdo_d, mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + b * sl_b + h * sl_h + rows * sl_m, delta, mask=rows < seqlen_q)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, MASK, ALIBI, CU_SEQLENS_Q, CU_SEQLENS_K,
+    sq_b, sq_h, sq_m, sq_d,
+    sk_b, sk_h, sk_n, sk_d,
+    sv_b, sv_h, sv_n, sv_d,
+    sdo_b, sdo_h, sdo_m, sdo_d,
+    sdk_b, sdk_h, sdk_n, sdk_d,
+    sdv_b, sdv_h, sdv_n, sdv_d,
+    sl_b, sl_h, sl_m,
+    smask_b, smask_h, smask_m, smask_n,
+    salibi_b, salibi_h,
+    num_heads_k, group_size, seqlen_q, seqlen_k, head_dim, head_dim_v,
+    sm_scale, qk_scale_log2, softcap_scale, softcap_log2, window_left, window_right,
+    dropout_p, dropout_scale, seed, philox_seqlen_q, philox_seqlen_k,
+    BOTTOM_RIGHT: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
+    VARLEN: tl.constexpr, SPLIT_WALK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dV = (P*Z)^T dO and dK = scale * dS^T Q for one key block of one K/V head, summed over the
+    query heads of its group and the query blocks that see it (FlashAttention-2, Alg. 2)."""
+    pid_bhk = tl.program_id(1)
+    b = pid_bhk // num_heads_k
+    hk = pid_bhk % num_heads_k
+    q_start, seqlen_q, k_start, seqlen_k = _sequence(b, CU_SEQLENS_Q, CU_SEQLENS_K, CU_SEQLENS_K, seqlen_q, seqlen_k,
+                                                     VARLEN, False)
+    n0 = tl.program_id(0) * BLOCK_N
+    if n0 >= seqlen_k:
+        return
+    b64, hk64 = b.to(tl.int64), hk.to(tl.int64)
+    diag = seqlen_k - seqlen_q if BOTTOM_RIGHT else 0
+    cols = n0 + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    col_ok = cols < seqlen_k
+    d_ok = offs_d < head_dim
+    dv_ok = offs_dv < head_dim_v
+    K += b64 * sk_b + hk64 * sk_h + k_start * sk_n
+    V += b64 * sv_b + hk64 * sv_h + k_start * sv_n
+    k = tl.load(K + cols[:, None] * sk_n + offs_d[None, :] * sk_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+    v = tl.load(V + cols[:, None] * sv_n + offs_dv[None, :] * sv_d, mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    lo, hi, first, limit = _query_range(n0, seqlen_q, diag, window_left, window_right, BLOCK_M, BLOCK_N,
+                                        HAS_LEFT, HAS_RIGHT)
+
+    for g in range(group_size):
+        h = hk * group_size + g
+        h64 = h.to(tl.int64)
+        Qh = Q + b64 * sq_b + h64 * sq_h + q_start * sq_m
+        DOh = DO + b64 * sdo_b + h64 * sdo_h + q_start * sdo_m
+        LSEh = LSE + b64 * sl_b + h64 * sl_h + q_start * sl_m
+        DELTAh = DELTA + b64 * sl_b + h64 * sl_h + q_start * sl_m
+        MASKh = MASK + b64 * smask_b + h64 * smask_h
+        slope_log2 = tl.load(ALIBI + b * salibi_b + h * salibi_h) * LOG2E if HAS_ALIBI else 0.0
+        row_base = (b64 * num_heads_k * group_size + h64) * philox_seqlen_q
+        for part in tl.static_range(3 if SPLIT_WALK else 1):  # edge, interior (no positional mask), edge
+            start, stop = _walk(part, SPLIT_WALK, lo, hi, first, limit, BLOCK_M)
+            for start_m in range(start, stop, BLOCK_M):
+                rows = start_m + offs_m
+                row_ok = rows < seqlen_q
+                q = tl.load(Qh + rows[:, None] * sq_m + offs_d[None, :] * sq_d,
+                            mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+                do = tl.load(DOh + rows[:, None] * sdo_m + offs_dv[None, :] * sdo_d,
+                             mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
+                lse = tl.load(LSEh + rows * sl_m, mask=row_ok, other=0.0)
+                delta = tl.load(DELTAh + rows * sl_m, mask=row_ok, other=0.0)
+                # A row that saw no key has lse = -inf; +inf there makes its probabilities exactly 0.
+                lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
+                qkt = dot(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), UPCAST, PRECISION)
+                st, tt = _scores(qkt, rows[None, :], cols[:, None], seqlen_q, seqlen_k, diag, window_left,
+                                 window_right, MASKh, smask_m, smask_n, slope_log2, qk_scale_log2, softcap_scale,
+                                 softcap_log2, HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, part != 1)
+                pt = tl.exp2(st - lse2[None, :])
+                dpt = dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), UPCAST, PRECISION)
+                if DROPOUT:
+                    keep = _dropout_keep(seed, row_base, rows[None, :], cols[:, None], philox_seqlen_k, dropout_p)
+                    dv = dot(tl.where(keep, pt * dropout_scale, 0.0).to(do.dtype), do, dv, UPCAST, PRECISION)
+                    dpt = tl.where(keep, dpt * dropout_scale, 0.0)
+                else:
+                    dv = dot(pt.to(do.dtype), do, dv, UPCAST, PRECISION)
+                dst = pt * (dpt - delta[None, :])
+                if HAS_SOFTCAP:
+                    dst = dst * (1.0 - tt * tt)
+                dk = dot(dst.to(q.dtype), q, dk, UPCAST, PRECISION)
+
+    DK += b64 * sdk_b + hk64 * sdk_h + k_start * sdk_n
+    DV += b64 * sdv_b + hk64 * sdv_h + k_start * sdv_n
+    tl.store(DK + cols[:, None] * sdk_n + offs_d[None, :] * sdk_d, (dk * sm_scale).to(DK.dtype.element_ty),
+             mask=col_ok[:, None] & d_ok[None, :])
+    tl.store(DV + cols[:, None] * sdv_n + offs_dv[None, :] * sdv_d, dv.to(DV.dtype.element_ty),
+             mask=col_ok[:, None] & dv_ok[None, :])
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, MASK, ALIBI, CU_SEQLENS_Q, CU_SEQLENS_K,
+    sq_b, sq_h, sq_m, sq_d,
+    sk_b, sk_h, sk_n, sk_d,
+    sv_b, sv_h, sv_n, sv_d,
+    sdo_b, sdo_h, sdo_m, sdo_d,
+    sdq_b, sdq_h, sdq_m, sdq_d,
+    sl_b, sl_h, sl_m,
+    smask_b, smask_h, smask_m, smask_n,
+    salibi_b, salibi_h,
+    num_heads, group_size, seqlen_q, seqlen_k, head_dim, head_dim_v,
+    sm_scale, qk_scale_log2, softcap_scale, softcap_log2, window_left, window_right,
+    dropout_p, dropout_scale, seed, philox_seqlen_q, philox_seqlen_k,
+    BOTTOM_RIGHT: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
+    VARLEN: tl.constexpr, SPLIT_WALK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dQ = scale * dS K for one query block, walking the key blocks it sees."""
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    q_start, seqlen_q, k_start, seqlen_k = _sequence(b, CU_SEQLENS_Q, CU_SEQLENS_K, CU_SEQLENS_K, seqlen_q, seqlen_k,
+                                                     VARLEN, False)
+    m0 = tl.program_id(0) * BLOCK_M
+    if m0 >= seqlen_q:
+        return
+    b64, h64, hk64 = b.to(tl.int64), h.to(tl.int64), (h // group_size).to(tl.int64)
+    Q += b64 * sq_b + h64 * sq_h + q_start * sq_m
+    K += b64 * sk_b + hk64 * sk_h + k_start * sk_n
+    V += b64 * sv_b + hk64 * sv_h + k_start * sv_n
+    DO += b64 * sdo_b + h64 * sdo_h + q_start * sdo_m
+    LSE += b64 * sl_b + h64 * sl_h + q_start * sl_m
+    DELTA += b64 * sl_b + h64 * sl_h + q_start * sl_m
+    MASK += b64 * smask_b + h64 * smask_h
+    diag = seqlen_k - seqlen_q if BOTTOM_RIGHT else 0
+    slope_log2 = tl.load(ALIBI + b * salibi_b + h * salibi_h) * LOG2E if HAS_ALIBI else 0.0
+
+    rows = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = rows < seqlen_q
+    d_ok = offs_d < head_dim
+    dv_ok = offs_dv < head_dim_v
+    q = tl.load(Q + rows[:, None] * sq_m + offs_d[None, :] * sq_d, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    do = tl.load(DO + rows[:, None] * sdo_m + offs_dv[None, :] * sdo_d, mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
+    lse = tl.load(LSE + rows * sl_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + rows * sl_m, mask=row_ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    lo, hi, first, limit = _key_range(m0, seqlen_k, diag, window_left, window_right, BLOCK_M, BLOCK_N,
+                                      HAS_LEFT, HAS_RIGHT)
+    for part in tl.static_range(3 if SPLIT_WALK else 1):  # edge, interior (no positional mask), edge
+        start, stop = _walk(part, SPLIT_WALK, lo, hi, first, limit, BLOCK_N)
+        for start_n in range(start, stop, BLOCK_N):
+            cols = start_n + offs_n
+            col_ok = cols < seqlen_k
+            kt = tl.load(K + cols[None, :] * sk_n + offs_d[:, None] * sk_d, mask=col_ok[None, :] & d_ok[:, None],
+                         other=0.0)
+            vt = tl.load(V + cols[None, :] * sv_n + offs_dv[:, None] * sv_d, mask=col_ok[None, :] & dv_ok[:, None],
+                         other=0.0)
+            qk = dot(q, kt, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, PRECISION)
+            s, t = _scores(qk, rows[:, None], cols[None, :], seqlen_q, seqlen_k, diag, window_left, window_right,
+                           MASK, smask_m, smask_n, slope_log2, qk_scale_log2, softcap_scale, softcap_log2,
+                           HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, part != 1)
+            p = tl.exp2(s - lse2[:, None])
+            dp = dot(do, vt, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, PRECISION)
+            if DROPOUT:
+                keep = _dropout_keep(seed, pid_bh.to(tl.int64) * philox_seqlen_q, rows[:, None], cols[None, :],
+                                     philox_seqlen_k, dropout_p)
+                dp = tl.where(keep, dp * dropout_scale, 0.0)
+            ds = p * (dp - delta[:, None])
+            if HAS_SOFTCAP:
+                ds = ds * (1.0 - t * t)
+            dq = dot(ds.to(kt.dtype), tl.trans(kt), dq, UPCAST, PRECISION)
+
+    DQ += b64 * sdq_b + h64 * sdq_h + q_start * sdq_m
+    tl.store(DQ + rows[:, None] * sdq_m + offs_d[None, :] * sdq_d, (dq * sm_scale).to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _dropout_mask_kernel(KEEP, s_b, s_h, s_m, s_n, num_heads, seqlen_q, seqlen_k, dropout_p, seed,
+                         philox_seqlen_q, philox_seqlen_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The keep-mask the attention kernels draw, materialized (for tests and ``return_attn_probs``)."""
+    pid_bh = tl.program_id(2)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = _dropout_keep(seed, pid_bh.to(tl.int64) * philox_seqlen_q, rows[:, None], cols[None, :],
+                         philox_seqlen_k, dropout_p)
+    b = (pid_bh // num_heads).to(tl.int64)
+    h = (pid_bh % num_heads).to(tl.int64)
+    tl.store(KEEP + b * s_b + h * s_h + rows[:, None] * s_m + cols[None, :] * s_n, keep.to(tl.int8),
+             mask=(rows[:, None] < seqlen_q) & (cols[None, :] < seqlen_k))

@@ -1,0 +1,166 @@
+"""The public function with torch's signature, :func:`scaled_dot_product_attention`, and the input
+checks every attention entry point shares (``check_qkv``, also used by ``kernels/flash_attn_interface.py``)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from .. import dispatch
+from .._triton_utils import autocast_to, check_same, check_tensor
+from .ops import attention_op
+from .reference import attention_reference
+
+MAX_HEAD_DIM = 256
+
+
+def _as_4d(t: torch.Tensor) -> torch.Tensor:
+    """(..., heads, L, E) -> (batch, heads, L, E), a view where the strides allow (always for 2-4 dims).
+    A 3-D tensor's first dim is heads, as torch reads it (it matters for enable_gqa)."""
+    if t.dim() == 4:
+        return t
+    if t.dim() == 3:
+        return t.unsqueeze(0)
+    if t.dim() == 2:
+        return t[None, None]
+    return t.reshape(-1, *t.shape[-3:])
+
+
+def check_qkv(op: str, q, k, v, *, heads_dim: int, gqa: bool, names=("q", "k", "v")) -> None:
+    """Dtypes, devices, ranks and sizes shared by every attention entry point. ``heads_dim`` is where
+    the heads sit (-3 in torch's layout, -2 in flash-attention's); ``gqa`` allows fewer K/V heads."""
+    for name, t in zip(names, (q, k, v)):
+        check_tensor(name, t, op=op)
+    check_same(op, dict(zip(names, (q, k, v))))
+    qn, kn, vn = names
+    if not (q.dim() == k.dim() == v.dim()):
+        raise ValueError(f"{op}: {qn}, {kn} and {vn} must have the same number of dims, got {q.dim()}, {k.dim()}, {v.dim()}")
+    min_dims = 2 if heads_dim == -3 else 3  # torch's layout allows (seqlen, head_dim)
+    if q.dim() < min_dims:
+        raise ValueError(f"{op}: {qn} needs at least {min_dims} dims, got shape {tuple(q.shape)}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"{op}: {qn} and {kn} must have the same head_dim, got {q.shape[-1]} and {k.shape[-1]}")
+    seq_dim = -2 if heads_dim == -3 else -3
+    if k.shape[seq_dim] != v.shape[seq_dim]:
+        raise ValueError(f"{op}: {kn} and {vn} must have the same seqlen, got {k.shape[seq_dim]} and {v.shape[seq_dim]}")
+    if q.dim() >= -heads_dim:
+        hq, hk, hv = q.shape[heads_dim], k.shape[heads_dim], v.shape[heads_dim]
+        if hk != hv:
+            raise ValueError(f"{op}: {kn} and {vn} must have the same number of heads, got {hk} and {hv}")
+        if hq != hk and not (gqa and hk > 0 and hq % hk == 0):
+            raise ValueError(f"{op}: {qn} has {hq} heads and {kn}/{vn} {hk}: "
+                             + ("the query heads must be a multiple of the key/value heads (GQA/MQA)" if gqa else
+                                "they must match (pass enable_gqa=True for grouped-query attention)"))
+    if not (q.shape[:-3] == k.shape[:-3] == v.shape[:-3]):
+        raise ValueError(f"{op}: {qn}, {kn} and {vn} must share their batch dims, got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+
+
+def _check_dropout(op: str, dropout_p) -> float:
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"{op}: dropout_p must be a float in [0, 1], got {dropout_p!r}")
+    return float(dropout_p)
+
+
+def _check_sdpa_mask(attn_mask, query, key, is_causal) -> torch.Tensor | None:
+    op = "scaled_dot_product_attention"
+    if attn_mask is None:
+        return None
+    if is_causal:
+        raise ValueError(f"{op}: pass either attn_mask or is_causal=True, not both (as torch)")
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"{op}: attn_mask must be a torch.Tensor, got {type(attn_mask).__name__}")
+    if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
+        raise TypeError(f"{op}: attn_mask must be bool (True = take part) or a float additive mask, got {attn_mask.dtype}")
+    if attn_mask.device != query.device:
+        raise ValueError(f"{op}: attn_mask is on {attn_mask.device} but query is on {query.device}")
+    target = (*query.shape[:-1], key.shape[-2])
+    try:
+        return attn_mask.expand(target)
+    except RuntimeError:
+        raise ValueError(f"{op}: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
+                         f"(..., seqlen_q, seqlen_k) = {target}") from None
+
+
+def _mask_row_extent(mask: torch.Tensor) -> int:
+    """Largest element offset within one (batch, head) plane of the mask: the kernels index the plane
+    in int32 (the plane's base is int64)."""
+    return (mask.shape[-2] - 1) * abs(mask.stride(-2)) + (mask.shape[-1] - 1) * abs(mask.stride(-1))
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                                 enable_gqa=False):
+    """softmax(scale * query @ key^T + mask) @ value, fused (Vaswani et al., 2017, Sec. 3.2.1).
+
+    Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` with the same semantics, except
+    that a query row whose keys are all masked out returns 0 (and 0 gradient) where torch returns NaN.
+    ``is_causal`` is top-left aligned, as in torch, even when seqlen_q != seqlen_k (1 = attend)::
+
+        seqlen_q=2, seqlen_k=4      1 0 0 0        seqlen_q=4, seqlen_k=2      1 0
+                                    1 1 0 0                                    1 1
+                                                                               1 1
+                                                                               1 1
+
+    (``kernels.flash_attn_func``'s ``causal`` is bottom-right aligned instead.)
+
+    Args:
+        query: ``(..., num_heads, seqlen_q, head_dim)``, float16, bfloat16 or float32, any strides.
+        key: ``(..., num_heads_k, seqlen_k, head_dim)``; value: ``(..., num_heads_k, seqlen_k, head_dim_v)``;
+            same dtype, device and leading dims as query.
+        attn_mask: broadcastable to ``(..., num_heads, seqlen_q, seqlen_k)``: bool (True = take part;
+            a key-padding mask is ``(batch, 1, 1, seqlen_k)``) or float, added to the scores.
+        dropout_p: probability of zeroing an attention probability (survivors scaled by 1/(1-p)),
+            drawn inside the kernel from torch's default generator (``torch.manual_seed`` repeats it).
+        is_causal: top-left aligned causal mask (above); not together with attn_mask.
+        scale: softmax scale, default ``1 / sqrt(head_dim)``.
+        enable_gqa: allow num_heads_k < num_heads (a divisor): query head h reads key/value head
+            h // (num_heads // num_heads_k), as torch.
+
+    Returns:
+        ``(..., num_heads, seqlen_q, head_dim_v)`` in query's dtype; differentiable in query, key, value.
+
+    Raises:
+        TypeError: non-tensors, unsupported or mixed dtypes, a mask that is neither bool nor float.
+        ValueError: mismatched shapes, devices or head counts; a mask that does not broadcast; attn_mask
+        together with is_causal; dropout_p outside [0, 1].
+
+    Under ``torch.autocast``, query, key and value are cast to its dtype first, as torch's SDPA does.
+
+    Where it runs: Triton on CUDA (and on CPU under ``TRITON_INTERPRET=1``); otherwise PyTorch. Three
+    documented fallbacks to ``F.scaled_dot_product_attention``, with a warning and
+    ``kernels.last_path("attention") == "torch"``: head_dim above 256, an ``attn_mask`` that requires
+    grad (the kernel computes no mask gradient), and a mask whose seqlen_q x seqlen_k plane spans
+    2^31 elements or more.
+    """
+    op = "scaled_dot_product_attention"
+    query, key, value = autocast_to(query, key, value)
+    check_qkv(op, query, key, value, heads_dim=-3, gqa=bool(enable_gqa), names=("query", "key", "value"))
+    dropout_p = _check_dropout(op, dropout_p)
+    mask = _check_sdpa_mask(attn_mask, query, key, is_causal)
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+
+    fallback = None
+    if dispatch.triton_available_for(query):
+        if max(query.shape[-1], value.shape[-1]) > MAX_HEAD_DIM:
+            fallback = f"head_dim {query.shape[-1]}/{value.shape[-1]} above the kernel's {MAX_HEAD_DIM}"
+        elif attn_mask is not None and attn_mask.requires_grad:
+            fallback = "an attn_mask that requires grad"
+        elif mask is not None and _mask_row_extent(mask) >= 2**31:
+            fallback = "an attn_mask whose (seqlen_q, seqlen_k) plane spans 2^31 elements or more"
+        if fallback:
+            warnings.warn(f"{op}: {fallback}; falling back to torch.nn.functional.scaled_dot_product_attention",
+                          stacklevel=2)
+    if fallback or not dispatch.triton_available_for(query):
+        dispatch.record_path("attention", "torch")
+        if mask is None or fallback:
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                                  is_causal=bool(is_causal), scale=scale, enable_gqa=bool(enable_gqa))
+        return attention_reference(query, key, value, scale=scale, attn_mask=mask, dropout_p=dropout_p)
+
+    q4, k4, v4 = _as_4d(query), _as_4d(key), _as_4d(value)
+    out, _, _ = attention_op(q4, k4, v4, scale=scale, window=(-1, 0) if is_causal else (-1, -1),
+                             attn_mask=None if mask is None else _as_4d(mask), dropout_p=dropout_p)
+    return out.reshape(*query.shape[:-1], value.shape[-1])

@@ -1,0 +1,184 @@
+"""Launchers of the attention kernels on 4-D ``(batch, heads, seqlen, head_dim)`` views: they pick the
+config, allocate and launch. The kernels are looked up on the ``_kernels`` module and the configs on
+``configs`` at call time, so ``kernels.static_check`` and the tests can swap either."""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from .. import dispatch
+from .._triton_utils import block_size, dot_flags
+from . import _kernels as K
+from . import configs
+from ._kernels import LOG2E
+from .configs import _DELTA_BLOCK_M
+
+
+def _strides4(t, varlen: bool):
+    """(batch, head, row, col) strides of a 4-D view; a packed batch's rows are found from cu_seqlens."""
+    s = t.stride()
+    return (0 if varlen else s[0], s[1], s[2], s[3])
+
+
+def _problem(q, k, v, *, scale, bottom_right, window, softcap, alibi_slopes, attn_mask, dropout_p, seed,
+             cu_seqlens_q, max_seqlen_q, max_seqlen_k):
+    """Sizes, strides, scalars and constexprs that every attention kernel shares."""
+    varlen = cu_seqlens_q is not None
+    batch = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
+    num_heads, num_heads_k = q.shape[1], k.shape[1]
+    seqlen_q = max_seqlen_q if varlen else q.shape[2]
+    seqlen_k = max_seqlen_k if varlen else k.shape[2]
+    window_left, window_right = window
+    mask_kind = 0 if attn_mask is None else (1 if attn_mask.dtype == torch.bool else 2)
+    mask_strides = attn_mask.stride() if attn_mask is not None else (0, 0, 0, 0)
+    if alibi_slopes is None:
+        alibi_strides = (0, 0)
+    else:
+        alibi_strides = (0, alibi_slopes.stride(0)) if alibi_slopes.dim() == 1 else tuple(alibi_slopes.stride())
+    heavy = dropout_p > 0 or attn_mask is not None or alibi_slopes is not None or softcap > 0
+    return dict(
+        varlen=varlen, batch=batch, num_heads=num_heads, num_heads_k=num_heads_k,
+        group_size=num_heads // num_heads_k if num_heads_k else 1, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
+        heavy=heavy,
+        head_dim=q.shape[3], head_dim_v=v.shape[3], mask_strides=mask_strides, alibi_strides=alibi_strides,
+        scalars=dict(
+            qk_scale_log2=scale * LOG2E.value,
+            softcap_scale=scale / softcap if softcap > 0 else 0.0,
+            softcap_log2=softcap * LOG2E.value,
+            window_left=max(window_left, 0), window_right=max(window_right, 0),
+            dropout_p=dropout_p, dropout_scale=1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else float("inf"),
+            seed=seed, philox_seqlen_q=seqlen_q, philox_seqlen_k=seqlen_k,
+        ),
+        flags=dict(
+            BOTTOM_RIGHT=bottom_right, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
+            MASK_KIND=mask_kind, HAS_ALIBI=alibi_slopes is not None, HAS_SOFTCAP=softcap > 0,
+            DROPOUT=dropout_p > 0, VARLEN=varlen,
+            # Interior blocks skip the positional mask; a heavy tile pays per element anyway, and the
+            # extra loops would cost it registers it lacks (spills on sm_80, static check).
+            SPLIT_WALK=not heavy,
+        ),
+    )
+
+
+def attention_forward(q, k, v, *, scale: float, bottom_right: bool = False, window=(-1, -1), softcap: float = 0.0,
+                      alibi_slopes=None, attn_mask=None, dropout_p: float = 0.0, seed: int = 0,
+                      cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
+                      seqused_k=None, kv_batch_idx=None, num_splits: int = 1, out=None, lse=None):
+    """Launch the forward on 4-D ``(batch, heads, seqlen, head_dim)`` views of any strides.
+
+    Packed batches: ``q`` is ``(1, heads, total_q, head_dim)`` with ``cu_seqlens_q/k`` (int32, batch+1)
+    and ``max_seqlen_q/k``. ``window=(left, right)`` bounds ``j - i - diag`` (-1: unbounded); causal is
+    ``right = 0``. ``attn_mask`` is a 4-D (broadcast) view, bool or additive. ``seqused_k`` (int32,
+    batch) and ``kv_batch_idx`` serve a KV cache; ``num_splits`` > 1 splits the keys (no dropout).
+    Returns ``(out, logsumexp)``: ``out`` ``(batch, heads, seqlen_q, head_dim_v)`` in q's dtype,
+    ``logsumexp`` float32 ``(batch, heads, seqlen_q)`` (natural log; -inf for a row that sees no key).
+    """
+    pb = _problem(q, k, v, scale=scale, bottom_right=bottom_right, window=window, softcap=softcap,
+                  alibi_slopes=alibi_slopes, attn_mask=attn_mask, dropout_p=dropout_p, seed=seed,
+                  cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+    batch, num_heads, seqlen_q = pb["batch"], pb["num_heads"], pb["seqlen_q"]
+    if out is None:
+        out = torch.empty((*q.shape[:3], pb["head_dim_v"]), device=q.device, dtype=q.dtype)
+    if lse is None:
+        lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
+    if out.numel() == 0 or batch == 0:
+        return out, lse
+    block_d, block_dv = block_size(pb["head_dim"]), block_size(pb["head_dim_v"])
+    cfg = configs._config(max(block_d, block_dv), q.dtype, seqlen_q, pb["heavy"])
+    m_blocks = triton.cdiv(seqlen_q, cfg["BLOCK_M"])
+    splits = 1 if (dropout_p > 0 or pb["varlen"]) else configs._num_splits(
+        num_splits, m_blocks * batch * num_heads, pb["seqlen_k"], cfg["BLOCK_N"], q.device)
+    split_size = triton.cdiv(triton.cdiv(pb["seqlen_k"], splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
+    if splits > 1:  # partial results in fp32, merged below
+        o_dst = torch.empty((splits, batch, num_heads, seqlen_q, pb["head_dim_v"]), device=q.device, dtype=torch.float32)
+        l_dst = torch.empty((splits, batch, num_heads, seqlen_q), device=q.device, dtype=torch.float32)
+        o_strides, l_strides = o_dst.stride(), l_dst.stride()
+    else:
+        o_dst, l_dst = out, lse
+        o_strides = (0, *_strides4(out, pb["varlen"]))
+        l_strides = (0, 0 if pb["varlen"] else lse.stride(0), lse.stride(1), lse.stride(2))
+    dummy = q
+    K._attn_fwd_kernel[(m_blocks * splits, batch * num_heads)](
+        q, k, v, o_dst, l_dst, dummy if attn_mask is None else attn_mask,
+        dummy if alibi_slopes is None else alibi_slopes,
+        dummy if cu_seqlens_q is None else cu_seqlens_q, dummy if cu_seqlens_k is None else cu_seqlens_k,
+        dummy if seqused_k is None else seqused_k, dummy if kv_batch_idx is None else kv_batch_idx,
+        *_strides4(q, pb["varlen"]), *_strides4(k, pb["varlen"]), *_strides4(v, pb["varlen"]),
+        *o_strides, *l_strides, *pb["mask_strides"], *pb["alibi_strides"],
+        num_heads, pb["group_size"], seqlen_q, pb["seqlen_k"], pb["head_dim"], pb["head_dim_v"],
+        **pb["scalars"], split_size=split_size,
+        **pb["flags"], HAS_SEQUSED_K=seqused_k is not None, HAS_KV_BATCH_IDX=kv_batch_idx is not None,
+        NUM_SPLITS=splits, BLOCK_D=block_d, BLOCK_DV=block_dv, **cfg, **dot_flags(q.dtype),
+    )
+    dispatch.record_launch("attention_fwd")
+    if splits > 1:
+        K._attn_combine_kernel[(triton.cdiv(seqlen_q, 16), batch * num_heads)](
+            o_dst, l_dst, out, lse, *o_dst.stride()[:4], *l_dst.stride()[:3], *out.stride(), *lse.stride(),
+            num_heads, seqlen_q, pb["head_dim_v"], NUM_SPLITS=splits, BLOCK_M=16, BLOCK_DV=block_dv,
+        )
+        dispatch.record_launch("attention_combine")
+    return out, lse
+
+
+def attention_backward(do, q, k, v, out, lse, *, scale: float, bottom_right: bool = False, window=(-1, -1),
+                       softcap: float = 0.0, alibi_slopes=None, attn_mask=None, dropout_p: float = 0.0, seed: int = 0,
+                       cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
+                       dq=None, dk=None, dv=None):
+    """Launch the three backward kernels; same arguments as :func:`attention_forward` plus ``do``,
+    ``out`` and ``lse`` from it. Returns ``(dq, dk, dv)`` in the inputs' dtype (allocated like the
+    inputs unless given)."""
+    pb = _problem(q, k, v, scale=scale, bottom_right=bottom_right, window=window, softcap=softcap,
+                  alibi_slopes=alibi_slopes, attn_mask=attn_mask, dropout_p=dropout_p, seed=seed,
+                  cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+    varlen, batch, num_heads = pb["varlen"], pb["batch"], pb["num_heads"]
+    dq = torch.empty_like(q) if dq is None else dq
+    dk = torch.empty_like(k) if dk is None else dk
+    dv = torch.empty_like(v) if dv is None else dv
+    if pb["seqlen_k"] == 0 or pb["seqlen_q"] == 0 or batch * num_heads == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    if varlen:  # tokens of no sequence (beyond cu_seqlens[-1]) get no program: their gradient is 0
+        for t in (dq, dk, dv):
+            t.zero_()
+    block_d, block_dv = block_size(pb["head_dim"]), block_size(pb["head_dim_v"])
+    cfg_dkdv, cfg_dq = configs._bwd_configs(max(block_d, block_dv), q.dtype, pb["heavy"])
+    lse_strides = (0 if varlen else lse.stride(0), lse.stride(1), lse.stride(2))
+    delta = torch.empty_like(lse)
+    rows_o = out.shape[2]  # physical rows: for a packed batch, all tokens
+    K._attn_bwd_delta_kernel[(triton.cdiv(rows_o, _DELTA_BLOCK_M), out.shape[0] * num_heads)](
+        out, do, delta, *out.stride(), *do.stride(), *delta.stride(), num_heads, rows_o, pb["head_dim_v"],
+        BLOCK_M=_DELTA_BLOCK_M, BLOCK_DV=block_dv, num_warps=8,
+    )
+    dummy = q
+    tensors = dict(MASK=dummy if attn_mask is None else attn_mask, ALIBI=dummy if alibi_slopes is None else alibi_slopes,
+                   CU_SEQLENS_Q=dummy if cu_seqlens_q is None else cu_seqlens_q,
+                   CU_SEQLENS_K=dummy if cu_seqlens_k is None else cu_seqlens_k)
+    common = dict(**pb["scalars"], **pb["flags"], BLOCK_D=block_d, BLOCK_DV=block_dv, **dot_flags(q.dtype))
+    sizes = (pb["group_size"], pb["seqlen_q"], pb["seqlen_k"], pb["head_dim"], pb["head_dim_v"], scale)
+    qkvdo = (*_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen), *_strides4(do, varlen))
+    K._attn_bwd_dkdv_kernel[(triton.cdiv(pb["seqlen_k"], cfg_dkdv["BLOCK_N"]), batch * pb["num_heads_k"])](
+        q, k, v, do, lse, delta, dk, dv, *tensors.values(),
+        *qkvdo, *_strides4(dk, varlen), *_strides4(dv, varlen), *lse_strides, *pb["mask_strides"], *pb["alibi_strides"],
+        pb["num_heads_k"], *sizes, **common, **cfg_dkdv,
+    )
+    K._attn_bwd_dq_kernel[(triton.cdiv(pb["seqlen_q"], cfg_dq["BLOCK_M"]), batch * num_heads)](
+        q, k, v, do, lse, delta, dq, *tensors.values(),
+        *qkvdo, *_strides4(dq, varlen), *lse_strides, *pb["mask_strides"], *pb["alibi_strides"],
+        num_heads, *sizes, **common, **cfg_dq,
+    )
+    for name in ("attention_bwd_delta", "attention_bwd_dkdv", "attention_bwd_dq"):
+        dispatch.record_launch(name)
+    return dq, dk, dv
+
+
+def dropout_keep_mask(batch: int, num_heads: int, seqlen_q: int, seqlen_k: int, dropout_p: float, seed: int,
+                      device) -> torch.Tensor:
+    """The ``(batch, num_heads, seqlen_q, seqlen_k)`` bool keep-mask the kernels draw for ``seed``
+    (for a packed batch, seqlen_q/k are max_seqlen_q/k and row i is the i-th token of its sequence)."""
+    keep = torch.empty((batch, num_heads, seqlen_q, seqlen_k), device=device, dtype=torch.int8)
+    if keep.numel():
+        K._dropout_mask_kernel[(triton.cdiv(seqlen_q, 32), triton.cdiv(seqlen_k, 32), batch * num_heads)](
+            keep, *keep.stride(), num_heads, seqlen_q, seqlen_k, dropout_p, seed, seqlen_q, seqlen_k,
+            BLOCK_M=32, BLOCK_N=32)
+        dispatch.record_launch("attention_dropout_mask")
+    return keep.bool()

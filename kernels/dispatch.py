@@ -17,6 +17,7 @@ the Triton kernel ran rather than the fallback.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 
 import torch
@@ -31,12 +32,37 @@ except (ImportError, AttributeError):  # pragma: no cover - older Triton
 OPS = ("attention", "layer_norm", "ffn")
 
 _last_path: dict[str, str] = {}
+_assumed_arch: str | None = None
 _launches: collections.Counter[str] = collections.Counter()
 
 
 def triton_available_for(t: torch.Tensor) -> bool:
     """True when a call on tensor ``t`` runs the Triton kernels (see the module docstring)."""
     return t.is_cuda or (t.device.type == "cpu" and INTERPRETER)
+
+
+def target_arch(device: torch.device) -> str:
+    """The config family of the GPU a call runs on: ``"sm_90a"`` for Hopper (compute capability 9.x,
+    warpgroup MMA, 228 KB of shared memory per SM), ``"sm_80"`` for everything else (Ampere, Ada and
+    newer parts get the conservative tiles). Launchers pick tiles per family; the static check compiles
+    each family's tiles for its own arch."""
+    if _assumed_arch is not None:
+        return _assumed_arch
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9:
+        return "sm_90a"
+    return "sm_80"
+
+
+@contextlib.contextmanager
+def assume_arch(arch: str):
+    """Make :func:`target_arch` answer ``arch`` (the static check records each family's launches on
+    meta tensors)."""
+    global _assumed_arch
+    saved, _assumed_arch = _assumed_arch, arch
+    try:
+        yield
+    finally:
+        _assumed_arch = saved
 
 
 def record_path(op: str, path: str) -> None:

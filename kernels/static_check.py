@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import hashlib
 import importlib
 import json
 import multiprocessing
@@ -40,9 +41,12 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
+from . import static_model
+
 # The package re-exports functions named ffn and layer_norm, which shadow these modules as attributes.
 attention = importlib.import_module("kernels.attention")
 ffn = importlib.import_module("kernels.ffn")
+dispatch = importlib.import_module("kernels.dispatch")
 layer_norm = importlib.import_module("kernels.layer_norm")
 
 ARCHS = {"sm_80": GPUTarget("cuda", 80, 32), "sm_90a": GPUTarget("cuda", 90, 32)}
@@ -72,6 +76,27 @@ class Report:
     wgmma_instructions: int
     wgmma_waits: int
     needs_mma: bool
+    # The steady-state loop (kernels/static_model.py), per warp and iteration unless said otherwise.
+    num_warps: int = 0
+    shared_bytes: int = 0
+    head_dim: int = 0
+    head_dim_v: int = 0
+    has_loop: bool = False
+    loop_instructions: int = 0
+    mma_shapes: str = ""
+    executed_flops: float = 0.0  # tensor-core FLOPs one CTA runs per iteration
+    useful_flops: float = 0.0    # FLOPs the algorithm needs per CTA-iteration
+    mufu: int = 0
+    fmul: int = 0
+    ffma: int = 0
+    loop_waits: int = 0
+    loop_loads: int = 0
+    global_bytes: int = 0        # per CTA, per iteration (or for the whole program without a loop)
+    t_tensor: float = 0.0        # clocks per CTA-iteration on one SM
+    t_issue: float = 0.0
+    t_mufu: float = 0.0
+    serial_tflops: float = 0.0
+    overlap_tflops: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -111,16 +136,22 @@ def _recording(module, names, sink, case):
             setattr(module, n, fn)
 
 
-def shipped_launches() -> list[Launch]:
-    """One launch per shipped config: each (dtype, head_dim bucket) of attention, each row-width
-    bucket of LayerNorm, each (dtype, activation, epilogue) of the FFN matmul."""
+def shipped_launches(arch: str = "sm_90a") -> list[Launch]:
+    """One launch per shipped config for ``arch`` (the launchers pick configs per arch): each (dtype,
+    head_dim bucket) of attention, each row-width bucket of LayerNorm, each (dtype, activation,
+    epilogue) of the FFN matmul."""
+    with dispatch.assume_arch(arch):
+        return _record_launches()
+
+
+def _record_launches() -> list[Launch]:
     launches: list[Launch] = []
     meta = dict(device="meta")
     attn_kernels = ["_attn_fwd_kernel", "_attn_bwd_delta_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel",
                     "_attn_combine_kernel", "_dropout_mask_kernel"]
 
     def attn(case, q, k, v, backward=True, **kw):
-        with _recording(attention, attn_kernels, launches, case):
+        with _recording(attention._kernels, attn_kernels, launches, case):
             out, lse = attention.attention_forward(q, k, v, scale=0.1, **kw)
             if backward:
                 kw.pop("num_splits", None)
@@ -149,7 +180,7 @@ def shipped_launches() -> list[Launch]:
                 cu = torch.empty(9, dtype=torch.int32, **meta)
                 attn(f"attention {name} d={head_dim} varlen causal", packed, packed, packed, window=(-1, 0),
                      bottom_right=True, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=2048, max_seqlen_k=2048)
-    with _recording(attention, attn_kernels, launches, "attention dropout mask"):
+    with _recording(attention._kernels, attn_kernels, launches, "attention dropout mask"):
         attention.dropout_keep_mask(4, 16, 1024, 1024, 0.1, 0, "meta")
 
     norm_kernels = ["_norm_fwd_kernel", "_norm_bwd_stats_kernel", "_norm_bwd_kernel"]
@@ -199,8 +230,8 @@ def compile_launch(launch: Launch, arch: str):
     return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
 
 
-def inspect_cubin(cubin: bytes, arch: str) -> dict:
-    """Registers, spills and tensor-core instruction count, read from a cubin by cuobjdump."""
+def inspect_cubin(cubin: bytes, arch: str) -> tuple[dict, str]:
+    """Registers, spills and tensor-core instruction counts read from a cubin by cuobjdump, and its SASS."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
@@ -217,7 +248,21 @@ def inspect_cubin(cubin: bytes, arch: str) -> dict:
         "mma_instructions": len(re.findall(r"\bH(?:G)?MMA\b", sass)),
         "wgmma_instructions": len(re.findall(r"\bHGMMA\b", sass)),
         "wgmma_waits": len(re.findall(r"\bWARPGROUP\.DEPBAR\b", sass)),
-    }
+    }, sass
+
+
+def model_fields(sass: str, arch: str, kernel: str, kwargs: dict, num_warps: int) -> dict:
+    """The steady-state loop's counts and the cycle model's figures (kernels/static_model.py)."""
+    stats, has_loop = static_model.steady_loop(static_model.parse_sass(sass))
+    useful = static_model.useful_flops(kernel, kwargs)
+    wg, warp = stats.executed_flops(num_warps)
+    c = static_model.cost(stats, num_warps, useful, arch)
+    return dict(num_warps=num_warps, has_loop=has_loop, loop_instructions=stats.instructions,
+                mma_shapes=stats.shapes(), executed_flops=wg + warp, useful_flops=useful, mufu=stats.mufu,
+                fmul=stats.fmul, ffma=stats.ffma, loop_waits=stats.waits, loop_loads=stats.loads,
+                global_bytes=stats.global_bytes_per_lane * 32 * num_warps,
+                t_tensor=c.t_tensor, t_issue=c.t_issue, t_mufu=c.t_mufu, serial_tflops=c.serial_tflops,
+                overlap_tflops=c.overlap_tflops)
 
 
 def _specialization(arg) -> str:
@@ -230,54 +275,135 @@ def _specialization(arg) -> str:
     return "1" if arg == 1 else ("16k" if arg % 16 == 0 else "int")
 
 
+def _identity(launch: Launch) -> tuple:
+    """What makes two launches compile to the same binary: kernel, specialization, constexprs, options."""
+    signature = tuple(_specialization(a) for a in launch.args)
+    return (launch.kernel, signature, tuple(sorted((k, str(v)) for k, v in launch.kwargs.items())))
+
+
+# A representative subset for the default test suite: every kernel, the HGMMA targets (bf16 and fp16,
+# head_dim 64 and 128, forward and backward), the heaviest modifiers, decoding, fp32, the norms'
+# single- and multi-pass kernels and the FFN's plain and gated matmuls. The full sweep is
+# ``python -m kernels.static_check`` (or ``STATIC_CHECK_FULL=1`` for the test).
+QUICK_CASES = (
+    "attention bfloat16 d=128 causal", "attention float16 d=64 causal", "attention float16 d=64 all-modifiers",
+    "attention float16 d=128 decode", "attention float32 d=64 causal", "attention dropout mask",
+    "layer_norm float16 N=4096", f"add_layer_norm+dropout float16 N={4 * layer_norm.MAX_SINGLE_PASS_N}",
+    "ffn float16 gelu triton", "ffn bfloat16 swiglu triton",
+)
+
+
 @functools.lru_cache(maxsize=None)
-def _launches(case_filter: str) -> tuple[Launch, ...]:
-    """The shipped launches whose case contains ``case_filter``, each compiled specialization once."""
+def _launches(case_filters: tuple[str, ...], arch: str) -> tuple[Launch, ...]:
+    """The shipped launches for ``arch`` whose case contains any of ``case_filters``, each compiled
+    specialization once."""
     seen, unique = set(), []
-    for launch in shipped_launches():
-        signature = tuple(_specialization(a) for a in launch.args)
-        key = (launch.kernel, signature, tuple(sorted((k, str(v)) for k, v in launch.kwargs.items())))
-        if case_filter in launch.case and key not in seen:
+    for launch in shipped_launches(arch):
+        key = _identity(launch)
+        if any(f in launch.case for f in case_filters) and key not in seen:
             seen.add(key)
             unique.append(launch)
     return tuple(unique)
 
 
-def _report(job: tuple[str, int, str]) -> Report:
-    """Compile and inspect launch ``index`` of ``_launches(case_filter)`` for ``arch`` (a worker's job)."""
-    case_filter, index, arch = job
-    launch = _launches(case_filter)[index]
-    info = inspect_cubin(compile_launch(launch, arch).asm["cubin"], arch)
-    return Report(launch.case, launch.kernel, arch, needs_mma=launch.needs_mma, **info)
+def _cache_path(launch: Launch, arch: str) -> Path:
+    """Where a launch's report is cached: keyed on the kernel's source (Triton's own hash of it and every
+    function it calls), its specialization and options, the arch, Triton's version and this checker."""
+    root = Path(os.environ.get("KERNELS_STATIC_CACHE", Path.home() / ".cache" / "transformer-kernels" / "static_check"))
+    checker = Path(__file__).read_bytes() + Path(static_model.__file__).read_bytes()
+    key = repr((launch.fn.cache_key, _identity(launch), arch, triton.__version__, hashlib.sha256(checker).hexdigest(),
+                os.environ.get("TRITON_DEFAULT_FP_FUSION")))
+    return root / f"{launch.kernel}-{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
 
 
-def check(case_filter: str = "", archs=tuple(ARCHS), workers: int | None = None) -> list[Report]:
-    """Compile every shipped launch whose case contains ``case_filter`` for each arch, in parallel."""
-    jobs = [(case_filter, i, arch) for i in range(len(_launches(case_filter))) for arch in archs]
-    workers = workers or os.cpu_count() or 1
-    if workers == 1:
+def _report(job: tuple[tuple[str, ...], str, int]) -> Report:
+    """Compile and inspect launch ``index`` of ``_launches(case_filters, arch)`` for ``arch`` (a worker's
+    job); a cached report of the same binary is reused."""
+    case_filters, arch, index = job
+    launch = _launches(case_filters, arch)[index]
+    path = _cache_path(launch, arch)
+    try:
+        fields = json.loads(path.read_text())
+    except (OSError, ValueError):
+        kernel = compile_launch(launch, arch)
+        info, sass = inspect_cubin(kernel.asm["cubin"], arch)
+        fields = info | model_fields(sass, arch, launch.kernel, launch.kwargs, kernel.metadata.num_warps)
+        fields["shared_bytes"] = kernel.metadata.shared
+        with contextlib.suppress(OSError):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(fields))
+            tmp.replace(path)
+    dims = dict(head_dim=launch.kwargs.get("BLOCK_D", 0), head_dim_v=launch.kwargs.get("BLOCK_DV", 0))
+    return Report(launch.case, launch.kernel, arch, needs_mma=launch.needs_mma, **fields, **dims)
+
+
+def check(case_filters=("",), archs=tuple(ARCHS), workers: int | None = None) -> list[Report]:
+    """Compile every shipped launch whose case contains any of ``case_filters`` for each arch, in parallel."""
+    case_filters = (case_filters,) if isinstance(case_filters, str) else tuple(case_filters)
+    jobs = [(case_filters, arch, i) for arch in archs for i in range(len(_launches(case_filters, arch)))]
+    workers = min(workers or os.cpu_count() or 1, len(jobs))
+    if workers <= 1:
         return [_report(j) for j in jobs]
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         return list(pool.map(_report, jobs))
 
 
+def attention_figures(reports: list[Report]) -> list[dict]:
+    """Per attention case and arch: the model's forward and backward TFLOP/s (serial and overlap)."""
+    by_case: dict[tuple[str, str], dict[str, Report]] = {}
+    for r in reports:
+        if r.kernel in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel") and r.useful_flops:
+            by_case.setdefault((r.case, r.arch), {})[r.kernel] = r
+    rows = []
+    for (case, arch), ks in by_case.items():
+        fwd, dkdv, dq = (ks.get(k) for k in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"))
+        row = dict(case=case, arch=arch)
+        for kind in ("serial", "overlap"):
+            attr = f"{kind}_tflops"
+            row[f"fwd_{kind}"] = getattr(fwd, attr) if fwd else 0.0
+            row[f"bwd_{kind}"] = static_model.backward_tflops(
+                dkdv.head_dim, dkdv.head_dim_v, getattr(dkdv, attr), getattr(dq, attr)) if dkdv and dq else 0.0
+        rows.append(row)
+    return rows
+
+
+def _print_tables(reports: list[Report]) -> None:
+    print(f"{'case':38} {'kernel':24} {'arch':6} {'regs':>4} {'spill':>5} {'smem':>6} {'warps':>5} {'loop':>5} "
+          f"{'mma shapes':26} {'exec/useful':>11} {'mufu':>4} {'fmul':>4} {'ffma':>4} {'waits':>5} "
+          f"{'t_tc':>6} {'t_iss':>6} {'t_mufu':>6} {'serial':>6} {'ovlap':>6}  ok")
+    for r in reports:
+        ratio = f"{r.executed_flops / r.useful_flops:.2f}" if r.useful_flops else "-"
+        print(f"{r.case:38} {r.kernel:24} {r.arch:6} {r.registers:4} {r.spill_instructions + r.stack_bytes + r.local_bytes:5} "
+              f"{r.shared_bytes:6} {r.num_warps:5} {r.loop_instructions:5} {r.mma_shapes[:26]:26} {ratio:>11} "
+              f"{r.mufu:4} {r.fmul:4} {r.ffma:4} {r.loop_waits:5} {r.t_tensor:6.0f} {r.t_issue:6.0f} {r.t_mufu:6.0f} "
+              f"{r.serial_tflops:6.0f} {r.overlap_tflops:6.0f}  {'yes' if r.ok else 'NO'}")
+    figures = attention_figures(reports)
+    if figures:
+        print(f"\nAttention, the model's TFLOP/s (steady state; {static_model.MACHINES['sm_90a'].name} for sm_90a, "
+              f"{static_model.MACHINES['sm_80'].name} for sm_80; backward counted as 2.5x the forward's FLOPs)")
+        print(f"{'case':44} {'arch':6} {'fwd serial':>10} {'fwd ovlap':>10} {'bwd serial':>10} {'bwd ovlap':>10}")
+        for f in figures:
+            print(f"{f['case']:44} {f['arch']:6} {f['fwd_serial']:10.0f} {f['fwd_overlap']:10.0f} "
+                  f"{f['bwd_serial']:10.0f} {f['bwd_overlap']:10.0f}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
-    parser.add_argument("--filter", default="", help="only cases whose name contains this text")
+    parser.add_argument("--filter", action="append", default=[],
+                        help="only cases whose name contains this text (repeatable: any of them)")
+    parser.add_argument("--quick", action="store_true", help="the representative subset the test suite checks")
+    parser.add_argument("--arch", action="append", choices=sorted(ARCHS), help="only this arch (repeatable)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         parser.error("run without TRITON_INTERPRET=1: the interpreter cannot compile kernels")
-    reports = check(args.filter)
+    filters = tuple(args.filter) + (QUICK_CASES if args.quick else ())
+    reports = check(filters or ("",), archs=tuple(args.arch or ARCHS))
     if args.json:
         print(json.dumps([asdict(r) | {"ok": r.ok} for r in reports]))
     else:
-        print(f"{'case':38} {'kernel':24} {'arch':7} {'regs':>4} {'spill':>5} {'stack':>5} {'mma':>5} {'wgmma':>5} "
-              f"{'waits':>5}  ok")
-        for r in reports:
-            print(f"{r.case:38} {r.kernel:24} {r.arch:7} {r.registers:4} {r.spill_instructions:5} "
-                  f"{r.stack_bytes + r.local_bytes:5} {r.mma_instructions:5} {r.wgmma_instructions:5} {r.wgmma_waits:5}  "
-                  f"{'yes' if r.ok else 'NO'}")
+        _print_tables(reports)
     return 0 if all(r.ok for r in reports) else 1
 
 

@@ -76,6 +76,7 @@ class Report:
     wgmma_instructions: int
     wgmma_waits: int
     needs_mma: bool
+    heavy: bool = False  # attention with a score modifier (dropout, mask, ALiBi, soft-cap)
     # The steady-state loop (kernels/static_model.py), per warp and iteration unless said otherwise.
     num_warps: int = 0
     shared_bytes: int = 0
@@ -306,12 +307,18 @@ def _launches(case_filters: tuple[str, ...], arch: str) -> tuple[Launch, ...]:
     return tuple(unique)
 
 
+# Bump when what a report holds or how inspect_cubin / model_fields derive it changes (static_model.py's
+# own source is part of the key already).
+_REPORT_VERSION = 1
+
+
 def _cache_path(launch: Launch, arch: str) -> Path:
     """Where a launch's report is cached: keyed on the kernel's source (Triton's own hash of it and every
-    function it calls), its specialization and options, the arch, Triton's version and this checker."""
+    function it calls), its specialization and options, the arch, Triton's version and the model."""
     root = Path(os.environ.get("KERNELS_STATIC_CACHE", Path.home() / ".cache" / "transformer-kernels" / "static_check"))
-    checker = Path(__file__).read_bytes() + Path(static_model.__file__).read_bytes()
-    key = repr((launch.fn.cache_key, _identity(launch), arch, triton.__version__, hashlib.sha256(checker).hexdigest(),
+    checker = Path(static_model.__file__).read_bytes()
+    key = repr((_REPORT_VERSION, launch.fn.cache_key, _identity(launch), arch, triton.__version__,
+                hashlib.sha256(checker).hexdigest(),
                 os.environ.get("TRITON_DEFAULT_FP_FUSION")))
     return root / f"{launch.kernel}-{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
 
@@ -334,7 +341,8 @@ def _report(job: tuple[tuple[str, ...], str, int]) -> Report:
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps(fields))
             tmp.replace(path)
-    dims = dict(head_dim=launch.kwargs.get("BLOCK_D", 0), head_dim_v=launch.kwargs.get("BLOCK_DV", 0))
+    dims = dict(head_dim=launch.kwargs.get("BLOCK_D", 0), head_dim_v=launch.kwargs.get("BLOCK_DV", 0),
+                heavy=not launch.kwargs.get("SPLIT_WALK", True))
     return Report(launch.case, launch.kernel, arch, needs_mma=launch.needs_mma, **fields, **dims)
 
 
@@ -388,6 +396,38 @@ def _print_tables(reports: list[Report]) -> None:
                   f"{f['bwd_serial']:10.0f} {f['bwd_overlap']:10.0f}")
 
 
+def markdown(reports: list[Report], before: list[dict] | None = None) -> str:
+    """The model's report as Markdown (benchmarks/NOTES.md, README): attention figures per case and arch,
+    then every tensor-core loop; with ``before`` (an earlier ``--json`` run), each figure as before -> after."""
+    old_fig = {(f["case"], f["arch"]): f for f in attention_figures([Report(**_fields(r)) for r in before or []])}
+    old_row = {(r["case"], r["kernel"], r["arch"]): r for r in before or []}
+
+    def pair(old, new, fmt="{:.0f}"):
+        return fmt.format(new) if old is None else f"{fmt.format(old)} -> {fmt.format(new)}"
+
+    lines = ["| case | arch | fwd serial | fwd overlap | bwd serial | bwd overlap |", "|---|---|---|---|---|---|"]
+    for f in attention_figures(reports):
+        o = old_fig.get((f["case"], f["arch"]), {})
+        lines.append(f"| {f['case']} | {f['arch']} | " + " | ".join(
+            pair(o.get(k), f[k]) for k in ("fwd_serial", "fwd_overlap", "bwd_serial", "bwd_overlap")) + " |")
+    lines += ["", "| case | kernel | arch | warps | regs | loop instr | MMA shapes | executed/useful | MUFU | FMUL "
+              "| serial TFLOP/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in reports:
+        if not r.useful_flops:
+            continue
+        o = old_row.get((r.case, r.kernel, r.arch))
+        ratio = lambda x: x["executed_flops"] / x["useful_flops"] if x["useful_flops"] else 0.0  # noqa: E731
+        lines.append(f"| {r.case} | {r.kernel} | {r.arch} | {pair(o and o['num_warps'], r.num_warps)} | "
+                     f"{pair(o and o['registers'], r.registers)} | {pair(o and o['loop_instructions'], r.loop_instructions)} | "
+                     f"{r.mma_shapes} | {pair(o and ratio(o), ratio(asdict(r)), '{:.2f}')} | {pair(o and o['mufu'], r.mufu)} | "
+                     f"{pair(o and o['fmul'], r.fmul)} | {pair(o and o['serial_tflops'], r.serial_tflops)} |")
+    return "\n".join(lines)
+
+
+def _fields(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k in Report.__dataclass_fields__}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
@@ -395,6 +435,8 @@ def main(argv=None) -> int:
                         help="only cases whose name contains this text (repeatable: any of them)")
     parser.add_argument("--quick", action="store_true", help="the representative subset the test suite checks")
     parser.add_argument("--arch", action="append", choices=sorted(ARCHS), help="only this arch (repeatable)")
+    parser.add_argument("--markdown", action="store_true", help="print the model's figures as Markdown tables")
+    parser.add_argument("--before", type=Path, help="with --markdown: an earlier --json run, shown as before -> after")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         parser.error("run without TRITON_INTERPRET=1: the interpreter cannot compile kernels")
@@ -402,6 +444,8 @@ def main(argv=None) -> int:
     reports = check(filters or ("",), archs=tuple(args.arch or ARCHS))
     if args.json:
         print(json.dumps([asdict(r) | {"ok": r.ok} for r in reports]))
+    elif args.markdown:
+        print(markdown(reports, json.loads(args.before.read_text()) if args.before else None))
     else:
         _print_tables(reports)
     return 0 if all(r.ok for r in reports) else 1

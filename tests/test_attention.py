@@ -152,30 +152,37 @@ def test_fully_masked_rows_give_zero_output_and_gradient(device):
 # --- the tiles a GPU runs -----------------------------------------------------------------------------
 @pytest.fixture
 def gpu_tiles(monkeypatch):
-    """Make the launchers pick the block sizes they ship for a GPU (the interpreter otherwise takes
-    32x32 tiles): the non-square forward and backward tiles run here, through the interpreter."""
+    """``gpu_tiles(arch)`` makes the launchers pick the block sizes they ship for ``arch`` ("sm_80" or
+    "sm_90a"; the interpreter otherwise takes 32x32 tiles): those tiles run here, through the interpreter."""
     import importlib
 
     from kernels import dispatch
 
     mod = importlib.import_module("kernels.attention.configs")  # the launchers read the configs there
+    originals = mod._config, mod._bwd_configs
 
-    def as_on_gpu(pick):
-        def picked(*args, **kwargs):
-            with monkeypatch.context() as m:
-                m.setattr(dispatch, "INTERPRETER", False)
-                return pick(*args, **kwargs)
-        return picked
+    def use(arch):
+        def as_on(pick):
+            def picked(*args, **kwargs):
+                with monkeypatch.context() as m:
+                    m.setattr(dispatch, "INTERPRETER", False)
+                    return pick(*args[:-1], arch, **kwargs)  # the launchers pass the arch last
+            return picked
 
-    monkeypatch.setattr(mod, "_config", as_on_gpu(mod._config))
-    monkeypatch.setattr(mod, "_bwd_configs", as_on_gpu(mod._bwd_configs))
+        monkeypatch.setattr(mod, "_config", as_on(originals[0]))
+        monkeypatch.setattr(mod, "_bwd_configs", as_on(originals[1]))
+
+    return use
 
 
-@pytest.mark.parametrize("head_dim,causal,heavy", [(64, True, False), (128, False, False), (128, True, True),
-                                                  (256, True, False)])
-def test_gpu_tiles_forward_and_backward(device, gpu_tiles, head_dim, causal, heavy):
-    """fp16 at the shipped GPU tiles (e.g. dK/dV over 64 keys x 32 queries, dQ over 64 queries x 32 keys,
-    forward 128 x 64), lengths that are no multiple of any block; ``heavy`` adds a mask."""
+@pytest.mark.parametrize("arch,head_dim,causal,heavy", [
+    ("sm_80", 64, True, False), ("sm_80", 128, False, False), ("sm_80", 128, True, True), ("sm_80", 256, True, False),
+    ("sm_90a", 64, True, False), ("sm_90a", 128, True, False), ("sm_90a", 64, False, True)])
+def test_gpu_tiles_forward_and_backward(device, gpu_tiles, arch, head_dim, causal, heavy):
+    """fp16 at the tiles shipped for each arch (e.g. sm_90a: forward 128 x 128, dK/dV over 64 keys x 32
+    queries with one warpgroup, dQ over 64 x 64), lengths that are no multiple of any block; ``heavy``
+    adds a mask."""
+    gpu_tiles(arch)
     seqlen_q, seqlen_k = 150, 139
     mask = None
     if heavy:
@@ -184,6 +191,41 @@ def test_gpu_tiles_forward_and_backward(device, gpu_tiles, head_dim, causal, hea
     kw = dict(attn_mask=mask) if heavy else dict(is_causal=causal)
     check_fwd_bwd(_sdpa(**kw), _ref(attn_mask=mask) if heavy else _ref(causal=causal),
                   _qkv(1, 2, seqlen_q, seqlen_k, head_dim, torch.float16, device), torch.float16)
+
+
+# Candidates a GPU session compares through the pin (benchmarks/NOTES.md); each must be exact here.
+_CANDIDATES = [
+    {"fwd": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)},
+    {"dkdv": dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2),
+     "dq": dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=1)},
+]
+
+
+@pytest.mark.parametrize("pin", _CANDIDATES, ids=["fwd-128x64", "bwd-16x64-128x32"])
+def test_pinned_config_runs_exactly(device, monkeypatch, pin, launches):
+    """KERNELS_ATTENTION_CONFIG pins tiles for every call (the interpreter included): each candidate
+    a GPU session may pick computes the same attention, forward and backward."""
+    import json
+
+    from kernels.attention import configs
+
+    monkeypatch.setenv("KERNELS_ATTENTION_CONFIG", json.dumps(pin))
+    for kind, cfg in pin.items():
+        picked = configs._config(64, torch.float16, 150, False) if kind == "fwd" else \
+            configs._bwd_configs(64, torch.float16, False)[0 if kind == "dkdv" else 1]
+        assert picked == cfg
+    with launches("attention_fwd"), launches("attention_bwd_dkdv"):
+        check_fwd_bwd(_sdpa(is_causal=True), _ref(causal=True), _qkv(1, 2, 150, 150, 64, torch.float16, device),
+                      torch.float16)
+
+
+@pytest.mark.parametrize("value", ["not json", '{"fwd": {"BLOCK_M": 64}}', '["fwd"]',
+                                   '{"dq": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": "2"}}'])
+def test_malformed_pin_is_a_clear_error(device, monkeypatch, value):
+    monkeypatch.setenv("KERNELS_ATTENTION_CONFIG", value)
+    q, k, v = _qkv(1, 1, 8, 8, 16, torch.float32, device)
+    with pytest.raises(ValueError, match="KERNELS_ATTENTION_CONFIG"):
+        kernels.scaled_dot_product_attention(q, k, v)
 
 
 # --- the block walk: which blocks skip the positional mask ---------------------------------------------

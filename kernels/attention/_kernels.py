@@ -102,8 +102,9 @@ def _walk(PART: tl.constexpr, SPLIT: tl.constexpr, lo, hi, first, limit, BLOCK: 
 def _scores(qk, i, j, seqlen_q, seqlen_k, diag, window_left, window_right,
             MASK, smask_m, smask_n, slope_log2, qk_scale_log2, softcap_scale, softcap_log2,
             HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
-            HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EDGE: tl.constexpr):
-    """Scores of a tile in base-2 units (-inf where key j is not visible to query i).
+            HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EDGE: tl.constexpr, FOLD: tl.constexpr):
+    """Scores of a tile in base-2 units (-inf where key j is not visible to query i); with ``FOLD`` the
+    raw ``q . k`` instead, which the caller scales inside the exponent (:func:`_exp2_scaled`).
 
     ``i`` and ``j`` broadcast to the tile (either orientation). ``EDGE`` False: the caller knows every
     streamed index is in bounds and inside the band (an interior block of :func:`_walk`), so the
@@ -115,7 +116,7 @@ def _scores(qk, i, j, seqlen_q, seqlen_k, diag, window_left, window_right,
         s = t * softcap_log2
     else:
         t = qk
-        s = qk * qk_scale_log2
+        s = qk if FOLD else qk * qk_scale_log2
     inside = (i < seqlen_q) & (j < seqlen_k)
     valid = inside
     rel = j - i - diag
@@ -133,6 +134,30 @@ def _scores(qk, i, j, seqlen_q, seqlen_k, diag, window_left, window_right,
     if EDGE or MASK_KIND == 1:
         s = tl.where(valid, s, float("-inf"))
     return s, t
+
+
+@triton.jit
+def _exp2_scaled(s, scale_log2, shift, FOLD: tl.constexpr):
+    """exp2(s * scale_log2 - shift) for raw scores (``FOLD``), else exp2(s - shift). Folding the softmax
+    scale into the exponent makes it one FFMA per score instead of an FMUL and an FADD, as the Triton
+    fused-attention tutorial does; it needs scale > 0, so the row max of q.k is that of the scores."""
+    if FOLD:
+        return tl.exp2(s * scale_log2 - shift)
+    return tl.exp2(s - shift)
+
+
+@triton.jit
+def _load_tile(ptrs, seq_ok, dim_ok, CHECK_SEQ: tl.constexpr, CHECK_DIM: tl.constexpr):
+    """A tile load masked only where needed: ``CHECK_SEQ`` False in an interior block of :func:`_walk`
+    (every streamed row is in bounds), ``CHECK_DIM`` False when head_dim fills its block. An interior
+    step then computes no predicate per element (static check: fewer instructions per iteration)."""
+    if CHECK_SEQ and CHECK_DIM:
+        return tl.load(ptrs, mask=seq_ok & dim_ok, other=0.0)
+    elif CHECK_SEQ:
+        return tl.load(ptrs, mask=seq_ok, other=0.0)
+    elif CHECK_DIM:
+        return tl.load(ptrs, mask=dim_ok, other=0.0)
+    return tl.load(ptrs)
 
 
 @triton.jit
@@ -161,7 +186,7 @@ def _attn_fwd_kernel(
     BOTTOM_RIGHT: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, HAS_SEQUSED_K: tl.constexpr, HAS_KV_BATCH_IDX: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    SPLIT_WALK: tl.constexpr,
+    SPLIT_WALK: tl.constexpr, FOLD: tl.constexpr, EVEN_D: tl.constexpr, FIXED_OFFSETS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -201,6 +226,10 @@ def _attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     lo, hi, first, limit = _key_range(m0, seqlen_k, diag, window_left, window_right, BLOCK_M, BLOCK_N,
                                       HAS_LEFT, HAS_RIGHT)
+    # FIXED_OFFSETS: offsets within a K/V tile stay in registers and a step moves only the scalar base
+    # pointer (fewer address instructions per step; costs BLOCK_N x (d + d_v) / threads registers).
+    kt_offs = offs_n[None, :] * sk_n + offs_d[:, None] * sk_d
+    v_offs = offs_n[:, None] * sv_n + offs_dv[None, :] * sv_d
     if NUM_SPLITS > 1:  # flash-decoding: this program takes one slice of the keys
         lo = tl.maximum(lo, split * split_size)
         hi = tl.minimum(hi, (split + 1) * split_size)
@@ -209,24 +238,30 @@ def _attn_fwd_kernel(
         for start_n in range(start, stop, BLOCK_N):
             cols = start_n + offs_n
             col_ok = cols < seqlen_k
-            kt = tl.load(K + cols[None, :] * sk_n + offs_d[:, None] * sk_d,
-                         mask=col_ok[None, :] & (offs_d[:, None] < head_dim), other=0.0)
+            if FIXED_OFFSETS:
+                kt_ptrs = K + tl.cast(start_n, tl.int64) * sk_n + kt_offs
+            else:
+                kt_ptrs = K + cols[None, :] * sk_n + offs_d[:, None] * sk_d
+            kt = _load_tile(kt_ptrs, col_ok[None, :], offs_d[:, None] < head_dim, part != 1, not EVEN_D)
             qk = dot(q, kt, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, PRECISION)
             s, _ = _scores(qk, rows[:, None], cols[None, :], seqlen_q, seqlen_k, diag, window_left, window_right,
                            MASK, smask_m, smask_n, slope_log2, qk_scale_log2, softcap_scale, softcap_log2,
-                           HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, part != 1)
-            m_new = tl.maximum(m_i, tl.max(s, 1))
+                           HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, part != 1, FOLD)
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale_log2 if FOLD else tl.max(s, 1))
             # A row with nothing visible yet keeps m = -inf; subtracting 0 instead avoids inf - inf.
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_use[:, None])
+            p = _exp2_scaled(s, qk_scale_log2, m_use[:, None], FOLD)
             alpha = tl.exp2(m_i - m_use)
             l_i = l_i * alpha + tl.sum(p, 1)  # the normalizer counts dropped entries too (dropout follows softmax)
             if DROPOUT:
                 keep = _dropout_keep(seed, pid_bh.to(tl.int64) * philox_seqlen_q, rows[:, None], cols[None, :],
                                      philox_seqlen_k, dropout_p)
                 p = tl.where(keep, p * dropout_scale, 0.0)
-            v = tl.load(V + cols[:, None] * sv_n + offs_dv[None, :] * sv_d,
-                        mask=col_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
+            if FIXED_OFFSETS:
+                v_ptrs = V + tl.cast(start_n, tl.int64) * sv_n + v_offs
+            else:
+                v_ptrs = V + cols[:, None] * sv_n + offs_dv[None, :] * sv_d
+            v = _load_tile(v_ptrs, col_ok[:, None], offs_dv[None, :] < head_dim_v, part != 1, not EVEN_D)
             acc = dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, PRECISION)
             m_i = m_new
 
@@ -316,7 +351,7 @@ def _attn_bwd_dkdv_kernel(
     dropout_p, dropout_scale, seed, philox_seqlen_q, philox_seqlen_k,
     BOTTOM_RIGHT: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
-    VARLEN: tl.constexpr, SPLIT_WALK: tl.constexpr,
+    VARLEN: tl.constexpr, SPLIT_WALK: tl.constexpr, FOLD: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -363,19 +398,20 @@ def _attn_bwd_dkdv_kernel(
             for start_m in range(start, stop, BLOCK_M):
                 rows = start_m + offs_m
                 row_ok = rows < seqlen_q
-                q = tl.load(Qh + rows[:, None] * sq_m + offs_d[None, :] * sq_d,
-                            mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-                do = tl.load(DOh + rows[:, None] * sdo_m + offs_dv[None, :] * sdo_d,
-                             mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
-                lse = tl.load(LSEh + rows * sl_m, mask=row_ok, other=0.0)
-                delta = tl.load(DELTAh + rows * sl_m, mask=row_ok, other=0.0)
+                q = _load_tile(Qh + rows[:, None] * sq_m + offs_d[None, :] * sq_d, row_ok[:, None], d_ok[None, :],
+                               part != 1, not EVEN_D)
+                do = _load_tile(DOh + rows[:, None] * sdo_m + offs_dv[None, :] * sdo_d, row_ok[:, None],
+                                dv_ok[None, :], part != 1, not EVEN_D)
+                lse = _load_tile(LSEh + rows * sl_m, row_ok, row_ok, part != 1, False)
+                delta = _load_tile(DELTAh + rows * sl_m, row_ok, row_ok, part != 1, False)
                 # A row that saw no key has lse = -inf; +inf there makes its probabilities exactly 0.
                 lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
                 qkt = dot(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), UPCAST, PRECISION)
                 st, tt = _scores(qkt, rows[None, :], cols[:, None], seqlen_q, seqlen_k, diag, window_left,
                                  window_right, MASKh, smask_m, smask_n, slope_log2, qk_scale_log2, softcap_scale,
-                                 softcap_log2, HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, part != 1)
-                pt = tl.exp2(st - lse2[None, :])
+                                 softcap_log2, HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, part != 1,
+                                 FOLD)
+                pt = _exp2_scaled(st, qk_scale_log2, lse2[None, :], FOLD)
                 dpt = dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), UPCAST, PRECISION)
                 if DROPOUT:
                     keep = _dropout_keep(seed, row_base, rows[None, :], cols[:, None], philox_seqlen_k, dropout_p)
@@ -412,7 +448,7 @@ def _attn_bwd_dq_kernel(
     dropout_p, dropout_scale, seed, philox_seqlen_q, philox_seqlen_k,
     BOTTOM_RIGHT: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
-    VARLEN: tl.constexpr, SPLIT_WALK: tl.constexpr,
+    VARLEN: tl.constexpr, SPLIT_WALK: tl.constexpr, FOLD: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -457,15 +493,15 @@ def _attn_bwd_dq_kernel(
         for start_n in range(start, stop, BLOCK_N):
             cols = start_n + offs_n
             col_ok = cols < seqlen_k
-            kt = tl.load(K + cols[None, :] * sk_n + offs_d[:, None] * sk_d, mask=col_ok[None, :] & d_ok[:, None],
-                         other=0.0)
-            vt = tl.load(V + cols[None, :] * sv_n + offs_dv[:, None] * sv_d, mask=col_ok[None, :] & dv_ok[:, None],
-                         other=0.0)
+            kt = _load_tile(K + cols[None, :] * sk_n + offs_d[:, None] * sk_d, col_ok[None, :], d_ok[:, None],
+                            part != 1, not EVEN_D)
+            vt = _load_tile(V + cols[None, :] * sv_n + offs_dv[:, None] * sv_d, col_ok[None, :], dv_ok[:, None],
+                            part != 1, not EVEN_D)
             qk = dot(q, kt, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, PRECISION)
             s, t = _scores(qk, rows[:, None], cols[None, :], seqlen_q, seqlen_k, diag, window_left, window_right,
                            MASK, smask_m, smask_n, slope_log2, qk_scale_log2, softcap_scale, softcap_log2,
-                           HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, part != 1)
-            p = tl.exp2(s - lse2[:, None])
+                           HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, part != 1, FOLD)
+            p = _exp2_scaled(s, qk_scale_log2, lse2[:, None], FOLD)
             dp = dot(do, vt, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, PRECISION)
             if DROPOUT:
                 keep = _dropout_keep(seed, pid_bh.to(tl.int64) * philox_seqlen_q, rows[:, None], cols[None, :],

@@ -3,24 +3,62 @@ decoding. Every shipped entry is checked for spills and tensor-core use by ``pyt
 
 from __future__ import annotations
 
+import json
+import os
+
 import torch
 import triton
 
 from .. import dispatch
 
 
-def _config(block_d: int, dtype: torch.dtype, seqlen_q: int, heavy: bool) -> dict:
-    """Forward block sizes and launch shape for a head_dim padded to ``block_d``.
+def _pinned(kind: str) -> dict | None:
+    """The config that ``KERNELS_ATTENTION_CONFIG`` pins for ``kind`` ("fwd", "dkdv" or "dq"), or None.
 
-    Half precision: 128 query rows per program feed the tensor cores; 64 keys per step bound the fp32
-    score tile; head_dim 256 halves both so the accumulator stays in registers. ``heavy`` (dropout's
-    Philox state, a loaded mask, ALiBi or soft-capping live beside the score tile) takes smaller or
-    wider-spread tiles. Decoding (seqlen_q <= 16) uses 16-row blocks so no program computes on padding
-    rows. True fp32 has no tensor-core path and Triton's FMA dot holds whole operand rows per thread,
-    so its tiles are small. Every entry compiles without spills for sm_80 and sm_90a
+    The variable holds a JSON object such as ``{"fwd": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8,
+    "num_stages": 2}}``. A pin overrides the tables below for every call, decoding and the interpreter
+    included: a GPU session compares candidates with it, and the tests run each candidate through the
+    interpreter. Raises ``ValueError`` for a malformed value."""
+    text = os.environ.get("KERNELS_ATTENTION_CONFIG")
+    if not text:
+        return None
+    try:
+        pins = json.loads(text)
+        if not isinstance(pins, dict) or not set(pins) <= {"fwd", "dkdv", "dq"}:
+            raise ValueError
+        for cfg in pins.values():
+            if set(cfg) != set(_CONFIG_KEYS) or not all(type(cfg[k]) is int and cfg[k] > 0 for k in cfg):
+                raise ValueError
+            if any(cfg[k] & (cfg[k] - 1) for k in ("BLOCK_M", "BLOCK_N", "num_warps")) or \
+                    min(cfg["BLOCK_M"], cfg["BLOCK_N"]) < 16:
+                raise ValueError
+    except (ValueError, TypeError):
+        raise ValueError(f"KERNELS_ATTENTION_CONFIG must be a JSON object mapping 'fwd', 'dkdv' or 'dq' to positive "
+                         f"integer {', '.join(_CONFIG_KEYS)} (blocks and warps powers of two, blocks >= 16); "
+                         f"got {text!r}") from None
+    return pins.get(kind)
+
+
+_CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+
+
+def _config(block_d: int, dtype: torch.dtype, seqlen_q: int, heavy: bool, arch: str = "sm_80") -> dict:
+    """Forward block sizes and launch shape for a head_dim padded to ``block_d`` on ``arch``
+    (:func:`kernels.dispatch.target_arch`).
+
+    Half precision: 128 query rows per program feed the tensor cores. On sm_90a a 128x128 score tile
+    over 8 warps (each warpgroup owns 64 rows) halves the per-FLOP cost of the row statistics and the
+    accumulator rescale against 64 keys per step (static check, benchmarks/NOTES.md); sm_80's 164 KB of
+    shared memory and register file take 64 keys. head_dim 256 halves both so the accumulator stays in
+    registers. ``heavy`` (dropout's Philox state, a loaded mask, ALiBi or soft-capping live beside the
+    score tile) takes smaller or wider-spread tiles. Decoding (seqlen_q <= 16) uses 16-row blocks so no
+    program computes on padding rows. True fp32 has no tensor-core path and Triton's FMA dot holds whole
+    operand rows per thread, so its tiles are small. Every entry compiles without spills for its arch
     (``python -m kernels.static_check``). Interpreter: 32x32 blocks (16 rows when decoding), so small
-    test shapes cross several blocks.
+    test shapes cross several blocks. ``KERNELS_ATTENTION_CONFIG`` overrides all of it (:func:`_pinned`).
     """
+    if (pin := _pinned("fwd")) is not None:
+        return pin
     decode = seqlen_q <= 16
     if dispatch.INTERPRETER:
         return dict(BLOCK_M=16 if decode else 32, BLOCK_N=32, num_warps=4, num_stages=1)
@@ -31,44 +69,66 @@ def _config(block_d: int, dtype: torch.dtype, seqlen_q: int, heavy: bool) -> dic
     if dtype == torch.float32:
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2) if block_d <= 64 else \
             dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=2)
-    if block_d <= 64:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8 if heavy else 4, num_stages=2 if heavy else 3)
+    if arch == "sm_90a" and not heavy and block_d <= 128:
+        return dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2)
+    if block_d <= 64:  # 4 warps x 32 rows spill on sm_80 in the packed-batch (varlen) kernel; 8 x 16 do not
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2 if heavy else 3)
     if block_d <= 128:
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2) if heavy else \
             dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
     return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8 if heavy else 4, num_stages=2)
 
 
-def _bwd_configs(block_d: int, dtype: torch.dtype, heavy: bool) -> tuple[dict, dict]:
-    """Backward blocks as ``(dK/dV kernel, dQ kernel)``. Each program holds two fp32 accumulators (one
-    for dQ) and five operand tiles, so tiles are smaller than the forward's; same no-spill rule.
+def _bwd_configs(block_d: int, dtype: torch.dtype, heavy: bool, arch: str = "sm_80") -> tuple[dict, dict]:
+    """Backward blocks as ``(dK/dV kernel, dQ kernel)`` on ``arch``. Each program holds two fp32
+    accumulators (one for dQ) and five operand tiles, so tiles are smaller than the forward's; same
+    no-spill rule, and ``KERNELS_ATTENTION_CONFIG`` overrides them the same way.
 
     The rows of every product are the program's own block: keys (BLOCK_N) in the dK/dV kernel, queries
-    (BLOCK_M) in the dQ kernel. On sm_90a Triton emits warpgroup MMA (HGMMA) only when those rows are a
-    multiple of 64 with whole warpgroups (4 warps), so that block is 64 or 128 and the streamed one
-    small, as in FlashAttention-2's backward (Dao, 2023, Sec. 3.2) and the Triton fused-attention
-    tutorial. ``python -m kernels.static_check`` reports the HGMMA count of each.
+    (BLOCK_M) in the dQ kernel, as in FlashAttention-2's backward (Dao, 2023, Sec. 3.2). Tensor cores
+    split those rows among the warps: 16 per warp for mma.sync, 64 per warpgroup (4 warps) for Hopper's
+    HGMMA. So the own block is 16 x num_warps rows on sm_80 and 64 x num_warps / 4 on sm_90a: with more
+    warps than that, two warpgroups would both compute the whole score and dP tiles (the static check's
+    executed vs useful FLOPs; issue 12 found 1.5x and 1.67x).
     """
+    pins = _pinned("dkdv"), _pinned("dq")
     if dispatch.INTERPRETER:
         cfg = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
-        return cfg, cfg
+        return pins[0] or cfg, pins[1] or dict(cfg)
+    dkdv, dq = _bwd_table(block_d, dtype, heavy, arch)
+    return pins[0] or dkdv, pins[1] or dq
+
+
+def _bwd_table(block_d: int, dtype: torch.dtype, heavy: bool, arch: str) -> tuple[dict, dict]:
+    def pair(own_dkdv, streamed_dkdv, warps_dkdv, stages_dkdv, own_dq, streamed_dq, warps_dq, stages_dq):
+        return (dict(BLOCK_M=streamed_dkdv, BLOCK_N=own_dkdv, num_warps=warps_dkdv, num_stages=stages_dkdv),
+                dict(BLOCK_M=own_dq, BLOCK_N=streamed_dq, num_warps=warps_dq, num_stages=stages_dq))
+
     if dtype == torch.float32:  # no tensor cores: the FMA dot wants small square tiles
         if heavy:
-            cfg = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
-        else:
-            cfg = dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=2) if block_d <= 64 else \
-                dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2)
-        return cfg, cfg
-    if block_d > 128:  # two 64x256 fp32 accumulators would spill: small square tiles, mma.sync
-        cfg = dict(BLOCK_M=16 if heavy else 32, BLOCK_N=32, num_warps=8, num_stages=2)
-        return cfg, cfg
-    own, streamed = (64, 16) if heavy else (64, 32)  # heavy: Philox state, mask, ALiBi beside the tile
-    # 4 warps only at head_dim 64: at 32 the split walk (see _walk) needs a stack frame on sm_80 with 4.
-    warps = 4 if block_d == 64 and not heavy else 8
-    stages = 1 if heavy and block_d > 64 else 2  # sm_80's cp.async pipeline costs the registers it lacks
-    dkdv = dict(BLOCK_M=streamed, BLOCK_N=own, num_warps=warps, num_stages=stages)
-    dq = dict(BLOCK_M=own, BLOCK_N=streamed, num_warps=warps, num_stages=stages)
-    return dkdv, dq
+            return pair(16, 16, 4, 1, 16, 16, 4, 1)
+        if block_d <= 64:  # at head_dim 32 the dK/dV kernel's unmasked interior loads spill with 2 stages
+            return pair(16, 32, 8, 1 if block_d <= 32 else 2, 32, 16, 8, 2)
+        return pair(16, 16, 4, 2, 16, 16, 4, 2)
+    if block_d > 128:
+        # Two fp32 accumulators of own x 256 cost 16 x own / warps registers per thread: 16 own rows
+        # over 4 warps (mma.sync; the warps split head_dim, so no product is computed twice). With every
+        # modifier the dK/dV kernel needs 8 warps over 32 keys (known 2.5x tensor work, no spills).
+        dkdv = (32, 16, 8, 2) if heavy else (16, 32, 4, 2)
+        return pair(*dkdv, 16, 32, 4, 2)
+    if arch == "sm_90a":
+        if heavy:  # Philox state, mask, ALiBi beside the tile: one warpgroup, 16 streamed rows
+            return pair(64, 16, 4, 1, 64, 16, 4, 1)
+        if block_d <= 64:
+            return pair(128, 32, 8, 2, 128, 32, 4, 2)
+        # head_dim 128: one warpgroup over 64 keys holds two 64x128 fp32 accumulators; 2 stages spill it.
+        return pair(64, 32, 4, 1, 64, 64, 4, 2)
+    if heavy:  # 4 warps x 16 rows; at head_dim 128 the registers take 8 (known 1.5x / 1.67x tensor work)
+        warps, stages = (8, 1) if block_d > 64 else (4, 2)
+        return pair(64, 16, warps, stages, 64, 16, warps, stages)
+    if block_d <= 64:  # 4 warps x 16 rows; at head_dim 32 the split walk needs a stack frame with 4 warps
+        return pair(64, 32, 4, 2, 64, 32, 4, 2) if block_d == 64 else pair(128, 32, 8, 2, 128, 32, 8, 2)
+    return pair(128, 32, 8, 2, 64, 32, 4, 2)
 
 
 # The row sums dO.O are memory-bound; 64 rows x 8 warps stays spill-free up to fp32 head_dim 256.

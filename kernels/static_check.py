@@ -284,13 +284,14 @@ def _identity(launch: Launch) -> tuple:
 
 # A representative subset for the default test suite: every kernel, the HGMMA targets (bf16 and fp16,
 # head_dim 64 and 128, forward and backward), the heaviest modifiers, decoding, fp32, the norms'
-# single- and multi-pass kernels and the FFN's plain and gated matmuls. The full sweep is
+# single- and multi-pass kernels, the FFN's plain and gated matmuls and its cuBLAS route's elementwise
+# kernel. The full sweep is
 # ``python -m kernels.static_check`` (or ``STATIC_CHECK_FULL=1`` for the test).
 QUICK_CASES = (
     "attention bfloat16 d=128 causal", "attention float16 d=64 causal", "attention float16 d=64 all-modifiers",
     "attention float16 d=128 decode", "attention float32 d=64 causal", "attention dropout mask",
     "layer_norm float16 N=4096", f"add_layer_norm+dropout float16 N={4 * layer_norm.MAX_SINGLE_PASS_N}",
-    "ffn float16 gelu triton", "ffn bfloat16 swiglu triton",
+    "ffn float16 gelu triton", "ffn float16 gelu cublas+fused", "ffn bfloat16 swiglu triton",
 )
 
 

@@ -87,8 +87,8 @@ def _bwd_configs(block_d: int, dtype: torch.dtype, heavy: bool, arch: str = "sm_
     The rows of every product are the program's own block: keys (BLOCK_N) in the dK/dV kernel, queries
     (BLOCK_M) in the dQ kernel, as in FlashAttention-2's backward (Dao, 2023, Sec. 3.2). Tensor cores
     split those rows among the warps: 16 per warp for mma.sync, 64 per warpgroup (4 warps) for Hopper's
-    HGMMA. So the own block is 16 x num_warps rows on sm_80 and 64 x num_warps / 4 on sm_90a: with more
-    warps than that, two warpgroups would both compute the whole score and dP tiles (the static check's
+    HGMMA. So the own block is at least 16 x num_warps rows on sm_80 and 64 x num_warps / 4 on sm_90a:
+    with more warps, two warpgroups would both compute the whole score and dP tiles (the static check's
     executed vs useful FLOPs; issue 12 found 1.5x and 1.67x).
     """
     pins = _pinned("dkdv"), _pinned("dq")

@@ -220,7 +220,8 @@ def _ffn_elementwise_kernel(
 # Launchers
 # --------------------------------------------------------------------------------------------------
 def _config(dtype: torch.dtype, epilogue: str, second: str) -> dict:
-    """Tile shapes. Half precision: 128x128x32 tiles on the tensor cores with a 3-stage pipeline; the
+    """Tile shapes. Half precision: 128x128x64 tiles on the tensor cores with a 3-stage pipeline (64
+    along K halves the per-FLOP loop overhead of 32: static check, benchmarks/NOTES.md); the
     epilogues that also hold a loaded pre-activation tile (act_grad, gated_grad) and the dual-product
     gated forward (two accumulators) narrow to 128x64 (x64 along K) to stay spill-free. True fp32 (no
     tensor cores) uses 64x64x16 tiles, halved along N when two accumulators or tiles are live. Every entry
@@ -233,7 +234,7 @@ def _config(dtype: torch.dtype, epilogue: str, second: str) -> dict:
         return dict(BLOCK_M=64, BLOCK_N=32 if wide else 64, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=2)
     if wide:
         return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
 
 
 def matmul(a, b, bias=None, *, epilogue="none", activation="none", aux=None, store_aux=False, b2=None, bias2=None,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -74,3 +76,21 @@ def autocast_to(*tensors):
         return tensors
     dtype = torch.get_autocast_dtype(first.device.type)
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
+
+
+@contextlib.contextmanager
+def scratch_allocator(device):
+    """Within the block, Triton allocates the global scratch of a launch (where a kernel writes the TMA
+    descriptors it builds with ``tl.make_tensor_descriptor``) as a torch tensor on ``device``: the
+    caching allocator serves it, CUDA-graph capture included. Triton's own allocator setting (a
+    context variable, ``triton.set_allocator``) is restored after."""
+    from triton.runtime import _allocation
+
+    def allocate(size: int, alignment: int, stream):
+        return torch.empty(size, device=device, dtype=torch.int8)
+
+    token = _allocation._allocator.set(allocate)
+    try:
+        yield
+    finally:
+        _allocation._allocator.reset(token)

@@ -51,3 +51,27 @@ def launches():
         assert ran >= at_least, f"Triton kernel {kernel!r} launched {ran} times, expected >= {at_least}"
 
     return expect
+
+
+@pytest.fixture
+def gpu_tiles(monkeypatch):
+    """``gpu_tiles(arch)`` makes the attention launchers pick the candidates they ship for ``arch``
+    ("sm_80" or "sm_90a"; the interpreter otherwise takes 32x32 tiles): those tiles run here, through
+    the interpreter, the default unless ``kernels.autotune.forced`` picks another candidate."""
+    import importlib
+
+    mod = importlib.import_module("kernels.attention.configs")  # the launchers read the configs there
+    originals = mod.fwd_candidates, mod.bwd_candidates
+
+    def use(arch):
+        def as_on(pick):
+            def picked(*args, **kwargs):
+                with monkeypatch.context() as m:
+                    m.setattr(dispatch, "INTERPRETER", False)
+                    return pick(*args[:-1], arch, **kwargs)  # the launchers pass the arch last
+            return picked
+
+        monkeypatch.setattr(mod, "fwd_candidates", as_on(originals[0]))
+        monkeypatch.setattr(mod, "bwd_candidates", as_on(originals[1]))
+
+    return use

@@ -150,31 +150,6 @@ def test_fully_masked_rows_give_zero_output_and_gradient(device):
 
 
 # --- the tiles a GPU runs -----------------------------------------------------------------------------
-@pytest.fixture
-def gpu_tiles(monkeypatch):
-    """``gpu_tiles(arch)`` makes the launchers pick the block sizes they ship for ``arch`` ("sm_80" or
-    "sm_90a"; the interpreter otherwise takes 32x32 tiles): those tiles run here, through the interpreter."""
-    import importlib
-
-    from kernels import dispatch
-
-    mod = importlib.import_module("kernels.attention.configs")  # the launchers read the configs there
-    originals = mod._config, mod._bwd_configs
-
-    def use(arch):
-        def as_on(pick):
-            def picked(*args, **kwargs):
-                with monkeypatch.context() as m:
-                    m.setattr(dispatch, "INTERPRETER", False)
-                    return pick(*args[:-1], arch, **kwargs)  # the launchers pass the arch last
-            return picked
-
-        monkeypatch.setattr(mod, "_config", as_on(originals[0]))
-        monkeypatch.setattr(mod, "_bwd_configs", as_on(originals[1]))
-
-    return use
-
-
 @pytest.mark.parametrize("arch,head_dim,causal,heavy", [
     ("sm_80", 64, True, False), ("sm_80", 128, False, False), ("sm_80", 128, True, True), ("sm_80", 256, True, False),
     ("sm_90a", 64, True, False), ("sm_90a", 128, True, False), ("sm_90a", 64, False, True)])
@@ -211,9 +186,9 @@ def test_pinned_config_runs_exactly(device, monkeypatch, pin, launches):
 
     monkeypatch.setenv("KERNELS_ATTENTION_CONFIG", json.dumps(pin))
     for kind, cfg in pin.items():
-        picked = configs._config(64, torch.float16, 150, False) if kind == "fwd" else \
-            configs._bwd_configs(64, torch.float16, False)[0 if kind == "dkdv" else 1]
-        assert picked == cfg
+        picked = configs.fwd_candidates(64, torch.float16, 150, False) if kind == "fwd" else \
+            configs.bwd_candidates(64, torch.float16, False)[0 if kind == "dkdv" else 1]
+        assert picked == [dict(cfg, TMA=False) if kind == "fwd" else cfg]
     with launches("attention_fwd"), launches("attention_bwd_dkdv"):
         check_fwd_bwd(_sdpa(is_causal=True), _ref(causal=True), _qkv(1, 2, 150, 150, 64, torch.float16, device),
                       torch.float16)

@@ -187,6 +187,7 @@ def _attn_fwd_kernel(
     MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, HAS_SEQUSED_K: tl.constexpr, HAS_KV_BATCH_IDX: tl.constexpr, NUM_SPLITS: tl.constexpr,
     SPLIT_WALK: tl.constexpr, FOLD: tl.constexpr, EVEN_D: tl.constexpr, FIXED_OFFSETS: tl.constexpr,
+    TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -230,6 +231,11 @@ def _attn_fwd_kernel(
     # pointer (fewer address instructions per step; costs BLOCK_N x (d + d_v) / threads registers).
     kt_offs = offs_n[None, :] * sk_n + offs_d[:, None] * sk_d
     v_offs = offs_n[:, None] * sv_n + offs_dv[None, :] * sv_d
+    if TMA:  # Hopper's tensor memory accelerator: one instruction per tile, zero fill past this sequence's keys
+        k_desc = tl.make_tensor_descriptor(K, shape=[seqlen_k, head_dim], strides=[sk_n, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(V, shape=[seqlen_k, head_dim_v], strides=[sv_n, 1],
+                                           block_shape=[BLOCK_N, BLOCK_DV])
     if NUM_SPLITS > 1:  # flash-decoding: this program takes one slice of the keys
         lo = tl.maximum(lo, split * split_size)
         hi = tl.minimum(hi, (split + 1) * split_size)
@@ -238,11 +244,14 @@ def _attn_fwd_kernel(
         for start_n in range(start, stop, BLOCK_N):
             cols = start_n + offs_n
             col_ok = cols < seqlen_k
-            if FIXED_OFFSETS:
-                kt_ptrs = K + tl.cast(start_n, tl.int64) * sk_n + kt_offs
+            if TMA:
+                kt = tl.trans(k_desc.load([start_n, 0]))
             else:
-                kt_ptrs = K + cols[None, :] * sk_n + offs_d[:, None] * sk_d
-            kt = _load_tile(kt_ptrs, col_ok[None, :], offs_d[:, None] < head_dim, part != 1, not EVEN_D)
+                if FIXED_OFFSETS:
+                    kt_ptrs = K + tl.cast(start_n, tl.int64) * sk_n + kt_offs
+                else:
+                    kt_ptrs = K + cols[None, :] * sk_n + offs_d[:, None] * sk_d
+                kt = _load_tile(kt_ptrs, col_ok[None, :], offs_d[:, None] < head_dim, part != 1, not EVEN_D)
             qk = dot(q, kt, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, PRECISION)
             s, _ = _scores(qk, rows[:, None], cols[None, :], seqlen_q, seqlen_k, diag, window_left, window_right,
                            MASK, smask_m, smask_n, slope_log2, qk_scale_log2, softcap_scale, softcap_log2,
@@ -257,11 +266,14 @@ def _attn_fwd_kernel(
                 keep = _dropout_keep(seed, pid_bh.to(tl.int64) * philox_seqlen_q, rows[:, None], cols[None, :],
                                      philox_seqlen_k, dropout_p)
                 p = tl.where(keep, p * dropout_scale, 0.0)
-            if FIXED_OFFSETS:
-                v_ptrs = V + tl.cast(start_n, tl.int64) * sv_n + v_offs
+            if TMA:
+                v = v_desc.load([start_n, 0])
             else:
-                v_ptrs = V + cols[:, None] * sv_n + offs_dv[None, :] * sv_d
-            v = _load_tile(v_ptrs, col_ok[:, None], offs_dv[None, :] < head_dim_v, part != 1, not EVEN_D)
+                if FIXED_OFFSETS:
+                    v_ptrs = V + tl.cast(start_n, tl.int64) * sv_n + v_offs
+                else:
+                    v_ptrs = V + cols[:, None] * sv_n + offs_dv[None, :] * sv_d
+                v = _load_tile(v_ptrs, col_ok[:, None], offs_dv[None, :] < head_dim_v, part != 1, not EVEN_D)
             acc = dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, PRECISION)
             m_i = m_new
 

@@ -16,7 +16,8 @@ def _pinned(kind: str) -> dict | None:
     """The config that ``KERNELS_ATTENTION_CONFIG`` pins for ``kind`` ("fwd", "dkdv" or "dq"), or None.
 
     The variable holds a JSON object such as ``{"fwd": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8,
-    "num_stages": 2}}``. A pin overrides the tables below for every call, decoding and the interpreter
+    "num_stages": 2}}``; the forward's may add ``"TMA": true`` (tensor descriptors, used where the inputs
+    qualify). A pin overrides the tables below for every call, decoding and the interpreter
     included: a GPU session compares candidates with it, and the tests run each candidate through the
     interpreter. Raises ``ValueError`` for a malformed value."""
     text = os.environ.get("KERNELS_ATTENTION_CONFIG")
@@ -26,20 +27,45 @@ def _pinned(kind: str) -> dict | None:
         pins = json.loads(text)
         if not isinstance(pins, dict) or not set(pins) <= {"fwd", "dkdv", "dq"}:
             raise ValueError
-        for cfg in pins.values():
-            if set(cfg) != set(_CONFIG_KEYS) or not all(type(cfg[k]) is int and cfg[k] > 0 for k in cfg):
+        for pinned_kind, cfg in pins.items():
+            tma = cfg.pop("TMA", False) if pinned_kind == "fwd" and isinstance(cfg, dict) else False
+            if set(cfg) != set(_CONFIG_KEYS) or not all(type(cfg[k]) is int and cfg[k] > 0 for k in cfg) or \
+                    type(tma) is not bool:
                 raise ValueError
+            cfg["TMA"] = tma
             if any(cfg[k] & (cfg[k] - 1) for k in ("BLOCK_M", "BLOCK_N", "num_warps")) or \
                     min(cfg["BLOCK_M"], cfg["BLOCK_N"]) < 16:
                 raise ValueError
     except (ValueError, TypeError):
         raise ValueError(f"KERNELS_ATTENTION_CONFIG must be a JSON object mapping 'fwd', 'dkdv' or 'dq' to positive "
-                         f"integer {', '.join(_CONFIG_KEYS)} (blocks and warps powers of two, blocks >= 16); "
-                         f"got {text!r}") from None
-    return pins.get(kind)
+                         f"integer {', '.join(_CONFIG_KEYS)} (blocks and warps powers of two, blocks >= 16; 'fwd' "
+                         f"may add \"TMA\": true or false); got {text!r}") from None
+    pin = pins.get(kind)
+    if pin is not None and kind != "fwd":
+        pin.pop("TMA")
+    return pin
 
 
 _CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+
+
+def fwd_candidates(block_d: int, dtype: torch.dtype, seqlen_q: int, heavy: bool, arch: str = "sm_80") -> list[dict]:
+    """The forward's launch candidates, the default (:func:`_config`) first; the device picks among them
+    (:func:`kernels.autotune.choose`). ``TMA`` True loads K and V through tensor descriptors (sm_90a,
+    inputs with a contiguous head_dim and 16-byte aligned strides; the launcher drops it otherwise): one
+    TMA instruction per tile instead of per-thread addresses and masks, and fewer registers (static
+    check: d128 546 -> 513 loop instructions, 645 -> 653 in the model; d256 254 -> 206 registers, which
+    lets a 64x64 tile fit: 538 -> 685). Its sign on a real GPU is for the device to tell, so it is a
+    candidate, not the default. A pin is the only candidate."""
+    if (pin := _pinned("fwd")) is not None:
+        return [pin]
+    default = dict(_config(block_d, dtype, seqlen_q, heavy, arch), TMA=False)
+    if dispatch.INTERPRETER or arch != "sm_90a" or dtype == torch.float32:
+        return [default]
+    candidates = [default, dict(default, TMA=True)]
+    if seqlen_q > 16 and not heavy and block_d > 128:
+        candidates.append(dict(default, BLOCK_N=64, TMA=True))
+    return candidates
 
 
 def _config(block_d: int, dtype: torch.dtype, seqlen_q: int, heavy: bool, arch: str = "sm_80") -> dict:
@@ -77,6 +103,24 @@ def _config(block_d: int, dtype: torch.dtype, seqlen_q: int, heavy: bool, arch: 
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2) if heavy else \
             dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
     return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8 if heavy else 4, num_stages=2)
+
+
+def bwd_candidates(block_d: int, dtype: torch.dtype, heavy: bool, arch: str = "sm_80") -> tuple[list[dict], list[dict]]:
+    """The backward's candidates as ``(dK/dV kernel, dQ kernel)`` lists, each default first (:func:`_bwd_configs`);
+    the device picks for each kernel on its own. On sm_90a at head_dim 128 the alternatives hold two
+    stages over 16 streamed rows (dK/dV) and two warpgroups of 64 own rows (dQ); at head_dim 64, one
+    warpgroup (static check: spill-free, executed == useful tensor FLOPs). A pin is the only candidate."""
+    dkdv, dq = _bwd_configs(block_d, dtype, heavy, arch)
+    pins = _pinned("dkdv"), _pinned("dq")
+    dkdv_list, dq_list = [dkdv], [dq]
+    if arch == "sm_90a" and dtype != torch.float32 and not heavy and not dispatch.INTERPRETER:
+        if block_d == 128:
+            dkdv_list.append(dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2))
+            dq_list.append(dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=1))
+        elif block_d <= 64:
+            dkdv_list.append(dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2))
+            dq_list.append(dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2))
+    return [pins[0]] if pins[0] else dkdv_list, [pins[1]] if pins[1] else dq_list
 
 
 def _bwd_configs(block_d: int, dtype: torch.dtype, heavy: bool, arch: str = "sm_80") -> tuple[dict, dict]:

@@ -4,11 +4,13 @@ config, allocate and launch. The kernels are looked up on the ``_kernels`` modul
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 
-from .. import dispatch
-from .._triton_utils import block_size, dot_flags
+from .. import autotune, dispatch
+from .._triton_utils import block_size, dot_flags, scratch_allocator
 from . import _kernels as K
 from . import configs
 from ._kernels import LOG2E
@@ -19,6 +21,38 @@ def _strides4(t, varlen: bool):
     """(batch, head, row, col) strides of a 4-D view; a packed batch's rows are found from cu_seqlens."""
     s = t.stride()
     return (0 if varlen else s[0], s[1], s[2], s[3])
+
+
+def _tma_ok(tensors, varlen: bool) -> bool:
+    """Whether ``tensors`` (4-D views) qualify for the forward's tensor descriptors: a device with TMA
+    (compute capability 9.x; the interpreter and the static check's meta tensors also run them), a
+    contiguous last dim, and a 16-byte aligned start and row, head and batch strides (TMA's rules)."""
+    for t in tensors:
+        if t.is_cuda and torch.cuda.get_device_capability(t.device)[0] != 9:
+            return False
+        if t.device.type == "cpu" and not dispatch.INTERPRETER:
+            return False
+        step = t.element_size()
+        strides = [s for s, n in zip(_strides4(t, varlen)[:3], t.shape[:3]) if n > 1] + [t.stride(2)]
+        if t.stride(3) != 1 or t.data_ptr() % 16 or any(s * step % 16 for s in strides):
+            return False
+    return True
+
+
+def _scratch(device, tma: bool):
+    """Global memory for the descriptors a TMA kernel builds on the device (Triton asks its allocator)."""
+    return scratch_allocator(device) if tma else contextlib.nullcontext()
+
+
+def _bucket(pb: dict, q, num_splits: int, *extra) -> tuple:
+    """The problem class a tuned winner is kept for: dtype, head dims, the score modifiers and causal
+    kind, and power-of-two buckets of the lengths and of the (batch x heads) programs."""
+    def pow2(n):
+        return min(triton.next_power_of_2(max(int(n), 1)), 1 << 16)
+
+    flags = tuple(sorted(pb["flags"].items()))
+    return (str(q.dtype), pb["head_dim"], pb["head_dim_v"], flags, pb["group_size"] > 1, pow2(pb["seqlen_q"]),
+            pow2(pb["seqlen_k"]), pow2(pb["batch"] * pb["num_heads"]), num_splits, *extra)
 
 
 def _problem(q, k, v, *, scale, bottom_right, window, softcap, alibi_slopes, attn_mask, dropout_p, seed,
@@ -92,42 +126,53 @@ def attention_forward(q, k, v, *, scale: float, bottom_right: bool = False, wind
     if out.numel() == 0 or batch == 0:
         return out, lse
     block_d, block_dv = block_size(pb["head_dim"]), block_size(pb["head_dim_v"])
-    cfg = configs._config(max(block_d, block_dv), q.dtype, seqlen_q, pb["heavy"], dispatch.target_arch(q.device))
-    m_blocks = triton.cdiv(seqlen_q, cfg["BLOCK_M"])
-    splits = 1 if (dropout_p > 0 or pb["varlen"]) else configs._num_splits(
-        num_splits, m_blocks * batch * num_heads, pb["seqlen_k"], cfg["BLOCK_N"], q.device)
-    split_size = triton.cdiv(triton.cdiv(pb["seqlen_k"], splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
-    if splits > 1:  # partial results in fp32, merged below
-        o_dst = torch.empty((splits, batch, num_heads, seqlen_q, pb["head_dim_v"]), device=q.device, dtype=torch.float32)
-        l_dst = torch.empty((splits, batch, num_heads, seqlen_q), device=q.device, dtype=torch.float32)
-        o_strides, l_strides = o_dst.stride(), l_dst.stride()
-    else:
-        o_dst, l_dst = out, lse
-        o_strides = (0, *_strides4(out, pb["varlen"]))
-        l_strides = (0, 0 if pb["varlen"] else lse.stride(0), lse.stride(1), lse.stride(2))
-    dummy = q
-    K._attn_fwd_kernel[(m_blocks * splits, batch * num_heads)](
-        q, k, v, o_dst, l_dst, dummy if attn_mask is None else attn_mask,
-        dummy if alibi_slopes is None else alibi_slopes,
-        dummy if cu_seqlens_q is None else cu_seqlens_q, dummy if cu_seqlens_k is None else cu_seqlens_k,
-        dummy if seqused_k is None else seqused_k, dummy if kv_batch_idx is None else kv_batch_idx,
-        *_strides4(q, pb["varlen"]), *_strides4(k, pb["varlen"]), *_strides4(v, pb["varlen"]),
-        *o_strides, *l_strides, *pb["mask_strides"], *pb["alibi_strides"],
-        num_heads, pb["group_size"], seqlen_q, pb["seqlen_k"], pb["head_dim"], pb["head_dim_v"],
-        **pb["scalars"], split_size=split_size,
-        **pb["flags"], HAS_SEQUSED_K=seqused_k is not None, HAS_KV_BATCH_IDX=kv_batch_idx is not None,
-        NUM_SPLITS=splits, BLOCK_D=block_d, BLOCK_DV=block_dv, **cfg, **dot_flags(q.dtype),
-        # Only 128-key tiles keep their offsets in registers: it saves ~23 instructions per step there
-        # (sm_90a, static check), and smaller tiles on sm_80 have no registers to spare for it.
-        FIXED_OFFSETS=cfg["BLOCK_N"] >= 128,
-    )
-    dispatch.record_launch("attention_fwd")
-    if splits > 1:
-        K._attn_combine_kernel[(triton.cdiv(seqlen_q, 16), batch * num_heads)](
-            o_dst, l_dst, out, lse, *o_dst.stride()[:4], *l_dst.stride()[:3], *out.stride(), *lse.stride(),
-            num_heads, seqlen_q, pb["head_dim_v"], NUM_SPLITS=splits, BLOCK_M=16, BLOCK_DV=block_dv,
-        )
-        dispatch.record_launch("attention_combine")
+    candidates = configs.fwd_candidates(max(block_d, block_dv), q.dtype, seqlen_q, pb["heavy"],
+                                        dispatch.target_arch(q.device))
+    if not _tma_ok((k, v), pb["varlen"]):
+        candidates = [c for c in candidates if not c["TMA"]] or [dict(candidates[0], TMA=False)]
+
+    def launch(cfg):
+        m_blocks = triton.cdiv(seqlen_q, cfg["BLOCK_M"])
+        splits = 1 if (dropout_p > 0 or pb["varlen"]) else configs._num_splits(
+            num_splits, m_blocks * batch * num_heads, pb["seqlen_k"], cfg["BLOCK_N"], q.device)
+        split_size = triton.cdiv(triton.cdiv(pb["seqlen_k"], splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
+        if splits > 1:  # partial results in fp32, merged below
+            o_dst = torch.empty((splits, batch, num_heads, seqlen_q, pb["head_dim_v"]), device=q.device,
+                                dtype=torch.float32)
+            l_dst = torch.empty((splits, batch, num_heads, seqlen_q), device=q.device, dtype=torch.float32)
+            o_strides, l_strides = o_dst.stride(), l_dst.stride()
+        else:
+            o_dst, l_dst = out, lse
+            o_strides = (0, *_strides4(out, pb["varlen"]))
+            l_strides = (0, 0 if pb["varlen"] else lse.stride(0), lse.stride(1), lse.stride(2))
+        dummy = q
+        with _scratch(q.device, cfg["TMA"]):
+            K._attn_fwd_kernel[(m_blocks * splits, batch * num_heads)](
+                q, k, v, o_dst, l_dst, dummy if attn_mask is None else attn_mask,
+                dummy if alibi_slopes is None else alibi_slopes,
+                dummy if cu_seqlens_q is None else cu_seqlens_q, dummy if cu_seqlens_k is None else cu_seqlens_k,
+                dummy if seqused_k is None else seqused_k, dummy if kv_batch_idx is None else kv_batch_idx,
+                *_strides4(q, pb["varlen"]), *_strides4(k, pb["varlen"]), *_strides4(v, pb["varlen"]),
+                *o_strides, *l_strides, *pb["mask_strides"], *pb["alibi_strides"],
+                num_heads, pb["group_size"], seqlen_q, pb["seqlen_k"], pb["head_dim"], pb["head_dim_v"],
+                **pb["scalars"], split_size=split_size,
+                **pb["flags"], HAS_SEQUSED_K=seqused_k is not None, HAS_KV_BATCH_IDX=kv_batch_idx is not None,
+                NUM_SPLITS=splits, BLOCK_D=block_d, BLOCK_DV=block_dv, **cfg, **dot_flags(q.dtype),
+                # Only 128-key tiles keep their offsets in registers: it saves ~23 instructions per step there
+                # (sm_90a, static check), and smaller tiles on sm_80 have no registers to spare for it.
+                FIXED_OFFSETS=cfg["BLOCK_N"] >= 128,
+            )
+        dispatch.record_launch("attention_fwd")
+        if splits > 1:
+            K._attn_combine_kernel[(triton.cdiv(seqlen_q, 16), batch * num_heads)](
+                o_dst, l_dst, out, lse, *o_dst.stride()[:4], *l_dst.stride()[:3], *out.stride(), *lse.stride(),
+                num_heads, seqlen_q, pb["head_dim_v"], NUM_SPLITS=splits, BLOCK_M=16, BLOCK_DV=block_dv,
+            )
+            dispatch.record_launch("attention_combine")
+
+    cfg = autotune.choose("attention_fwd", _bucket(pb, q, num_splits, seqused_k is not None), candidates, launch,
+                          q.device, kernel=K._attn_fwd_kernel)
+    launch(cfg)
     return out, lse
 
 
@@ -151,7 +196,8 @@ def attention_backward(do, q, k, v, out, lse, *, scale: float, bottom_right: boo
         for t in (dq, dk, dv):
             t.zero_()
     block_d, block_dv = block_size(pb["head_dim"]), block_size(pb["head_dim_v"])
-    cfg_dkdv, cfg_dq = configs._bwd_configs(max(block_d, block_dv), q.dtype, pb["heavy"], dispatch.target_arch(q.device))
+    dkdv_candidates, dq_candidates = configs.bwd_candidates(max(block_d, block_dv), q.dtype, pb["heavy"],
+                                                             dispatch.target_arch(q.device))
     lse_strides = (0 if varlen else lse.stride(0), lse.stride(1), lse.stride(2))
     delta = torch.empty_like(lse)
     rows_o = out.shape[2]  # physical rows: for a packed batch, all tokens
@@ -166,16 +212,26 @@ def attention_backward(do, q, k, v, out, lse, *, scale: float, bottom_right: boo
     common = dict(**pb["scalars"], **pb["flags"], BLOCK_D=block_d, BLOCK_DV=block_dv, **dot_flags(q.dtype))
     sizes = (pb["group_size"], pb["seqlen_q"], pb["seqlen_k"], pb["head_dim"], pb["head_dim_v"], scale)
     qkvdo = (*_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen), *_strides4(do, varlen))
-    K._attn_bwd_dkdv_kernel[(triton.cdiv(pb["seqlen_k"], cfg_dkdv["BLOCK_N"]), batch * pb["num_heads_k"])](
-        q, k, v, do, lse, delta, dk, dv, *tensors.values(),
-        *qkvdo, *_strides4(dk, varlen), *_strides4(dv, varlen), *lse_strides, *pb["mask_strides"], *pb["alibi_strides"],
-        pb["num_heads_k"], *sizes, **common, **cfg_dkdv,
-    )
-    K._attn_bwd_dq_kernel[(triton.cdiv(pb["seqlen_q"], cfg_dq["BLOCK_M"]), batch * num_heads)](
-        q, k, v, do, lse, delta, dq, *tensors.values(),
-        *qkvdo, *_strides4(dq, varlen), *lse_strides, *pb["mask_strides"], *pb["alibi_strides"],
-        num_heads, *sizes, **common, **cfg_dq,
-    )
+
+    def launch_dkdv(cfg):
+        K._attn_bwd_dkdv_kernel[(triton.cdiv(pb["seqlen_k"], cfg["BLOCK_N"]), batch * pb["num_heads_k"])](
+            q, k, v, do, lse, delta, dk, dv, *tensors.values(),
+            *qkvdo, *_strides4(dk, varlen), *_strides4(dv, varlen), *lse_strides, *pb["mask_strides"],
+            *pb["alibi_strides"], pb["num_heads_k"], *sizes, **common, **cfg,
+        )
+
+    def launch_dq(cfg):
+        K._attn_bwd_dq_kernel[(triton.cdiv(pb["seqlen_q"], cfg["BLOCK_M"]), batch * num_heads)](
+            q, k, v, do, lse, delta, dq, *tensors.values(),
+            *qkvdo, *_strides4(dq, varlen), *lse_strides, *pb["mask_strides"], *pb["alibi_strides"],
+            num_heads, *sizes, **common, **cfg,
+        )
+
+    key = _bucket(pb, q, 1)
+    launch_dkdv(autotune.choose("attention_bwd_dkdv", key, dkdv_candidates, launch_dkdv, q.device,
+                                kernel=K._attn_bwd_dkdv_kernel))
+    launch_dq(autotune.choose("attention_bwd_dq", key, dq_candidates, launch_dq, q.device,
+                              kernel=K._attn_bwd_dq_kernel))
     for name in ("attention_bwd_delta", "attention_bwd_dkdv", "attention_bwd_dq"):
         dispatch.record_launch(name)
     return dq, dk, dv

@@ -1,0 +1,220 @@
+"""kernels.autotune: the device's choice among statically verified candidates, and every candidate's
+correctness through the interpreter (issue 12, item 4).
+
+No GPU here, so the timer is replaced by one that runs each candidate for real (through the
+interpreter) and reports made-up times; what is tested is the choice, the caches, the dropped
+candidates, and that each candidate computes the right attention.
+"""
+import importlib
+import json
+import warnings
+
+import pytest
+import torch
+
+import kernels
+from kernels import autotune
+from kernels.attention import attention_reference
+from helpers import check_fwd_bwd
+
+configs = importlib.import_module("kernels.attention.configs")
+launch_mod = importlib.import_module("kernels.attention.launch")
+
+
+@pytest.fixture
+def tuner(monkeypatch, tmp_path):
+    """Timing on as on a GPU, with a fake timer: ``tuner(times)`` maps a candidate's name (or a
+    predicate on its config) to milliseconds; each timed candidate is launched for real once. Returns
+    the list of (op, config) timed."""
+    monkeypatch.setenv("KERNELS_AUTOTUNE_CACHE", str(tmp_path))
+    monkeypatch.setattr(autotune, "_memory", {})
+    monkeypatch.setattr(autotune, "_disk_cache", None)
+    monkeypatch.setattr(autotune, "_warned", set())
+    monkeypatch.setattr(autotune, "enabled", lambda device: True)
+    timed = []
+
+    def use(times):
+        def measure(launch, cfg):
+            timed.append(cfg)
+            launch(cfg)
+            return times(cfg)
+        monkeypatch.setattr(autotune, "_measure", measure)
+        return timed
+
+    return use
+
+
+def _op(calls):
+    def launch(cfg):
+        calls.append(cfg)
+        if cfg.get("fail"):
+            raise RuntimeError("out of resources")
+    return launch
+
+
+def test_fastest_candidate_wins_and_is_stored(tuner):
+    timed = tuner(lambda cfg: cfg["ms"])
+    cands = [dict(ms=3.0), dict(ms=1.0), dict(ms=2.0)]
+    calls = []
+    assert autotune.choose("op", ("k",), cands, _op(calls), torch.device("cpu")) == cands[1]
+    assert len(timed) == 3
+    assert autotune.choose("op", ("k",), cands, _op(calls), torch.device("cpu")) == cands[1]
+    assert len(timed) == 3, "a known key is not timed again"
+    stored = json.loads(autotune.cache_path().read_text())
+    assert list(stored.values()) == [autotune.name(cands[1])]
+    # a new process: nothing in memory, the file answers
+    autotune._memory.clear()
+    autotune._disk_cache = None
+    assert autotune.choose("op", ("k",), cands, _op(calls), torch.device("cpu")) == cands[1]
+    assert len(timed) == 3
+    # another bucket is timed on its own
+    autotune.choose("op", ("other",), cands, _op(calls), torch.device("cpu"))
+    assert len(timed) == 6
+
+
+def test_a_changed_candidate_list_is_timed_again(tuner):
+    timed = tuner(lambda cfg: cfg["ms"])
+    autotune.choose("op", ("k",), [dict(ms=3.0), dict(ms=1.0)], _op([]), torch.device("cpu"))
+    assert autotune.choose("op", ("k",), [dict(ms=3.0), dict(ms=4.0)], _op([]), torch.device("cpu")) == dict(ms=3.0)
+    assert len(timed) == 4
+
+
+def test_failing_candidate_is_dropped_with_one_warning(tuner):
+    tuner(lambda cfg: cfg["ms"])
+    cands = [dict(ms=2.0), dict(ms=1.0, fail=True)]
+    with pytest.warns(RuntimeWarning, match="failed .* dropped") as caught:
+        assert autotune.choose("op", ("a",), cands, _op([]), torch.device("cpu")) == cands[0]
+    assert len(caught) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same failure on another bucket warns no more
+        assert autotune.choose("op", ("b",), cands, _op([]), torch.device("cpu")) == cands[0]
+
+
+def test_all_failing_gives_the_default(tuner):
+    tuner(lambda cfg: 1.0)
+    cands = [dict(fail=True, i=0), dict(fail=True, i=1)]
+    with pytest.warns(RuntimeWarning):
+        assert autotune.choose("op", ("a",), cands, _op([]), torch.device("cpu")) == cands[0]
+
+
+def test_nothing_is_timed_without_a_gpu_or_when_disabled(monkeypatch):
+    def never(*args):
+        raise AssertionError("timed")
+    monkeypatch.setattr(autotune, "_measure", never)
+    cands = [dict(a=1), dict(a=2)]
+    assert not autotune.enabled(torch.device("cpu"))
+    assert autotune.choose("op", ("k",), cands, never, torch.device("cpu")) == cands[0]
+    monkeypatch.setenv("KERNELS_AUTOTUNE", "0")
+    assert not autotune.enabled(torch.device("cuda"))
+    with autotune.forced(1):
+        assert autotune.choose("op", ("k",), cands, never, torch.device("cpu")) == cands[1]
+    with autotune.forced(5):
+        assert autotune.choose("op", ("k",), cands, never, torch.device("cpu")) == cands[1]
+
+
+def _qkv(seqlen_q, seqlen_k, head_dim, device, dtype=torch.float16):
+    g = torch.Generator().manual_seed(seqlen_q * 1000 + head_dim)
+    return [torch.randn(1, 2, n, head_dim, generator=g, dtype=dtype).to(device) for n in (seqlen_q, seqlen_k, seqlen_k)]
+
+
+def _sdpa(q, k, v):
+    out = kernels.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert kernels.last_path("attention") == "triton"
+    return out
+
+
+def _ref(q, k, v):
+    return attention_reference(q, k, v, causal=True)
+
+
+def test_attention_launcher_times_every_candidate_and_runs_the_winner(device, gpu_tiles, tuner, launches):
+    """sm_90a, head_dim 64: the forward times its pointer and TMA candidates, the backward its dK/dV and
+    dQ candidates, each launched for real; the fake timer prefers TMA, and the result is exact."""
+    gpu_tiles("sm_90a")
+    timed = tuner(lambda cfg: 1.0 if cfg.get("TMA") else 2.0 + cfg["num_warps"] / 100)
+    with launches("attention_fwd"), launches("attention_bwd_dq"):
+        check_fwd_bwd(_sdpa, _ref, _qkv(40, 40, 64, device), torch.float16)
+    assert any(c.get("TMA") for c in timed) and any(c.get("TMA") is False for c in timed)
+    assert len(timed) == 6  # two candidates each for the forward, dK/dV and dQ
+    winners = set(autotune._memory.values())
+    assert any("TMA=True" in w for w in winners)
+
+
+def _arch_candidates(arch, head_dim, seqlen_q=150, heavy=False):
+    from kernels import dispatch
+    saved, dispatch.INTERPRETER = dispatch.INTERPRETER, False
+    try:
+        fwd = configs.fwd_candidates(head_dim, torch.float16, seqlen_q, heavy, arch)
+        dkdv, dq = configs.bwd_candidates(head_dim, torch.float16, heavy, arch)
+    finally:
+        dispatch.INTERPRETER = saved
+    return max(len(fwd), len(dkdv), len(dq))
+
+
+@pytest.fixture
+def tma_runs(monkeypatch):
+    """Counts forward launches that built tensor descriptors (the launcher asks for scratch memory)."""
+    runs = []
+    real = launch_mod.scratch_allocator
+
+    def counting(device):
+        runs.append(device)
+        return real(device)
+    monkeypatch.setattr(launch_mod, "scratch_allocator", counting)
+    return runs
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_every_sm90_candidate_is_exact(device, gpu_tiles, tma_runs, head_dim):
+    """Each Hopper candidate after the default (the default runs in test_attention's gpu-tile tests):
+    fp16, causal, lengths that are no multiple of any block, forward and backward."""
+    gpu_tiles("sm_90a")
+    count = _arch_candidates("sm_90a", head_dim)
+    assert count >= 2
+    for index in range(1, count):
+        with autotune.forced(index):
+            check_fwd_bwd(_sdpa, _ref, _qkv(150, 139, head_dim, device), torch.float16)
+    assert tma_runs, "no candidate used tensor descriptors"
+
+
+def test_tma_candidate_on_packed_batches_and_a_kv_cache(device, gpu_tiles, tma_runs):
+    """Tensor descriptors bounded per sequence: a packed (varlen) batch, and decoding from a cache
+    whose rows beyond each sequence's length hold NaN (they must never be read)."""
+    gpu_tiles("sm_90a")
+    lens = [5, 70, 1, 33]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    q, k, v = (torch.randn(sum(lens), 2, 64, dtype=torch.float16, device=device) for _ in range(3))
+    with autotune.forced(1):
+        packed = kernels.flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens), causal=True)
+    assert len(tma_runs) == 1
+    for b, n in enumerate(lens):
+        s = slice(int(cu[b]), int(cu[b + 1]))
+        ref = _ref(*(t[None, s].transpose(1, 2).double() for t in (q, k, v)))[0].transpose(0, 1)
+        torch.testing.assert_close(packed[s].double(), ref, rtol=2e-3, atol=2e-3)
+
+    k_cache = torch.full((2, 96, 2, 64), float("nan"), dtype=torch.float16, device=device)
+    v_cache = k_cache.clone()
+    lengths = [40, 77]
+    for b, n in enumerate(lengths):
+        k_cache[b, :n], v_cache[b, :n] = torch.randn(2, n, 2, 64, dtype=torch.float16, device=device)
+    qd = torch.randn(2, 1, 2, 64, dtype=torch.float16, device=device)
+    with autotune.forced(1):
+        out = kernels.flash_attn_with_kvcache(qd, k_cache, v_cache, cache_seqlens=torch.tensor(
+            lengths, dtype=torch.int32, device=device), num_splits=1)
+    assert len(tma_runs) == 2
+    for b, n in enumerate(lengths):
+        ref = attention_reference(*(t[b:b + 1, :n].transpose(1, 2).double() for t in (qd, k_cache, v_cache)))
+        torch.testing.assert_close(out[b:b + 1].transpose(1, 2).double(), ref, rtol=2e-3, atol=2e-3)
+
+
+def test_tma_is_dropped_for_unaligned_strides(device, gpu_tiles, tma_runs):
+    """A key whose rows are 68 halves apart (136 bytes: not a multiple of 16) cannot be described to
+    TMA: the pointer path runs instead, exactly."""
+    gpu_tiles("sm_90a")
+    q = torch.randn(1, 2, 40, 64, dtype=torch.float16, device=device)
+    k = torch.randn(1, 2, 40, 68, dtype=torch.float16, device=device)[..., :64]
+    v = torch.randn(1, 2, 40, 64, dtype=torch.float16, device=device)
+    with autotune.forced(1):
+        out = _sdpa(q, k, v)
+    assert not tma_runs
+    torch.testing.assert_close(out.double(), _ref(q.double(), k.double(), v.double()), rtol=2e-3, atol=2e-3)

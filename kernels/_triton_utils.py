@@ -78,6 +78,14 @@ def autocast_to(*tensors):
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
 
 
+def tma_device(t: torch.Tensor) -> bool:
+    """Whether kernels on ``t``'s device may read through TMA tensor descriptors: Hopper (compute
+    capability 9.x), Triton's interpreter, or the static check's meta tensors (compiled for sm_90a)."""
+    if t.is_cuda:
+        return torch.cuda.get_device_capability(t.device)[0] == 9
+    return t.device.type == "meta" or dispatch.INTERPRETER
+
+
 @contextlib.contextmanager
 def scratch_allocator(device):
     """Within the block, Triton allocates the global scratch of a launch (where a kernel writes the TMA

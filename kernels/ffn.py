@@ -33,6 +33,7 @@ Layers: ``_matmul_kernel`` / ``_ffn_elementwise_kernel`` -> ``matmul`` / ``eleme
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -41,8 +42,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from . import dispatch
-from ._triton_utils import autocast_to, check_same, check_tensor, dot, dot_flags
+from . import autotune, dispatch
+from ._triton_utils import (autocast_to, check_same, check_tensor, dot, dot_flags, scratch_allocator,
+                            tma_device)
 
 PLAIN_ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 GATED_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh"}  # name -> the gate's activation
@@ -98,6 +100,27 @@ def _activation_grad(x, ACTIVATION: tl.constexpr):
 # Kernels
 # --------------------------------------------------------------------------------------------------
 @triton.jit
+def _descriptor(X, R, C, stride_r, stride_c, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, R_CONTIG: tl.constexpr):
+    """A TMA descriptor of the (R, C) matrix X along its contiguous dim: X itself, or X^T when its
+    rows are the contiguous dim (``R_CONTIG``: a transposed weight or activation)."""
+    if R_CONTIG:  # (an else: Triton compiles code after a constexpr branch's return too)
+        desc = tl.make_tensor_descriptor(X, shape=[C, R], strides=[stride_c, 1], block_shape=[BLOCK_C, BLOCK_R])
+    else:
+        desc = tl.make_tensor_descriptor(X, shape=[R, C], strides=[stride_r, 1], block_shape=[BLOCK_R, BLOCK_C])
+    return desc
+
+
+@triton.jit
+def _descriptor_load(desc, r, c, R_CONTIG: tl.constexpr):
+    """The (BLOCK_R, BLOCK_C) tile at (r, c) of a :func:`_descriptor` matrix; zeros past its edges."""
+    if R_CONTIG:
+        tile = tl.trans(desc.load([c, r]))
+    else:
+        tile = desc.load([r, c])
+    return tile
+
+
+@triton.jit
 def _matmul_kernel(
     A, B, C, BIAS, AUX, B2, BIAS2, A2, RES,
     M, N, K,
@@ -108,9 +131,13 @@ def _matmul_kernel(
     ACTIVATION: tl.constexpr, STORE_AUX: tl.constexpr,
     SECOND: tl.constexpr,  # "none" | "dual_b": acc2 = A @ B2 (the gate) | "sum_pair": acc += A2 @ B2
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    TMA: tl.constexpr, A_COLS: tl.constexpr, B_COLS: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """C = epilogue(A @ B + bias) for A (M, K), B (K, N) of any strides; fp32 accumulation.
+
+    ``TMA``: A and B (and B2) are read through tensor descriptors (Hopper), each along its contiguous
+    dim (``A_COLS`` / ``B_COLS``: the operand is column-major, e.g. a transposed weight).
 
     Epilogues: "act": act(acc) (the pre-activation into AUX if STORE_AUX); "gated": act(A@B2 + bias2) *
     acc (gate and up pre-activations into AUX's two halves); "act_grad": acc * act'(AUX); "gated_grad":
@@ -136,15 +163,27 @@ def _matmul_kernel(
     b2_ptrs = B2 + rk[:, None] * stride_b2k + rn[None, :] * stride_b2n
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k in range(0, K, BLOCK_K):
-        k_ok = (k + rk) < K
-        a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = dot(a, tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0), acc, UPCAST, PRECISION)
+    if TMA:
+        a_desc = _descriptor(A, M, K, stride_am, stride_ak, BLOCK_M, BLOCK_K, A_COLS)
+        b_desc = _descriptor(B, K, N, stride_bk, stride_bn, BLOCK_K, BLOCK_N, B_COLS)
         if SECOND == "dual_b":
-            acc2 = dot(a, tl.load(b2_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0), acc2, UPCAST, PRECISION)
-            b2_ptrs += BLOCK_K * stride_b2k
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+            b2_desc = _descriptor(B2, K, N, stride_b2k, stride_b2n, BLOCK_K, BLOCK_N, B_COLS)
+        for k in range(0, K, BLOCK_K):
+            a = _descriptor_load(a_desc, pid_m * BLOCK_M, k, A_COLS)
+            acc = dot(a, _descriptor_load(b_desc, k, pid_n * BLOCK_N, B_COLS), acc, UPCAST, PRECISION)
+            if SECOND == "dual_b":
+                acc2 = dot(a, _descriptor_load(b2_desc, k, pid_n * BLOCK_N, B_COLS), acc2, UPCAST, PRECISION)
+    else:
+        for k in range(0, K, BLOCK_K):
+            k_ok = (k + rk) < K
+            a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            acc = dot(a, tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0), acc, UPCAST, PRECISION)
+            if SECOND == "dual_b":
+                acc2 = dot(a, tl.load(b2_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0), acc2, UPCAST,
+                           PRECISION)
+                b2_ptrs += BLOCK_K * stride_b2k
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
     if SECOND == "sum_pair":
         a2_ptrs = A2 + rm[:, None] * stride_a2m + rk[None, :] * stride_a2k
         for k in range(0, K, BLOCK_K):
@@ -237,6 +276,40 @@ def _config(dtype: torch.dtype, epilogue: str, second: str) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
 
 
+def candidates(dtype: torch.dtype, epilogue: str, second: str, arch: str = "sm_80", residual: bool = False) -> list[dict]:
+    """The matmul's launch candidates, the default (:func:`_config`) first; the device picks among them
+    (:func:`kernels.autotune.choose`). On sm_90a in half precision: the default tile read through TMA
+    tensor descriptors (``TMA``; the launcher drops it for operands that do not qualify), and for the
+    plain products (the weight gradients, dx) a 128x256x64 TMA tile (the persistent-matmul tutorial's
+    Hopper tile; spill-free only with TMA, whose loads need no per-thread addresses, and only without an
+    epilogue: the activation or residual tile beside the 128x256 accumulator spills). Their sign on a real GPU is for
+    the device to tell (static figures in benchmarks/NOTES.md)."""
+    default = dict(_config(dtype, epilogue, second), TMA=False)
+    if dispatch.INTERPRETER or arch != "sm_90a" or dtype == torch.float32:
+        return [default]
+    found = [default, dict(default, TMA=True)]
+    if epilogue == "none" and second == "none" and not residual:
+        found.append(dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=True))
+    return found
+
+
+def _tma_operands(*operands) -> tuple[bool, list[bool]]:
+    """Whether 2-D ``operands`` qualify for tensor descriptors (:func:`tma_device`, one unit stride, the
+    other stride and the start 16-byte aligned), and for each whether it is column-major."""
+    cols = []
+    for t in operands:
+        if t.stride(1) == 1:
+            col, lead = False, t.stride(0)
+        elif t.stride(0) == 1:
+            col, lead = True, t.stride(1)
+        else:
+            return False, []
+        if not tma_device(t) or t.data_ptr() % 16 or lead * t.element_size() % 16:
+            return False, []
+        cols.append(col)
+    return True, cols
+
+
 def matmul(a, b, bias=None, *, epilogue="none", activation="none", aux=None, store_aux=False, b2=None, bias2=None,
            a2=None, residual=None, out=None):
     """``epilogue(a @ b + bias) [+ residual]`` for 2-D ``a`` (M, K) and ``b`` (K, N) of any strides.
@@ -256,18 +329,32 @@ def matmul(a, b, bias=None, *, epilogue="none", activation="none", aux=None, sto
     if k == 0:  # an empty sum; only the empty-batch backward (dW of zero tokens) reaches this
         return c.zero_()
     second = "dual_b" if epilogue == "gated" else ("sum_pair" if a2 is not None else "none")
-    cfg = _config(a.dtype, epilogue, second)
+    found = candidates(a.dtype, epilogue, second, dispatch.target_arch(a.device), residual is not None)
+    tma_ok, cols = _tma_operands(a, b, *([b2] if second == "dual_b" else []))
+    if not tma_ok or len(set(cols[1:])) > 1:  # b and b2 share the kernel's B_COLS
+        found, cols = [c for c in found if not c["TMA"]], [False, False]
+    a_cols, b_cols = cols[:2]
     aux_arg, b2_arg, a2_arg, res_arg = (t if t is not None else c for t in (aux, b2, a2, residual))
-    _matmul_kernel[(triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)](
-        a, b, c, bias if bias is not None else c, aux_arg, b2_arg, bias2 if bias2 is not None else c, a2_arg, res_arg,
-        m, n, k,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
-        aux_arg.stride(0), aux_arg.stride(1), b2_arg.stride(0), b2_arg.stride(1),
-        a2_arg.stride(0), a2_arg.stride(1), res_arg.stride(0), res_arg.stride(1),
-        HAS_BIAS=bias is not None, HAS_BIAS2=bias2 is not None, HAS_RESIDUAL=residual is not None,
-        EPILOGUE=epilogue, ACTIVATION=activation,
-        STORE_AUX=store_aux, SECOND=second, **cfg, **dot_flags(a.dtype),
-    )
+
+    def launch(cfg):
+        with scratch_allocator(a.device) if cfg["TMA"] else contextlib.nullcontext():
+            _matmul_kernel[(triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)](
+                a, b, c, bias if bias is not None else c, aux_arg, b2_arg, bias2 if bias2 is not None else c, a2_arg,
+                res_arg, m, n, k,
+                a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
+                aux_arg.stride(0), aux_arg.stride(1), b2_arg.stride(0), b2_arg.stride(1),
+                a2_arg.stride(0), a2_arg.stride(1), res_arg.stride(0), res_arg.stride(1),
+                HAS_BIAS=bias is not None, HAS_BIAS2=bias2 is not None, HAS_RESIDUAL=residual is not None,
+                EPILOGUE=epilogue, ACTIVATION=activation, STORE_AUX=store_aux, SECOND=second,
+                A_COLS=a_cols, B_COLS=b_cols, **cfg, **dot_flags(a.dtype),
+            )
+
+    def pow2(x):
+        return min(triton.next_power_of_2(x), 1 << 16)
+
+    key = (str(a.dtype), epilogue, activation, second, store_aux, residual is not None, a_cols, b_cols,
+           pow2(m), pow2(n), pow2(k))
+    launch(autotune.choose("ffn_matmul", key, found, launch, a.device, kernel=_matmul_kernel))
     dispatch.record_launch("ffn_matmul")
     return c
 

@@ -41,7 +41,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
-from . import static_model
+from . import autotune, static_model
 
 # The package re-exports functions named ffn and layer_norm, which shadow these modules as attributes.
 attention = importlib.import_module("kernels.attention")
@@ -137,12 +137,24 @@ def _recording(module, names, sink, case):
             setattr(module, n, fn)
 
 
+# The longest candidate list a launcher offers (kernels/autotune.py); the static check compiles each.
+_MAX_CANDIDATES = 3
+
+
 def shipped_launches(arch: str = "sm_90a") -> list[Launch]:
     """One launch per shipped config for ``arch`` (the launchers pick configs per arch): each (dtype,
     head_dim bucket) of attention, each row-width bucket of LayerNorm, each (dtype, activation,
-    epilogue) of the FFN matmul."""
+    epilogue) of the FFN matmul; and each of their run-time candidates, as cases named ``"... [candidate
+    i]"`` (a candidate that compiles to the default's binary is not repeated)."""
+    launches = []
     with dispatch.assume_arch(arch):
-        return _record_launches()
+        for index in range(_MAX_CANDIDATES):
+            with autotune.forced(index):
+                batch = _record_launches()
+            for launch in batch:
+                launch.case += f" [candidate {index}]" if index else ""
+            launches += batch
+    return launches
 
 
 def _record_launches() -> list[Launch]:

@@ -218,3 +218,53 @@ def test_tma_is_dropped_for_unaligned_strides(device, gpu_tiles, tma_runs):
         out = _sdpa(q, k, v)
     assert not tma_runs
     torch.testing.assert_close(out.double(), _ref(q.double(), k.double(), v.double()), rtol=2e-3, atol=2e-3)
+
+
+# --- the FFN's matmul candidates ----------------------------------------------------------------------
+ffn_mod = importlib.import_module("kernels.ffn")
+
+
+@pytest.fixture
+def ffn_sm90(monkeypatch):
+    """The FFN launcher offers its sm_90a candidates here (the interpreter otherwise has one), and
+    counts the launches that built tensor descriptors."""
+    from kernels import dispatch
+    real, runs = ffn_mod.candidates, []
+
+    def on_hopper(dtype, epilogue, second, arch, residual=False):
+        with monkeypatch.context() as m:
+            m.setattr(dispatch, "INTERPRETER", False)
+            return real(dtype, epilogue, second, "sm_90a", residual)
+    monkeypatch.setattr(ffn_mod, "candidates", on_hopper)
+    real_scratch = ffn_mod.scratch_allocator
+
+    def counting(device):
+        runs.append(device)
+        return real_scratch(device)
+    monkeypatch.setattr(ffn_mod, "scratch_allocator", counting)
+    return runs
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_every_sm90_ffn_candidate_is_exact(device, ffn_sm90, activation):
+    """Each Hopper matmul candidate (TMA at the default tile, TMA 128x256x64 for the plain products):
+    forward and every gradient of an FFN with a residual, shapes that are no multiple of any tile,
+    row- and column-major operands (x W^T, dy^T h)."""
+    from test_ffn import _check, _params
+    gated = activation == "swiglu"
+    for index in (1, 2):
+        x = torch.randn(3, 45, 48, dtype=torch.float16, device=device)
+        with autotune.forced(index):
+            _check(x, _params(48, 136, torch.float16, device, gated=gated), activation, torch.float16,
+                   residual=torch.randn_like(x))
+    assert ffn_sm90, "no candidate used tensor descriptors"
+
+
+def test_ffn_tma_is_dropped_for_unaligned_operands(device, ffn_sm90):
+    """d_model 36 and d_ff 44 (72- and 88-byte rows, no multiple of 16) cannot be described to TMA:
+    every product runs the pointer path, exactly."""
+    from test_ffn import _check, _params
+    x = torch.randn(2, 20, 36, dtype=torch.float16, device=device)
+    with autotune.forced(1):
+        _check(x, _params(36, 44, torch.float16, device), "relu", torch.float16)
+    assert not ffn_sm90

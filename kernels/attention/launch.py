@@ -10,7 +10,7 @@ import torch
 import triton
 
 from .. import autotune, dispatch
-from .._triton_utils import block_size, dot_flags, scratch_allocator
+from .._triton_utils import block_size, dot_flags, scratch_allocator, tma_device
 from . import _kernels as K
 from . import configs
 from ._kernels import LOG2E
@@ -28,9 +28,7 @@ def _tma_ok(tensors, varlen: bool) -> bool:
     (compute capability 9.x; the interpreter and the static check's meta tensors also run them), a
     contiguous last dim, and a 16-byte aligned start and row, head and batch strides (TMA's rules)."""
     for t in tensors:
-        if t.is_cuda and torch.cuda.get_device_capability(t.device)[0] != 9:
-            return False
-        if t.device.type == "cpu" and not dispatch.INTERPRETER:
+        if not tma_device(t):
             return False
         step = t.element_size()
         strides = [s for s, n in zip(_strides4(t, varlen)[:3], t.shape[:3]) if n > 1] + [t.stride(2)]

@@ -363,7 +363,7 @@ def _attn_bwd_dkdv_kernel(
     dropout_p, dropout_scale, seed, philox_seqlen_q, philox_seqlen_k,
     BOTTOM_RIGHT: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
-    VARLEN: tl.constexpr, SPLIT_WALK: tl.constexpr, FOLD: tl.constexpr, EVEN_D: tl.constexpr,
+    VARLEN: tl.constexpr, SPLIT_WALK: tl.constexpr, FOLD: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -405,15 +405,24 @@ def _attn_bwd_dkdv_kernel(
         MASKh = MASK + b64 * smask_b + h64 * smask_h
         slope_log2 = tl.load(ALIBI + b * salibi_b + h * salibi_h) * LOG2E if HAS_ALIBI else 0.0
         row_base = (b64 * num_heads_k * group_size + h64) * philox_seqlen_q
+        if TMA:  # tensor descriptors of this head's Q and dO (see the forward)
+            q_desc = tl.make_tensor_descriptor(Qh, shape=[seqlen_q, head_dim], strides=[sq_m, 1],
+                                               block_shape=[BLOCK_M, BLOCK_D])
+            do_desc = tl.make_tensor_descriptor(DOh, shape=[seqlen_q, head_dim_v], strides=[sdo_m, 1],
+                                                block_shape=[BLOCK_M, BLOCK_DV])
         for part in tl.static_range(3 if SPLIT_WALK else 1):  # edge, interior (no positional mask), edge
             start, stop = _walk(part, SPLIT_WALK, lo, hi, first, limit, BLOCK_M)
             for start_m in range(start, stop, BLOCK_M):
                 rows = start_m + offs_m
                 row_ok = rows < seqlen_q
-                q = _load_tile(Qh + rows[:, None] * sq_m + offs_d[None, :] * sq_d, row_ok[:, None], d_ok[None, :],
-                               part != 1, not EVEN_D)
-                do = _load_tile(DOh + rows[:, None] * sdo_m + offs_dv[None, :] * sdo_d, row_ok[:, None],
-                                dv_ok[None, :], part != 1, not EVEN_D)
+                if TMA:
+                    q = q_desc.load([start_m, 0])
+                    do = do_desc.load([start_m, 0])
+                else:
+                    q = _load_tile(Qh + rows[:, None] * sq_m + offs_d[None, :] * sq_d, row_ok[:, None],
+                                   d_ok[None, :], part != 1, not EVEN_D)
+                    do = _load_tile(DOh + rows[:, None] * sdo_m + offs_dv[None, :] * sdo_d, row_ok[:, None],
+                                    dv_ok[None, :], part != 1, not EVEN_D)
                 lse = _load_tile(LSEh + rows * sl_m, row_ok, row_ok, part != 1, False)
                 delta = _load_tile(DELTAh + rows * sl_m, row_ok, row_ok, part != 1, False)
                 # A row that saw no key has lse = -inf; +inf there makes its probabilities exactly 0.
@@ -460,7 +469,7 @@ def _attn_bwd_dq_kernel(
     dropout_p, dropout_scale, seed, philox_seqlen_q, philox_seqlen_k,
     BOTTOM_RIGHT: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
-    VARLEN: tl.constexpr, SPLIT_WALK: tl.constexpr, FOLD: tl.constexpr, EVEN_D: tl.constexpr,
+    VARLEN: tl.constexpr, SPLIT_WALK: tl.constexpr, FOLD: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -500,15 +509,24 @@ def _attn_bwd_dq_kernel(
 
     lo, hi, first, limit = _key_range(m0, seqlen_k, diag, window_left, window_right, BLOCK_M, BLOCK_N,
                                       HAS_LEFT, HAS_RIGHT)
+    if TMA:  # tensor descriptors of K and V (see the forward)
+        k_desc = tl.make_tensor_descriptor(K, shape=[seqlen_k, head_dim], strides=[sk_n, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(V, shape=[seqlen_k, head_dim_v], strides=[sv_n, 1],
+                                           block_shape=[BLOCK_N, BLOCK_DV])
     for part in tl.static_range(3 if SPLIT_WALK else 1):  # edge, interior (no positional mask), edge
         start, stop = _walk(part, SPLIT_WALK, lo, hi, first, limit, BLOCK_N)
         for start_n in range(start, stop, BLOCK_N):
             cols = start_n + offs_n
             col_ok = cols < seqlen_k
-            kt = _load_tile(K + cols[None, :] * sk_n + offs_d[:, None] * sk_d, col_ok[None, :], d_ok[:, None],
-                            part != 1, not EVEN_D)
-            vt = _load_tile(V + cols[None, :] * sv_n + offs_dv[:, None] * sv_d, col_ok[None, :], dv_ok[:, None],
-                            part != 1, not EVEN_D)
+            if TMA:
+                kt = tl.trans(k_desc.load([start_n, 0]))
+                vt = tl.trans(v_desc.load([start_n, 0]))
+            else:
+                kt = _load_tile(K + cols[None, :] * sk_n + offs_d[:, None] * sk_d, col_ok[None, :], d_ok[:, None],
+                                part != 1, not EVEN_D)
+                vt = _load_tile(V + cols[None, :] * sv_n + offs_dv[:, None] * sv_d, col_ok[None, :],
+                                dv_ok[:, None], part != 1, not EVEN_D)
             qk = dot(q, kt, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, PRECISION)
             s, t = _scores(qk, rows[:, None], cols[None, :], seqlen_q, seqlen_k, diag, window_left, window_right,
                            MASK, smask_m, smask_n, slope_log2, qk_scale_log2, softcap_scale, softcap_log2,

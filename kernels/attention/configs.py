@@ -16,7 +16,7 @@ def _pinned(kind: str) -> dict | None:
     """The config that ``KERNELS_ATTENTION_CONFIG`` pins for ``kind`` ("fwd", "dkdv" or "dq"), or None.
 
     The variable holds a JSON object such as ``{"fwd": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8,
-    "num_stages": 2}}``; the forward's may add ``"TMA": true`` (tensor descriptors, used where the inputs
+    "num_stages": 2}}``; each may add ``"TMA": true`` (tensor descriptors, used where the inputs
     qualify). A pin overrides the tables below for every call, decoding and the interpreter
     included: a GPU session compares candidates with it, and the tests run each candidate through the
     interpreter. Raises ``ValueError`` for a malformed value."""
@@ -28,7 +28,7 @@ def _pinned(kind: str) -> dict | None:
         if not isinstance(pins, dict) or not set(pins) <= {"fwd", "dkdv", "dq"}:
             raise ValueError
         for pinned_kind, cfg in pins.items():
-            tma = cfg.pop("TMA", False) if pinned_kind == "fwd" and isinstance(cfg, dict) else False
+            tma = cfg.pop("TMA", False) if isinstance(cfg, dict) else False
             if set(cfg) != set(_CONFIG_KEYS) or not all(type(cfg[k]) is int and cfg[k] > 0 for k in cfg) or \
                     type(tma) is not bool:
                 raise ValueError
@@ -38,12 +38,9 @@ def _pinned(kind: str) -> dict | None:
                 raise ValueError
     except (ValueError, TypeError):
         raise ValueError(f"KERNELS_ATTENTION_CONFIG must be a JSON object mapping 'fwd', 'dkdv' or 'dq' to positive "
-                         f"integer {', '.join(_CONFIG_KEYS)} (blocks and warps powers of two, blocks >= 16; 'fwd' "
+                         f"integer {', '.join(_CONFIG_KEYS)} (blocks and warps powers of two, blocks >= 16; each "
                          f"may add \"TMA\": true or false); got {text!r}") from None
-    pin = pins.get(kind)
-    if pin is not None and kind != "fwd":
-        pin.pop("TMA")
-    return pin
+    return pins.get(kind)
 
 
 _CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
@@ -107,19 +104,22 @@ def _config(block_d: int, dtype: torch.dtype, seqlen_q: int, heavy: bool, arch: 
 
 def bwd_candidates(block_d: int, dtype: torch.dtype, heavy: bool, arch: str = "sm_80") -> tuple[list[dict], list[dict]]:
     """The backward's candidates as ``(dK/dV kernel, dQ kernel)`` lists, each default first (:func:`_bwd_configs`);
-    the device picks for each kernel on its own. On sm_90a at head_dim 128 the alternatives hold two
+    the device picks for each kernel on its own. On sm_90a: the default reading its streamed tiles (Q and
+    dO, or K and V) through TMA tensor descriptors; at head_dim 128 the alternatives hold two
     stages over 16 streamed rows (dK/dV) and two warpgroups of 64 own rows (dQ); at head_dim 64, one
     warpgroup (static check: spill-free, executed == useful tensor FLOPs). A pin is the only candidate."""
-    dkdv, dq = _bwd_configs(block_d, dtype, heavy, arch)
+    dkdv, dq = (dict(cfg, TMA=False) for cfg in _bwd_configs(block_d, dtype, heavy, arch))
     pins = _pinned("dkdv"), _pinned("dq")
     dkdv_list, dq_list = [dkdv], [dq]
-    if arch == "sm_90a" and dtype != torch.float32 and not heavy and not dispatch.INTERPRETER:
-        if block_d == 128:
-            dkdv_list.append(dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2))
-            dq_list.append(dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=1))
-        elif block_d <= 64:
-            dkdv_list.append(dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2))
-            dq_list.append(dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2))
+    if arch == "sm_90a" and dtype != torch.float32 and not dispatch.INTERPRETER:
+        dkdv_list.append(dict(dkdv, TMA=True))  # Q and dO through descriptors
+        dq_list.append(dict(dq, TMA=True))  # K and V
+        if block_d == 128 and not heavy:
+            dkdv_list.append(dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2, TMA=False))
+            dq_list.append(dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=1, TMA=False))
+        elif block_d <= 64 and not heavy:
+            dkdv_list.append(dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2, TMA=False))
+            dq_list.append(dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, TMA=False))
     return [pins[0]] if pins[0] else dkdv_list, [pins[1]] if pins[1] else dq_list
 
 

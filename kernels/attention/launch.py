@@ -196,6 +196,10 @@ def attention_backward(do, q, k, v, out, lse, *, scale: float, bottom_right: boo
     block_d, block_dv = block_size(pb["head_dim"]), block_size(pb["head_dim_v"])
     dkdv_candidates, dq_candidates = configs.bwd_candidates(max(block_d, block_dv), q.dtype, pb["heavy"],
                                                              dispatch.target_arch(q.device))
+    if not _tma_ok((q, do), varlen):
+        dkdv_candidates = [c for c in dkdv_candidates if not c["TMA"]] or [dict(dkdv_candidates[0], TMA=False)]
+    if not _tma_ok((k, v), varlen):
+        dq_candidates = [c for c in dq_candidates if not c["TMA"]] or [dict(dq_candidates[0], TMA=False)]
     lse_strides = (0 if varlen else lse.stride(0), lse.stride(1), lse.stride(2))
     delta = torch.empty_like(lse)
     rows_o = out.shape[2]  # physical rows: for a packed batch, all tokens
@@ -212,18 +216,20 @@ def attention_backward(do, q, k, v, out, lse, *, scale: float, bottom_right: boo
     qkvdo = (*_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen), *_strides4(do, varlen))
 
     def launch_dkdv(cfg):
-        K._attn_bwd_dkdv_kernel[(triton.cdiv(pb["seqlen_k"], cfg["BLOCK_N"]), batch * pb["num_heads_k"])](
-            q, k, v, do, lse, delta, dk, dv, *tensors.values(),
-            *qkvdo, *_strides4(dk, varlen), *_strides4(dv, varlen), *lse_strides, *pb["mask_strides"],
-            *pb["alibi_strides"], pb["num_heads_k"], *sizes, **common, **cfg,
-        )
+        with _scratch(q.device, cfg["TMA"]):
+            K._attn_bwd_dkdv_kernel[(triton.cdiv(pb["seqlen_k"], cfg["BLOCK_N"]), batch * pb["num_heads_k"])](
+                q, k, v, do, lse, delta, dk, dv, *tensors.values(),
+                *qkvdo, *_strides4(dk, varlen), *_strides4(dv, varlen), *lse_strides, *pb["mask_strides"],
+                *pb["alibi_strides"], pb["num_heads_k"], *sizes, **common, **cfg,
+            )
 
     def launch_dq(cfg):
-        K._attn_bwd_dq_kernel[(triton.cdiv(pb["seqlen_q"], cfg["BLOCK_M"]), batch * num_heads)](
-            q, k, v, do, lse, delta, dq, *tensors.values(),
-            *qkvdo, *_strides4(dq, varlen), *lse_strides, *pb["mask_strides"], *pb["alibi_strides"],
-            num_heads, *sizes, **common, **cfg,
-        )
+        with _scratch(q.device, cfg["TMA"]):
+            K._attn_bwd_dq_kernel[(triton.cdiv(pb["seqlen_q"], cfg["BLOCK_M"]), batch * num_heads)](
+                q, k, v, do, lse, delta, dq, *tensors.values(),
+                *qkvdo, *_strides4(dq, varlen), *lse_strides, *pb["mask_strides"], *pb["alibi_strides"],
+                num_heads, *sizes, **common, **cfg,
+            )
 
     key = _bucket(pb, q, 1)
     launch_dkdv(autotune.choose("attention_bwd_dkdv", key, dkdv_candidates, launch_dkdv, q.device,

@@ -131,7 +131,7 @@ def _matmul_kernel(
     ACTIVATION: tl.constexpr, STORE_AUX: tl.constexpr,
     SECOND: tl.constexpr,  # "none" | "dual_b": acc2 = A @ B2 (the gate) | "sum_pair": acc += A2 @ B2
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    TMA: tl.constexpr, A_COLS: tl.constexpr, B_COLS: tl.constexpr,
+    TMA: tl.constexpr, WS: tl.constexpr, A_COLS: tl.constexpr, B_COLS: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """C = epilogue(A @ B + bias) for A (M, K), B (K, N) of any strides; fp32 accumulation.
@@ -168,7 +168,7 @@ def _matmul_kernel(
         b_desc = _descriptor(B, K, N, stride_bk, stride_bn, BLOCK_K, BLOCK_N, B_COLS)
         if SECOND == "dual_b":
             b2_desc = _descriptor(B2, K, N, stride_b2k, stride_b2n, BLOCK_K, BLOCK_N, B_COLS)
-        for k in range(0, K, BLOCK_K):
+        for k in tl.range(0, K, BLOCK_K, warp_specialize=WS):
             a = _descriptor_load(a_desc, pid_m * BLOCK_M, k, A_COLS)
             acc = dot(a, _descriptor_load(b_desc, k, pid_n * BLOCK_N, B_COLS), acc, UPCAST, PRECISION)
             if SECOND == "dual_b":
@@ -284,12 +284,15 @@ def candidates(dtype: torch.dtype, epilogue: str, second: str, arch: str = "sm_8
     Hopper tile; spill-free only with TMA, whose loads need no per-thread addresses, and only without an
     epilogue: the activation or residual tile beside the 128x256 accumulator spills). Their sign on a real GPU is for
     the device to tell (static figures in benchmarks/NOTES.md)."""
-    default = dict(_config(dtype, epilogue, second), TMA=False)
+    default = dict(_config(dtype, epilogue, second), TMA=False, WS=False)
     if dispatch.INTERPRETER or arch != "sm_90a" or dtype == torch.float32:
         return [default]
     found = [default, dict(default, TMA=True)]
     if epilogue == "none" and second == "none" and not residual:
-        found.append(dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=True))
+        found.append(dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=True,
+                          WS=False))
+    if second == "none":  # two products in one loop do not specialize (spills, or Triton's pass fails)
+        found.append(dict(default, num_warps=4, num_stages=4, TMA=True, WS=True))
     return found
 
 

@@ -138,7 +138,7 @@ def _recording(module, names, sink, case):
 
 
 # The longest candidate list a launcher offers (kernels/autotune.py); the static check compiles each.
-_MAX_CANDIDATES = 3
+_MAX_CANDIDATES = 4
 
 
 def shipped_launches(arch: str = "sm_90a") -> list[Launch]:
@@ -270,6 +270,10 @@ def model_fields(sass: str, arch: str, kernel: str, kwargs: dict, num_warps: int
     """The steady-state loop's counts and the cycle model's figures (kernels/static_model.py)."""
     stats, has_loop = static_model.steady_loop(static_model.parse_sass(sass))
     useful = static_model.useful_flops(kernel, kwargs)
+    if kwargs.get("WS") and num_warps > kwargs["num_warps"]:
+        # Warp-specialized: the steady loop is the consumers'; the producer warpgroup (the 4 warps
+        # Triton adds) only issues the TMA loads, so it runs neither the MMAs nor this loop.
+        num_warps -= 4
     wg, warp = stats.executed_flops(num_warps)
     c = static_model.cost(stats, num_warps, useful, arch)
     return dict(num_warps=num_warps, has_loop=has_loop, loop_instructions=stats.instructions,

@@ -131,7 +131,7 @@ def _matmul_kernel(
     ACTIVATION: tl.constexpr, STORE_AUX: tl.constexpr,
     SECOND: tl.constexpr,  # "none" | "dual_b": acc2 = A @ B2 (the gate) | "sum_pair": acc += A2 @ B2
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    TMA: tl.constexpr, WS: tl.constexpr, A_COLS: tl.constexpr, B_COLS: tl.constexpr,
+    TMA: tl.constexpr, WS: tl.constexpr, PERSISTENT: tl.constexpr, A_COLS: tl.constexpr, B_COLS: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """C = epilogue(A @ B + bias) for A (M, K), B (K, N) of any strides; fp32 accumulation.
@@ -139,11 +139,50 @@ def _matmul_kernel(
     ``TMA``: A and B (and B2) are read through tensor descriptors (Hopper), each along its contiguous
     dim (``A_COLS`` / ``B_COLS``: the operand is column-major, e.g. a transposed weight).
 
+    ``PERSISTENT``: each program walks the tiles pid, pid + programs, ... (the grid is about one
+    program per SM), as in Triton's persistent-matmul tutorial; its descriptors are built once.
+
     Epilogues: "act": act(acc) (the pre-activation into AUX if STORE_AUX); "gated": act(A@B2 + bias2) *
     acc (gate and up pre-activations into AUX's two halves); "act_grad": acc * act'(AUX); "gated_grad":
     from dh = acc and AUX = [gate | up], writes [dgate | dup] into C's two halves. Then + residual.
     """
-    pid = tl.program_id(0)
+    a_desc, b_desc, b2_desc = A, B, B2  # stand-ins the pointer path never reads
+    if TMA:
+        a_desc = _descriptor(A, M, K, stride_am, stride_ak, BLOCK_M, BLOCK_K, A_COLS)
+        b_desc = _descriptor(B, K, N, stride_bk, stride_bn, BLOCK_K, BLOCK_N, B_COLS)
+        if SECOND == "dual_b":
+            b2_desc = _descriptor(B2, K, N, stride_b2k, stride_b2n, BLOCK_K, BLOCK_N, B_COLS)
+    if PERSISTENT:
+        num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        for pid in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+            _matmul_tile(pid, A, B, C, BIAS, AUX, B2, BIAS2, A2, RES, a_desc, b_desc, b2_desc, M, N, K,
+                         stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_xm, stride_xn,
+                         stride_b2k, stride_b2n, stride_a2m, stride_a2k, stride_rm, stride_rn,
+                         HAS_BIAS, HAS_BIAS2, HAS_RESIDUAL, EPILOGUE, ACTIVATION, STORE_AUX, SECOND,
+                         BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, TMA, WS, A_COLS, B_COLS, UPCAST, PRECISION)
+    else:
+        _matmul_tile(tl.program_id(0), A, B, C, BIAS, AUX, B2, BIAS2, A2, RES, a_desc, b_desc, b2_desc, M, N, K,
+                     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_xm, stride_xn,
+                     stride_b2k, stride_b2n, stride_a2m, stride_a2k, stride_rm, stride_rn,
+                     HAS_BIAS, HAS_BIAS2, HAS_RESIDUAL, EPILOGUE, ACTIVATION, STORE_AUX, SECOND,
+                     BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, TMA, WS, A_COLS, B_COLS, UPCAST, PRECISION)
+
+
+@triton.jit
+def _matmul_tile(
+    pid, A, B, C, BIAS, AUX, B2, BIAS2, A2, RES, a_desc, b_desc, b2_desc,
+    M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_xm, stride_xn,
+    stride_b2k, stride_b2n, stride_a2m, stride_a2k, stride_rm, stride_rn,
+    HAS_BIAS: tl.constexpr, HAS_BIAS2: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    EPILOGUE: tl.constexpr,  # "none" | "act" | "gated" | "act_grad" | "gated_grad"
+    ACTIVATION: tl.constexpr, STORE_AUX: tl.constexpr,
+    SECOND: tl.constexpr,  # "none" | "dual_b": acc2 = A @ B2 (the gate) | "sum_pair": acc += A2 @ B2
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    TMA: tl.constexpr, WS: tl.constexpr, A_COLS: tl.constexpr, B_COLS: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Tile ``pid`` (grouped order) of :func:`_matmul_kernel`."""
     # Grouped ordering: GROUP_M row-blocks share each column-block while it is hot in L2.
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -164,10 +203,6 @@ def _matmul_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     if TMA:
-        a_desc = _descriptor(A, M, K, stride_am, stride_ak, BLOCK_M, BLOCK_K, A_COLS)
-        b_desc = _descriptor(B, K, N, stride_bk, stride_bn, BLOCK_K, BLOCK_N, B_COLS)
-        if SECOND == "dual_b":
-            b2_desc = _descriptor(B2, K, N, stride_b2k, stride_b2n, BLOCK_K, BLOCK_N, B_COLS)
         for k in tl.range(0, K, BLOCK_K, warp_specialize=WS):
             a = _descriptor_load(a_desc, pid_m * BLOCK_M, k, A_COLS)
             acc = dot(a, _descriptor_load(b_desc, k, pid_n * BLOCK_N, B_COLS), acc, UPCAST, PRECISION)
@@ -284,16 +319,25 @@ def candidates(dtype: torch.dtype, epilogue: str, second: str, arch: str = "sm_8
     Hopper tile; spill-free only with TMA, whose loads need no per-thread addresses, and only without an
     epilogue: the activation or residual tile beside the 128x256 accumulator spills). Their sign on a real GPU is for
     the device to tell (static figures in benchmarks/NOTES.md)."""
-    default = dict(_config(dtype, epilogue, second), TMA=False, WS=False)
+    default = dict(_config(dtype, epilogue, second), TMA=False, WS=False, PERSISTENT=False)
     if dispatch.INTERPRETER or arch != "sm_90a" or dtype == torch.float32:
         return [default]
     found = [default, dict(default, TMA=True)]
     if epilogue == "none" and second == "none" and not residual:
         found.append(dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=True,
-                          WS=False))
+                          WS=False, PERSISTENT=False))
     if second == "none":  # two products in one loop do not specialize (spills, or Triton's pass fails)
         found.append(dict(default, num_warps=4, num_stages=4, TMA=True, WS=True))
+    found.append(dict(default, TMA=True, PERSISTENT=True))
     return found
+
+
+def _programs(device: torch.device) -> int:
+    """A persistent kernel's grid: one program per SM (H100's 132 for the static check's meta tensors;
+    3 in the interpreter, so the tests walk several tiles per program)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 3 if dispatch.INTERPRETER else 132
 
 
 def _tma_operands(*operands) -> tuple[bool, list[bool]]:
@@ -340,8 +384,9 @@ def matmul(a, b, bias=None, *, epilogue="none", activation="none", aux=None, sto
     aux_arg, b2_arg, a2_arg, res_arg = (t if t is not None else c for t in (aux, b2, a2, residual))
 
     def launch(cfg):
+        tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
         with scratch_allocator(a.device) if cfg["TMA"] else contextlib.nullcontext():
-            _matmul_kernel[(triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)](
+            _matmul_kernel[(min(tiles, _programs(a.device)) if cfg["PERSISTENT"] else tiles,)](
                 a, b, c, bias if bias is not None else c, aux_arg, b2_arg, bias2 if bias2 is not None else c, a2_arg,
                 res_arg, m, n, k,
                 a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),

@@ -248,12 +248,12 @@ def ffn_sm90(monkeypatch):
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 def test_every_sm90_ffn_candidate_is_exact(device, ffn_sm90, activation):
     """Each Hopper matmul candidate (TMA at the default tile, TMA 128x256x64 for the plain products, the
-    warp-specialized TMA loop):
+    warp-specialized TMA loop, the persistent TMA schedule):
     forward and every gradient of an FFN with a residual, shapes that are no multiple of any tile,
     row- and column-major operands (x W^T, dy^T h)."""
     from test_ffn import _check, _params
     gated = activation == "swiglu"
-    for index in (1, 2, 3):
+    for index in (1, 2, 3, 4):
         x = torch.randn(3, 45, 48, dtype=torch.float16, device=device)
         with autotune.forced(index):
             _check(x, _params(48, 136, torch.float16, device, gated=gated), activation, torch.float16,

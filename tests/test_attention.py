@@ -188,7 +188,7 @@ def test_pinned_config_runs_exactly(device, monkeypatch, pin, launches):
     for kind, cfg in pin.items():
         picked = configs.fwd_candidates(64, torch.float16, 150, False) if kind == "fwd" else \
             configs.bwd_candidates(64, torch.float16, False)[0 if kind == "dkdv" else 1]
-        assert picked == [dict(cfg, TMA=False)]
+        assert picked == [dict(cfg, TMA=False, **({"PERSISTENT": False} if kind == "fwd" else {}))]
     with launches("attention_fwd"), launches("attention_bwd_dkdv"):
         check_fwd_bwd(_sdpa(is_causal=True), _ref(causal=True), _qkv(1, 2, 150, 150, 64, torch.float16, device),
                       torch.float16)

@@ -135,7 +135,7 @@ def test_attention_launcher_times_every_candidate_and_runs_the_winner(device, gp
     with launches("attention_fwd"), launches("attention_bwd_dq"):
         check_fwd_bwd(_sdpa, _ref, _qkv(40, 40, 64, device), torch.float16)
     assert any(c.get("TMA") for c in timed) and any(c.get("TMA") is False for c in timed)
-    assert len(timed) == 2 + 3 + 3  # forward: pointers, TMA; dK/dV and dQ: pointers, TMA, another tile
+    assert len(timed) == 3 + 3 + 3  # forward: pointers, TMA, persistent; dK/dV and dQ: pointers, TMA, another tile
     winners = set(autotune._memory.values())
     assert any("TMA=True" in w for w in winners)
 
@@ -178,19 +178,21 @@ def test_every_sm90_candidate_is_exact(device, gpu_tiles, tma_runs, head_dim):
 
 
 def test_tma_candidate_on_packed_batches_and_a_kv_cache(device, gpu_tiles, tma_runs):
-    """Tensor descriptors bounded per sequence: a packed (varlen) batch, and decoding from a cache
-    whose rows beyond each sequence's length hold NaN (they must never be read)."""
+    """Tensor descriptors bounded per sequence: a packed (varlen) batch (TMA, then the persistent
+    schedule), and decoding from a cache whose rows beyond each sequence's length hold NaN (they must
+    never be read)."""
     gpu_tiles("sm_90a")
-    lens = [5, 70, 1, 33]
+    lens = [5, 70, 1, 33, 140]
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
     q, k, v = (torch.randn(sum(lens), 2, 64, dtype=torch.float16, device=device) for _ in range(3))
-    with autotune.forced(1):
-        packed = kernels.flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens), causal=True)
-    assert len(tma_runs) == 1
-    for b, n in enumerate(lens):
-        s = slice(int(cu[b]), int(cu[b + 1]))
-        ref = _ref(*(t[None, s].transpose(1, 2).double() for t in (q, k, v)))[0].transpose(0, 1)
-        torch.testing.assert_close(packed[s].double(), ref, rtol=2e-3, atol=2e-3)
+    for index in (1, 2):
+        with autotune.forced(index):
+            packed = kernels.flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens), causal=True)
+        assert len(tma_runs) == index
+        for b, n in enumerate(lens):
+            s = slice(int(cu[b]), int(cu[b + 1]))
+            ref = _ref(*(t[None, s].transpose(1, 2).double() for t in (q, k, v)))[0].transpose(0, 1)
+            torch.testing.assert_close(packed[s].double(), ref, rtol=2e-3, atol=2e-3)
 
     k_cache = torch.full((2, 96, 2, 64), float("nan"), dtype=torch.float16, device=device)
     v_cache = k_cache.clone()
@@ -201,7 +203,7 @@ def test_tma_candidate_on_packed_batches_and_a_kv_cache(device, gpu_tiles, tma_r
     with autotune.forced(1):
         out = kernels.flash_attn_with_kvcache(qd, k_cache, v_cache, cache_seqlens=torch.tensor(
             lengths, dtype=torch.int32, device=device), num_splits=1)
-    assert len(tma_runs) == 2
+    assert len(tma_runs) == 3
     for b, n in enumerate(lengths):
         ref = attention_reference(*(t[b:b + 1, :n].transpose(1, 2).double() for t in (qd, k_cache, v_cache)))
         torch.testing.assert_close(out[b:b + 1].transpose(1, 2).double(), ref, rtol=2e-3, atol=2e-3)
@@ -269,3 +271,27 @@ def test_ffn_tma_is_dropped_for_unaligned_operands(device, ffn_sm90):
     with autotune.forced(1):
         _check(x, _params(36, 44, torch.float16, device), "relu", torch.float16)
     assert not ffn_sm90
+
+
+def test_candidates_agree_with_the_default_under_every_modifier(device, gpu_tiles, tma_runs):
+    """sm_90a, GQA, a causal window, soft-capping, ALiBi and dropout at once: each candidate (TMA,
+    persistent; the backward's TMA) draws the same dropout mask and gives the default's output and
+    gradients, up to fp16 rounding."""
+    gpu_tiles("sm_90a")
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, n, h, 64, generator=g, dtype=torch.float16).to(device)
+               for n, h in ((150, 4), (139, 2), (139, 2)))
+    kw = dict(causal=True, window_size=(40, 0), softcap=8.0, alibi_slopes=torch.rand(4, generator=g).to(device),
+              dropout_p=0.2)
+    results = []
+    for index in range(3):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        torch.manual_seed(0)
+        with autotune.forced(index):
+            out = kernels.flash_attn_func(*leaves, **kw)
+            out.backward(torch.ones_like(out))
+        results.append([out, *(t.grad for t in leaves)])
+    assert len(tma_runs) >= 4  # TMA forward and backward, persistent forward
+    for other in results[1:]:
+        for a, b in zip(other, results[0]):
+            torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)

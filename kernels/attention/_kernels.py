@@ -182,7 +182,57 @@ def _attn_fwd_kernel(
     salibi_b, salibi_h,
     num_heads, group_size, seqlen_q, seqlen_k, head_dim, head_dim_v,
     qk_scale_log2, softcap_scale, softcap_log2, window_left, window_right,
-    dropout_p, dropout_scale, seed, philox_seqlen_q, philox_seqlen_k, split_size,
+    dropout_p, dropout_scale, seed, philox_seqlen_q, philox_seqlen_k, split_size, batch_heads,
+    BOTTOM_RIGHT: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_SEQUSED_K: tl.constexpr, HAS_KV_BATCH_IDX: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    SPLIT_WALK: tl.constexpr, FOLD: tl.constexpr, EVEN_D: tl.constexpr, FIXED_OFFSETS: tl.constexpr,
+    TMA: tl.constexpr, PERSISTENT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Attention forward (FlashAttention-2, Alg. 1): one query block per program, or with ``PERSISTENT``
+    one program per SM walking the (query block, batch x head) tiles, the last query blocks (the longest
+    causal rows) first so the tail of the schedule holds the short ones (FlashAttention-3's longest-
+    processing-time-first order, Shah et al., 2024)."""
+    if PERSISTENT:
+        m_blocks = tl.cdiv(seqlen_q, BLOCK_M)
+        for tile in range(tl.program_id(0), m_blocks * batch_heads, tl.num_programs(0)):
+            _attn_fwd_tile(m_blocks - 1 - tile // batch_heads, tile % batch_heads, 0, Q, K, V, O, LSE, MASK, ALIBI,
+                           CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, KV_BATCH_IDX, sq_b, sq_h, sq_m, sq_d, sk_b, sk_h,
+                           sk_n, sk_d, sv_b, sv_h, sv_n, sv_d, so_s, so_b, so_h, so_m, so_d, sl_s, sl_b, sl_h, sl_m,
+                           smask_b, smask_h, smask_m, smask_n, salibi_b, salibi_h, num_heads, group_size, seqlen_q,
+                           seqlen_k, head_dim, head_dim_v, qk_scale_log2, softcap_scale, softcap_log2, window_left,
+                           window_right, dropout_p, dropout_scale, seed, philox_seqlen_q, philox_seqlen_k, split_size,
+                           batch_heads, BOTTOM_RIGHT, HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, DROPOUT,
+                           VARLEN, HAS_SEQUSED_K, HAS_KV_BATCH_IDX, NUM_SPLITS, SPLIT_WALK, FOLD, EVEN_D,
+                           FIXED_OFFSETS, TMA, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, UPCAST, PRECISION)
+    else:
+        _attn_fwd_tile(tl.program_id(0) // NUM_SPLITS, tl.program_id(1), tl.program_id(0) % NUM_SPLITS, Q, K, V, O,
+                       LSE, MASK, ALIBI, CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, KV_BATCH_IDX, sq_b, sq_h, sq_m, sq_d,
+                       sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d, so_s, so_b, so_h, so_m, so_d, sl_s, sl_b, sl_h,
+                       sl_m, smask_b, smask_h, smask_m, smask_n, salibi_b, salibi_h, num_heads, group_size, seqlen_q,
+                       seqlen_k, head_dim, head_dim_v, qk_scale_log2, softcap_scale, softcap_log2, window_left,
+                       window_right, dropout_p, dropout_scale, seed, philox_seqlen_q, philox_seqlen_k, split_size,
+                       batch_heads, BOTTOM_RIGHT, HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, DROPOUT,
+                       VARLEN, HAS_SEQUSED_K, HAS_KV_BATCH_IDX, NUM_SPLITS, SPLIT_WALK, FOLD, EVEN_D, FIXED_OFFSETS,
+                       TMA, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, UPCAST, PRECISION)
+
+
+@triton.jit
+def _attn_fwd_tile(
+    pid_m, pid_bh, split,
+    Q, K, V, O, LSE, MASK, ALIBI, CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, KV_BATCH_IDX,
+    sq_b, sq_h, sq_m, sq_d,
+    sk_b, sk_h, sk_n, sk_d,
+    sv_b, sv_h, sv_n, sv_d,
+    so_s, so_b, so_h, so_m, so_d,  # so_s / sl_s: split stride of the partial results (0 without splits)
+    sl_s, sl_b, sl_h, sl_m,
+    smask_b, smask_h, smask_m, smask_n,
+    salibi_b, salibi_h,
+    num_heads, group_size, seqlen_q, seqlen_k, head_dim, head_dim_v,
+    qk_scale_log2, softcap_scale, softcap_log2, window_left, window_right,
+    dropout_p, dropout_scale, seed, philox_seqlen_q, philox_seqlen_k, split_size, batch_heads,
     BOTTOM_RIGHT: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, HAS_SEQUSED_K: tl.constexpr, HAS_KV_BATCH_IDX: tl.constexpr, NUM_SPLITS: tl.constexpr,
@@ -191,9 +241,7 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_bh = tl.program_id(1)
-    pid_m = tl.program_id(0) // NUM_SPLITS
-    split = tl.program_id(0) % NUM_SPLITS
+    """Query block ``pid_m`` of (batch x head) ``pid_bh``, key slice ``split`` of :func:`_attn_fwd_kernel`."""
     b = pid_bh // num_heads
     h = pid_bh % num_heads
     q_start, seqlen_q, k_start, seqlen_k = _sequence(b, CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, seqlen_q, seqlen_k,

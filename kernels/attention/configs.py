@@ -17,9 +17,9 @@ def _pinned(kind: str) -> dict | None:
 
     The variable holds a JSON object such as ``{"fwd": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8,
     "num_stages": 2}}``; each may add ``"TMA": true`` (tensor descriptors, used where the inputs
-    qualify). A pin overrides the tables below for every call, decoding and the interpreter
-    included: a GPU session compares candidates with it, and the tests run each candidate through the
-    interpreter. Raises ``ValueError`` for a malformed value."""
+    qualify), the forward ``"PERSISTENT": true`` (see :func:`fwd_candidates`). A pin replaces the
+    candidate lists for every call, decoding and the interpreter included: a GPU session compares
+    candidates with it. Raises ``ValueError`` for a malformed value."""
     text = os.environ.get("KERNELS_ATTENTION_CONFIG")
     if not text:
         return None
@@ -28,18 +28,22 @@ def _pinned(kind: str) -> dict | None:
         if not isinstance(pins, dict) or not set(pins) <= {"fwd", "dkdv", "dq"}:
             raise ValueError
         for pinned_kind, cfg in pins.items():
-            tma = cfg.pop("TMA", False) if isinstance(cfg, dict) else False
-            if set(cfg) != set(_CONFIG_KEYS) or not all(type(cfg[k]) is int and cfg[k] > 0 for k in cfg) or \
-                    type(tma) is not bool:
+            if not isinstance(cfg, dict):
                 raise ValueError
-            cfg["TMA"] = tma
+            flags = {"TMA": cfg.pop("TMA", False)}
+            if pinned_kind == "fwd":
+                flags["PERSISTENT"] = cfg.pop("PERSISTENT", False)
+            if set(cfg) != set(_CONFIG_KEYS) or not all(type(cfg[k]) is int and cfg[k] > 0 for k in cfg) or \
+                    not all(type(f) is bool for f in flags.values()):
+                raise ValueError
             if any(cfg[k] & (cfg[k] - 1) for k in ("BLOCK_M", "BLOCK_N", "num_warps")) or \
                     min(cfg["BLOCK_M"], cfg["BLOCK_N"]) < 16:
                 raise ValueError
+            cfg.update(flags)
     except (ValueError, TypeError):
         raise ValueError(f"KERNELS_ATTENTION_CONFIG must be a JSON object mapping 'fwd', 'dkdv' or 'dq' to positive "
                          f"integer {', '.join(_CONFIG_KEYS)} (blocks and warps powers of two, blocks >= 16; each "
-                         f"may add \"TMA\": true or false); got {text!r}") from None
+                         f"may add \"TMA\" and 'fwd' \"PERSISTENT\", true or false); got {text!r}") from None
     return pins.get(kind)
 
 
@@ -52,16 +56,19 @@ def fwd_candidates(block_d: int, dtype: torch.dtype, seqlen_q: int, heavy: bool,
     inputs with a contiguous head_dim and 16-byte aligned strides; the launcher drops it otherwise): one
     TMA instruction per tile instead of per-thread addresses and masks, and fewer registers (static
     check: d128 546 -> 513 loop instructions, 645 -> 653 in the model; d256 254 -> 206 registers, which
-    lets a 64x64 tile fit: 538 -> 685). Its sign on a real GPU is for the device to tell, so it is a
-    candidate, not the default. A pin is the only candidate."""
+    lets a 64x64 tile fit: 538 -> 685). ``PERSISTENT`` True: one program per SM walks the tiles, the
+    longest causal rows first (FlashAttention-3's schedule). Their sign on a real GPU is for the device
+    to tell, so they are candidates, not the default. A pin is the only candidate."""
     if (pin := _pinned("fwd")) is not None:
         return [pin]
-    default = dict(_config(block_d, dtype, seqlen_q, heavy, arch), TMA=False)
+    default = dict(_config(block_d, dtype, seqlen_q, heavy, arch), TMA=False, PERSISTENT=False)
     if dispatch.INTERPRETER or arch != "sm_90a" or dtype == torch.float32:
         return [default]
     candidates = [default, dict(default, TMA=True)]
     if seqlen_q > 16 and not heavy and block_d > 128:
         candidates.append(dict(default, BLOCK_N=64, TMA=True))
+    if seqlen_q > 16 and block_d <= 128:  # decoding splits the keys instead; head_dim 256 spills
+        candidates.append(dict(default, TMA=True, PERSISTENT=True))
     return candidates
 
 

@@ -37,6 +37,16 @@ def _tma_ok(tensors, varlen: bool) -> bool:
     return True
 
 
+def _programs(device, block_d: int) -> int:
+    """A persistent forward's grid: the CTAs that fit on the device at once (two per SM at head_dim <= 64,
+    whose tiles take half the shared memory; 132-SM H100 for the static check's meta tensors; 3 in the
+    interpreter, so the tests walk several tiles per program)."""
+    per_sm = 2 if block_d <= 64 else 1
+    if device.type == "cuda":
+        return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
+    return 3 if dispatch.INTERPRETER else per_sm * 132
+
+
 def _scratch(device, tma: bool):
     """Global memory for the descriptors a TMA kernel builds on the device (Triton asks its allocator)."""
     return scratch_allocator(device) if tma else contextlib.nullcontext()
@@ -131,8 +141,11 @@ def attention_forward(q, k, v, *, scale: float, bottom_right: bool = False, wind
 
     def launch(cfg):
         m_blocks = triton.cdiv(seqlen_q, cfg["BLOCK_M"])
-        splits = 1 if (dropout_p > 0 or pb["varlen"]) else configs._num_splits(
+        splits = 1 if (dropout_p > 0 or pb["varlen"] or cfg["PERSISTENT"]) else configs._num_splits(
             num_splits, m_blocks * batch * num_heads, pb["seqlen_k"], cfg["BLOCK_N"], q.device)
+        grid = (m_blocks * splits, batch * num_heads)
+        if cfg["PERSISTENT"]:
+            grid = (min(m_blocks * batch * num_heads, _programs(q.device, block_d)), 1)
         split_size = triton.cdiv(triton.cdiv(pb["seqlen_k"], splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
         if splits > 1:  # partial results in fp32, merged below
             o_dst = torch.empty((splits, batch, num_heads, seqlen_q, pb["head_dim_v"]), device=q.device,
@@ -145,7 +158,7 @@ def attention_forward(q, k, v, *, scale: float, bottom_right: bool = False, wind
             l_strides = (0, 0 if pb["varlen"] else lse.stride(0), lse.stride(1), lse.stride(2))
         dummy = q
         with _scratch(q.device, cfg["TMA"]):
-            K._attn_fwd_kernel[(m_blocks * splits, batch * num_heads)](
+            K._attn_fwd_kernel[grid](
                 q, k, v, o_dst, l_dst, dummy if attn_mask is None else attn_mask,
                 dummy if alibi_slopes is None else alibi_slopes,
                 dummy if cu_seqlens_q is None else cu_seqlens_q, dummy if cu_seqlens_k is None else cu_seqlens_k,
@@ -153,7 +166,7 @@ def attention_forward(q, k, v, *, scale: float, bottom_right: bool = False, wind
                 *_strides4(q, pb["varlen"]), *_strides4(k, pb["varlen"]), *_strides4(v, pb["varlen"]),
                 *o_strides, *l_strides, *pb["mask_strides"], *pb["alibi_strides"],
                 num_heads, pb["group_size"], seqlen_q, pb["seqlen_k"], pb["head_dim"], pb["head_dim_v"],
-                **pb["scalars"], split_size=split_size,
+                **pb["scalars"], split_size=split_size, batch_heads=batch * num_heads,
                 **pb["flags"], HAS_SEQUSED_K=seqused_k is not None, HAS_KV_BATCH_IDX=kv_batch_idx is not None,
                 NUM_SPLITS=splits, BLOCK_D=block_d, BLOCK_DV=block_dv, **cfg, **dot_flags(q.dtype),
                 # Only 128-key tiles keep their offsets in registers: it saves ~23 instructions per step there

@@ -239,15 +239,22 @@ def test_fuzz_norms(device, launches, rows, cols, kind, affine, residual, prenor
         outs = out if isinstance(out, tuple) else (out,)
         grads = [torch.randn(o.shape, generator=gen) for o in outs]
         sum((o * gr.to(device)).sum() for o, gr in zip(outs, grads)).backward()
-    refs = [t.detach().double().requires_grad_() if t is not None else None for t in tensors]
-    y, z = norm_reference(refs[0], cols, refs[2], refs[3], 1e-5, is_rms=is_rms, residual=refs[1], return_residual=True)
-    ref_outs = (y, z) if (residual and prenorm) else (y,)
-    sum((o * gr.double()).sum() for o, gr in zip(ref_outs, grads)).backward()
+    def reference(dtype):
+        refs = [t.detach().to(dtype).requires_grad_() if t is not None else None for t in tensors]
+        y, z = norm_reference(refs[0], cols, refs[2], refs[3], 1e-5, is_rms=is_rms, residual=refs[1],
+                              return_residual=True)
+        ref_outs = (y, z) if (residual and prenorm) else (y,)
+        sum((o * gr.to(dtype)).sum() for o, gr in zip(ref_outs, grads)).backward()
+        return ref_outs, refs
+
+    ref_outs, refs = reference(torch.float64)
+    _, refs32 = reference(torch.float32)  # PyTorch's own fp32 error: ill-conditioned rows (near-equal values) have one
     for o, ro in zip(outs, ref_outs):
         assert _rel(o.cpu(), ro) < 1e-5
-    for a, ra in zip(leaves, refs):
+    for a, ra, r32 in zip(leaves, refs, refs32):
         if a is not None:
-            assert (a.grad.cpu().double() - ra.grad).norm() <= 1e-4 * ra.grad.norm() + 1e-5
+            torch_err = (r32.grad.double() - ra.grad).norm()
+            assert (a.grad.cpu().double() - ra.grad).norm() <= 2 * torch_err + 1e-4 * ra.grad.norm() + 1e-5
 
 
 @FUZZ

@@ -39,7 +39,10 @@ check)
     ;;
 bench)
     # shellcheck disable=SC2068
-    step benchmarks 560 "$PY" -m benchmarks ${@:-table1 attention kernels} --device "$DEVICE" --no-progress --out "$DIR"
+    # the launchers time their candidates once per problem bucket (kernels/autotune.py); the cache
+    # lives in the results folder, so the run records which candidate the device chose for each
+    KERNELS_AUTOTUNE_CACHE="$DIR/autotune" step benchmarks 560 "$PY" -m benchmarks ${@:-table1 attention kernels} \
+        --device "$DEVICE" --no-progress --out "$DIR"
     ;;
 *)
     echo "usage: $0 check | bench [SUITE ...]" >&2

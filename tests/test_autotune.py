@@ -151,17 +151,22 @@ def _arch_candidates(arch, head_dim, seqlen_q=150, heavy=False):
     return max(len(fwd), len(dkdv), len(dq))
 
 
-@pytest.fixture
-def tma_runs(monkeypatch):
-    """Counts forward launches that built tensor descriptors (the launcher asks for scratch memory)."""
-    runs = []
-    real = launch_mod.scratch_allocator
+def _count_tma_launches(monkeypatch, module):
+    """The list that records each launch of ``module``'s launchers that built tensor descriptors (they
+    ask for scratch memory only then)."""
+    runs, real = [], module.scratch_allocator
 
     def counting(device):
         runs.append(device)
         return real(device)
-    monkeypatch.setattr(launch_mod, "scratch_allocator", counting)
+    monkeypatch.setattr(module, "scratch_allocator", counting)
     return runs
+
+
+@pytest.fixture
+def tma_runs(monkeypatch):
+    """Attention launches that built tensor descriptors."""
+    return _count_tma_launches(monkeypatch, launch_mod)
 
 
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
@@ -231,20 +236,14 @@ def ffn_sm90(monkeypatch):
     """The FFN launcher offers its sm_90a candidates here (the interpreter otherwise has one), and
     counts the launches that built tensor descriptors."""
     from kernels import dispatch
-    real, runs = ffn_mod.candidates, []
+    real = ffn_mod.candidates
 
     def on_hopper(dtype, epilogue, second, arch, residual=False):
         with monkeypatch.context() as m:
             m.setattr(dispatch, "INTERPRETER", False)
             return real(dtype, epilogue, second, "sm_90a", residual)
     monkeypatch.setattr(ffn_mod, "candidates", on_hopper)
-    real_scratch = ffn_mod.scratch_allocator
-
-    def counting(device):
-        runs.append(device)
-        return real_scratch(device)
-    monkeypatch.setattr(ffn_mod, "scratch_allocator", counting)
-    return runs
+    return _count_tma_launches(monkeypatch, ffn_mod)
 
 
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])

@@ -78,6 +78,19 @@ def _transformers():
         raise ImportError("kernels.hf needs the `transformers` package (pip install transformers)") from e
 
 
+_HF_MODULES: dict[str, types.ModuleType] = {}
+
+
+def _hf_module(name: str) -> types.ModuleType:
+    """``transformers.<name>``, imported once. The rules import at patch time, so a patched forward
+    finds the module here: an import per call would break ``torch.compile``'s graph (dynamo refuses
+    ``importlib.import_module``)."""
+    module = _HF_MODULES.get(name)
+    if module is None:
+        module = _HF_MODULES[name] = importlib.import_module(f"transformers.{name}")
+    return module
+
+
 # --------------------------------------------------------------------------------------------------
 # Attention
 # --------------------------------------------------------------------------------------------------
@@ -244,8 +257,7 @@ def same_function(f, g) -> bool:
 @functools.lru_cache(maxsize=None)
 def _reference(module: str, qualname: str):
     """A reference class of transformers, e.g. ``("llama", "LlamaMLP")``."""
-    mod = importlib.import_module(f"transformers.models.{module}.modeling_{module}")
-    return getattr(mod, qualname)
+    return getattr(_hf_module(f"models.{module}.modeling_{module}"), qualname)
 
 
 def _forward_is(m: nn.Module, module: str, cls: str, method: str = "forward") -> bool:
@@ -256,7 +268,7 @@ def _recognize_hf_activation(act) -> str | None:
     """transformers.activations modules that compute a kernels.ffn activation exactly (up to rounding)."""
     if not isinstance(act, nn.Module) or type(act).__module__ != "transformers.activations" or has_hooks(act):
         return None
-    acts = importlib.import_module("transformers.activations")
+    acts = _hf_module("activations")
     cls = type(act)
     if cls is acts.GELUActivation:  # F.gelu, or the same erf formula in Python
         fn = act.act
@@ -331,7 +343,7 @@ class _GatedMLPMixin:
 
 
 def _plain_conv1d(m) -> bool:
-    conv1d = importlib.import_module("transformers.pytorch_utils").Conv1D
+    conv1d = _hf_module("pytorch_utils").Conv1D
     return isinstance(m, conv1d) and type(m).forward is conv1d.forward and not has_hooks(m)
 
 
@@ -484,6 +496,8 @@ def apply_kernels(model: nn.Module, *, attention: bool = True, layer_norm: bool 
     if not isinstance(model, nn.Module):
         raise TypeError(f"apply_kernels: model must be a torch.nn.Module, got {type(model).__name__}")
     _transformers()
+    for name in ("activations", "pytorch_utils"):  # what patched forwards look up (see _hf_module)
+        _hf_module(name)
     opts = Options(attention=attention, layer_norm=layer_norm, ffn=ffn)
     report = PatchReport(model, source="kernels.hf.apply_kernels")
     if attention:

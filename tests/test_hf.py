@@ -211,3 +211,23 @@ def test_imports_without_transformers():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "ImportError" in out.stdout and "transformers" in out.stdout
+
+
+@pytest.mark.parametrize("make,apply", [(llama, hf.apply_kernels_to_llama), (gpt2, hf.apply_kernels_to_gpt2),
+                                        (bert, hf.apply_kernels_to_bert)], ids=["llama", "gpt2", "bert"])
+def test_patched_model_compiles_without_graph_breaks(device, launches, make, apply):
+    """torch.compile(fullgraph=True) takes a patched model whole: the patched forwards look nothing up
+    per call (transformers' modules are resolved at patch time), and the kernels are custom ops. The
+    compiled model runs our kernels and gives the eager logits and gradients."""
+    torch.manual_seed(0)
+    model = make().to(device).eval()
+    apply(model)
+    inputs = tokens(device, padded=make is bert)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(**inputs)
+    assert explained.graph_break_count == 0, [str(b.reason)[:300] for b in explained.break_reasons]
+    assert explained.graph_count == 1
+    ref = copy.deepcopy(model)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with launches("attention_fwd"), launches("ffn_matmul"):
+        compare(compiled, ref, inputs)

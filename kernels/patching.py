@@ -315,6 +315,16 @@ def override_sdpa():
                 _override_saved = None
 
 
+def _check_key_padding_mask(key_padding_mask, src_len, bsz) -> None:
+    """torch's ``F._check_key_padding_mask`` (same AssertionError and message) without the message
+    closures over a tensor that ``torch.compile(fullgraph=True)`` cannot trace."""
+    rows, cols = key_padding_mask.shape[0], key_padding_mask.shape[1]
+    if rows != bsz:
+        raise AssertionError(f"Expected key_padded_mask.shape[0] to be {bsz}, but got {rows}")
+    if cols != src_len:
+        raise AssertionError(f"Expected key_padded_mask.shape[1] to be {src_len}, but got {cols}")
+
+
 def _with_sdpa_routed(fn):
     """A copy of torch function ``fn`` whose global ``scaled_dot_product_attention`` is :func:`routed_sdpa`
     (same code, defaults and other globals), or None if ``fn`` does not call it by that global name.
@@ -329,6 +339,8 @@ def _with_sdpa_routed(fn):
     module.__dict__.update({k: v for k, v in fn.__globals__.items() if not k.startswith("__")})
     module.__dict__["__builtins__"] = fn.__globals__["__builtins__"]
     module.__dict__["scaled_dot_product_attention"] = routed_sdpa
+    if "_check_key_padding_mask" in module.__dict__:
+        module.__dict__["_check_key_padding_mask"] = _check_key_padding_mask
     sys.modules[name] = module
     clone = types.FunctionType(fn.__code__, module.__dict__, fn.__name__, fn.__defaults__, fn.__closure__)
     clone.__kwdefaults__ = fn.__kwdefaults__
@@ -391,9 +403,11 @@ def _canonical_masks(key_padding_mask, attn_mask, dtype, names):
     """Both masks as torch's MultiheadAttention and TransformerEncoderLayer convert them (bool to an
     additive float mask of ``dtype``, the pair checked for matching types), named in errors by ``names``."""
     padding_name, mask_name = names
+    # Under torch.compile, torch's deprecation warning for a bool/float pair is skipped: dynamo cannot
+    # trace warnings.warn (the conversion is the same).
     key_padding_mask = F._canonical_mask(
         mask=key_padding_mask, mask_name=padding_name, other_type=F._none_or_dtype(attn_mask),
-        other_name=mask_name, target_type=dtype)
+        other_name=mask_name, target_type=dtype, check_other=not torch.compiler.is_compiling())
     attn_mask = F._canonical_mask(
         mask=attn_mask, mask_name=mask_name, other_type=None, other_name="", target_type=dtype, check_other=False)
     return key_padding_mask, attn_mask

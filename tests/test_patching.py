@@ -463,6 +463,41 @@ def test_torch_compile_traces_patched_modules(device, launches):
         assert_match(compiled(src), ref(src))
 
 
+def _padding(batch, seqlen, device):
+    mask = torch.zeros(batch, seqlen, dtype=torch.bool, device=device)
+    mask[1, seqlen - 2:] = True  # True = padding, as torch
+    return mask
+
+
+@pytest.mark.parametrize("kind", ["mha", "encoder", "transformer"])
+def test_fullgraph_with_key_padding_masks(device, launches, kind):
+    """torch.compile(fullgraph=True) takes patched nn.MultiheadAttention, nn.TransformerEncoder and
+    nn.Transformer called with key-padding masks without a graph break (torch's key-padding check is
+    restated without its message closures), and the compiled model runs our attention exactly."""
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 6, 16, device=device), torch.randn(2, 5, 16, device=device)
+    pad_x, pad_y = _padding(2, 6, device), _padding(2, 5, device)
+    if kind == "mha":
+        module = nn.MultiheadAttention(16, 2, batch_first=True, device=device)
+        call = lambda m: m(x, x, x, key_padding_mask=pad_x, need_weights=False)[0]  # noqa: E731
+    elif kind == "encoder":
+        module = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), 2,
+                                       enable_nested_tensor=False).to(device)
+        call = lambda m: m(x, src_key_padding_mask=pad_x)  # noqa: E731
+    else:
+        module = nn.Transformer(16, 2, 1, 1, 32, dropout=0.0, batch_first=True, device=device)
+        call = lambda m: m(x, y, src_key_padding_mask=pad_x, tgt_key_padding_mask=pad_y,  # noqa: E731
+                           memory_key_padding_mask=pad_x, tgt_mask=nn.Transformer.generate_square_subsequent_mask(
+                               5, device=device), tgt_is_causal=True)
+    model, ref, _ = patched_copy(module.eval())
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(call)(model)
+    assert explained.graph_break_count == 0, [str(b.reason)[:300] for b in explained.break_reasons]
+    compiled = torch.compile(call, fullgraph=True, backend="eager")
+    with launches("attention_fwd"):
+        assert_match(compiled(model), call(ref))
+
+
 # --------------------------------------------------------------------------------------------------
 # override_sdpa
 # --------------------------------------------------------------------------------------------------

@@ -26,8 +26,10 @@ a look-alike with different math (Gemma's ``1 + weight`` RMSNorm) is left alone 
 The entry points follow Liger-Kernel's ``apply_liger_kernel_to_llama`` etc. (github.com/linkedin/
 Liger-Kernel), but patch the given model instance only, never transformers' classes.
 
-transformers is imported lazily: ``import kernels.hf`` works without it; the functions raise
-``ImportError`` when it is missing.
+Importing ``kernels.hf`` registers the attention (:func:`register`) when transformers is installed,
+so ``from_pretrained(..., attn_implementation="kernels_sdpa")`` needs only ``import kernels.hf`` first,
+and a pickled patched model (whose classes come from here) finds it registered when it loads.
+``import kernels.hf`` also works without transformers; the functions then raise ``ImportError``.
 """
 
 from __future__ import annotations
@@ -537,3 +539,9 @@ def apply_kernels_to_llama(model: nn.Module, **options) -> PatchReport:
 def is_patched(module: nn.Module) -> bool:
     """Whether ``module`` itself was patched by :func:`kernels.patch` or :func:`apply_kernels`."""
     return original_class(module) is not None
+
+
+try:  # see the module docstring: registered at import where transformers is installed
+    register()
+except ImportError:
+    pass

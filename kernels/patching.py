@@ -531,16 +531,30 @@ def mlp_parts(seq: nn.Sequential):
 _CLASSES: dict[tuple, type] = {}
 
 
+def _reduce_patched(self, protocol):
+    """Pickle (and deepcopy) support of a patched module: its class is made at run time, so it is
+    stored as the recipe :func:`_rebuild_patched` follows, then the module's state."""
+    return _rebuild_patched, type(self)._kernels_key, self.__getstate__()
+
+
+def _rebuild_patched(original: type, mixin: type, attrs: tuple) -> nn.Module:
+    """An empty instance of ``patched_class(original, mixin, **attrs)``, for unpickling."""
+    cls = patched_class(original, mixin, **dict(attrs))
+    return cls.__new__(cls)
+
+
 def patched_class(original: type, mixin: type, **attrs) -> type:
     """The class ``Kernels<Original>(mixin, original)`` with ``_kernels_original_class = original`` and
     ``attrs`` as class attributes; cached, so every module of one type shares one patched class.
-    Classes for torch.nn's own types are module globals, made when this module is imported, so a
-    patched model pickles and loads in another process (``torch.save(model)``); patched subclasses of
-    user classes do not pickle -- save the ``state_dict`` or ``unpatch`` first."""
+    A patched module pickles as "rebuild ``patched_class(original, mixin, **attrs)``, then restore the
+    state" (:func:`_reduce_patched`), so ``torch.save(model)`` loads in another process wherever the
+    original class and the mixin import (every torch.nn and transformers class patch knows). Classes for
+    torch.nn's own types are also module globals, importable by name."""
     key = (original, mixin, tuple(sorted(attrs.items())))
     if key not in _CLASSES:
         name = "Kernels" + original.__name__ + "".join(f"_{k.removeprefix('_kernels_')}_{v}" for k, v in key[2])
-        namespace = {"_kernels_original_class": original, "__module__": __name__, "__qualname__": name, **attrs}
+        namespace = {"_kernels_original_class": original, "_kernels_key": key, "__module__": __name__,
+                     "__qualname__": name, "__reduce_ex__": _reduce_patched, **attrs}
         bases = (mixin,) if issubclass(mixin, original) else (mixin, original)
         cls = type(name, bases, namespace)
         if original.__module__.startswith("torch.nn.") and name not in globals():

@@ -231,3 +231,48 @@ def test_patched_model_compiles_without_graph_breaks(device, launches, make, app
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     with launches("attention_fwd"), launches("ffn_matmul"):
         compare(compiled, ref, inputs)
+
+
+def test_patched_models_pickle_and_load_in_a_fresh_process(device, tmp_path):
+    """torch.save(model) of patched Llama, GPT-2 and BERT (classes made at patch time) loads here and in
+    a new process, with the same classes, the registered attention and the same logits."""
+    torch.manual_seed(0)
+    inputs = tokens("cpu", padded=True)
+    torch.save(inputs, tmp_path / "inputs.pt")
+    for make, apply in ((llama, hf.apply_kernels_to_llama), (gpt2, hf.apply_kernels_to_gpt2),
+                        (bert, hf.apply_kernels_to_bert)):
+        model = make().eval()
+        apply(model)
+        names = [type(m).__name__ for m in model.modules()]
+        assert any(n.startswith("Kernels") and n != "KernelsLayerNorm" for n in names)  # a transformers class
+        copied = copy.deepcopy(model)
+        assert [type(m).__name__ for m in copied.modules()] == names
+        path = tmp_path / f"{make.__name__}.pt"
+        torch.save(model, path)
+        with torch.no_grad():
+            want = model(**inputs).logits
+        torch.save(want, tmp_path / "want.pt")
+        code = ("import torch\n"
+                f"m = torch.load({str(path)!r}, weights_only=False)\n"
+                f"inputs = torch.load({str(tmp_path / 'inputs.pt')!r})\n"
+                "with torch.no_grad():\n    got = m(**inputs).logits\n"
+                f"want = torch.load({str(tmp_path / 'want.pt')!r})\n"
+                "torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)\n"
+                "print(m.config._attn_implementation, ','.join(type(x).__name__ for x in m.modules()))\n")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                             env={**__import__("os").environ, "TRITON_INTERPRET": "0"})
+        assert out.returncode == 0, out.stderr[-2000:]
+        implementation, loaded = out.stdout.strip().split(" ", 1)
+        assert implementation == hf.ATTENTION_NAME and loaded.split(",") == names
+
+
+def test_importing_kernels_hf_registers_the_attention():
+    """attn_implementation="kernels_sdpa" works after a bare ``import kernels.hf``."""
+    code = ("import kernels.hf, transformers\n"
+            "config = transformers.LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32,"
+            " num_hidden_layers=1, num_attention_heads=2)\n"
+            "m = transformers.LlamaForCausalLM._from_config(config, attn_implementation='kernels_sdpa')\n"
+            "print(m.config._attn_implementation)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == hf.ATTENTION_NAME

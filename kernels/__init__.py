@@ -4,6 +4,7 @@ See README.md, "Where each call runs", for when the Triton kernels run and when 
 :func:`last_path` tells which one the last call of an op took.
 """
 from .attention import scaled_dot_product_attention
+from ._triton_utils import InputTypeError, InputValueError
 from .dispatch import last_path, launch_count, launch_counts
 from .ffn import FFN, GatedFFN, ffn
 from .flash_attn_interface import (
@@ -46,4 +47,6 @@ __all__ = [
     "last_path",
     "launch_count",
     "launch_counts",
+    "InputValueError",
+    "InputTypeError",
 ]

@@ -13,6 +13,16 @@ from . import dispatch
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+class InputValueError(ValueError, RuntimeError):
+    """Bad input (shapes, devices, options). A ``ValueError``, and a ``RuntimeError`` as torch raises for
+    the same input, so callers written against either keep catching it."""
+
+
+class InputTypeError(TypeError, RuntimeError):
+    """An unsupported or mismatched dtype or argument type. A ``TypeError``, and a ``RuntimeError`` as
+    torch raises for the same input."""
+
+
 @triton.jit
 def dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """``acc + a @ b`` with an fp32 accumulator.
@@ -37,28 +47,31 @@ def dot_flags(dtype: torch.dtype) -> dict:
     return {"UPCAST": upcast, "PRECISION": precision}
 
 
-def check_tensor(name: str, t, *, op: str) -> None:
-    """Raise ``TypeError`` unless ``t`` is a floating tensor of a supported dtype."""
+def check_tensor(name: str, t, *, op: str, float64: bool = False) -> None:
+    """Raise :class:`InputTypeError` unless ``t`` is a floating tensor of a supported dtype (``float64``:
+    also float64, which the torch-compatible functions run on the PyTorch path)."""
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(
+        raise InputTypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in SUPPORTED_DTYPES and not (float64 and t.dtype == torch.float64):
+        raise InputTypeError(
             f"{op}: {name} has dtype {t.dtype}; supported dtypes are float16, bfloat16 and float32"
+            + (" (float64 runs on the PyTorch path)" if float64 else "")
         )
 
 
 def check_same(op: str, named: dict[str, torch.Tensor], *, dtype: bool = True) -> None:
-    """Raise ``ValueError`` if the tensors sit on different devices, ``TypeError`` if their dtypes differ."""
+    """Raise :class:`InputValueError` if the tensors sit on different devices, :class:`InputTypeError` if
+    their dtypes differ."""
     items = [(n, t) for n, t in named.items() if t is not None]
     first_name, first = items[0]
     for name, t in items[1:]:
         if t.device != first.device:
-            raise ValueError(
+            raise InputValueError(
                 f"{op}: {name} is on {t.device} but {first_name} is on {first.device}; "
                 "all tensors must be on the same device"
             )
         if dtype and t.dtype != first.dtype:
-            raise TypeError(
+            raise InputTypeError(
                 f"{op}: {name} has dtype {t.dtype} but {first_name} has {first.dtype}; they must match"
             )
 

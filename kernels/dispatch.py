@@ -7,7 +7,7 @@ The rule (README, "Where each call runs"):
   was set before ``triton`` was first imported (this is how the test suite checks the kernels on a
   machine with no GPU).
 * CPU tensors otherwise run the plain PyTorch reference path, so a model built on this library still
-  runs on a laptop.
+  runs on a laptop; so do float64 tensors anywhere (the torch-compatible functions accept them).
 
 ``last_path(op)`` answers which of the two paths (``"triton"`` or ``"torch"``) the most recent call of
 ``op`` took, and ``launch_count(kernel)`` counts Triton launches per kernel name, so a test can prove
@@ -37,8 +37,9 @@ _launches: collections.Counter[str] = collections.Counter()
 
 
 def triton_available_for(t: torch.Tensor) -> bool:
-    """True when a call on tensor ``t`` runs the Triton kernels (see the module docstring)."""
-    return t.is_cuda or (t.device.type == "cpu" and INTERPRETER)
+    """True when a call on tensor ``t`` runs the Triton kernels (see the module docstring); float64, which
+    the kernels do not take, runs the PyTorch path of the functions that accept it."""
+    return t.dtype != torch.float64 and (t.is_cuda or (t.device.type == "cpu" and INTERPRETER))
 
 
 def target_arch(device: torch.device) -> str:

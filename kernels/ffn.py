@@ -43,8 +43,8 @@ import triton
 import triton.language as tl
 
 from . import autotune, dispatch
-from ._triton_utils import (autocast_to, check_same, check_tensor, dot, dot_flags, scratch_allocator,
-                            tma_device)
+from ._triton_utils import (InputValueError, autocast_to, check_same, check_tensor, dot, dot_flags,
+                            scratch_allocator, tma_device)
 
 PLAIN_ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 GATED_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh"}  # name -> the gate's activation
@@ -559,34 +559,34 @@ torch.library.register_autograd("kernels::ffn_forward", _ffn_autograd_backward, 
 def _check_ffn_inputs(input, weight1, bias1, weight2, bias2, activation, weight_gate, bias_gate, residual, gemm):
     op = "ffn"
     if activation not in ACTIVATIONS:
-        raise ValueError(f"{op}: activation must be one of {ACTIVATIONS}, got {activation!r}")
+        raise InputValueError(f"{op}: activation must be one of {ACTIVATIONS}, got {activation!r}")
     if gemm not in GEMMS:
-        raise ValueError(f"{op}: gemm must be one of {GEMMS}, got {gemm!r}")
+        raise InputValueError(f"{op}: gemm must be one of {GEMMS}, got {gemm!r}")
     gated = activation in GATED_ACTIVATIONS
     if gated and weight_gate is None:
-        raise ValueError(f"{op}: the gated activation {activation!r} needs weight_gate (d_ff, d_model)")
+        raise InputValueError(f"{op}: the gated activation {activation!r} needs weight_gate (d_ff, d_model)")
     if not gated and (weight_gate is not None or bias_gate is not None):
-        raise ValueError(f"{op}: weight_gate/bias_gate are only for the gated activations {tuple(GATED_ACTIVATIONS)}")
+        raise InputValueError(f"{op}: weight_gate/bias_gate are only for the gated activations {tuple(GATED_ACTIVATIONS)}")
     named = {"input": input, "weight1": weight1, "bias1": bias1, "weight2": weight2, "bias2": bias2,
              "weight_gate": weight_gate, "bias_gate": bias_gate, "residual": residual}
     for name, t in named.items():
         if t is not None or name in ("input", "weight1", "weight2"):
-            check_tensor(name, t, op=op)
+            check_tensor(name, t, op=op, float64=True)
     check_same(op, named)
     if input.dim() < 1 or weight1.dim() != 2 or weight2.dim() != 2:
-        raise ValueError(f"{op}: expected input (..., d_model), weight1 (d_ff, d_model), weight2 (d_model, d_ff); "
+        raise InputValueError(f"{op}: expected input (..., d_model), weight1 (d_ff, d_model), weight2 (d_model, d_ff); "
                          f"got {tuple(input.shape)}, {tuple(weight1.shape)}, {tuple(weight2.shape)}")
     d_model, d_ff = input.shape[-1], weight1.shape[0]
     if weight1.shape[1] != d_model or tuple(weight2.shape) != (d_model, d_ff):
-        raise ValueError(f"{op}: with input (..., {d_model}) expected weight1 ({d_ff}, {d_model}) and weight2 "
+        raise InputValueError(f"{op}: with input (..., {d_model}) expected weight1 ({d_ff}, {d_model}) and weight2 "
                          f"({d_model}, {d_ff}); got {tuple(weight1.shape)} and {tuple(weight2.shape)}")
     if weight_gate is not None and tuple(weight_gate.shape) != tuple(weight1.shape):
-        raise ValueError(f"{op}: weight_gate must have weight1's shape {tuple(weight1.shape)}, got {tuple(weight_gate.shape)}")
+        raise InputValueError(f"{op}: weight_gate must have weight1's shape {tuple(weight1.shape)}, got {tuple(weight_gate.shape)}")
     for name, t, size in (("bias1", bias1, d_ff), ("bias2", bias2, d_model), ("bias_gate", bias_gate, d_ff)):
         if t is not None and tuple(t.shape) != (size,):
-            raise ValueError(f"{op}: {name} must have shape ({size},), got {tuple(t.shape)}")
+            raise InputValueError(f"{op}: {name} must have shape ({size},), got {tuple(t.shape)}")
     if residual is not None and residual.shape != input.shape:
-        raise ValueError(f"{op}: residual must have input's shape {tuple(input.shape)}, got {tuple(residual.shape)}")
+        raise InputValueError(f"{op}: residual must have input's shape {tuple(input.shape)}, got {tuple(residual.shape)}")
 
 
 def ffn(input, weight1, bias1, weight2, bias2, activation="relu", *, weight_gate=None, bias_gate=None, residual=None,

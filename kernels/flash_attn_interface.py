@@ -34,7 +34,7 @@ import math
 import torch
 
 from . import dispatch
-from ._triton_utils import autocast_to
+from ._triton_utils import InputTypeError, InputValueError, autocast_to
 from .attention import MAX_HEAD_DIM, attention_op, attention_reference, check_qkv, dropout_keep_mask
 
 __all__ = [
@@ -56,27 +56,27 @@ def _window(op: str, window_size, causal: bool) -> tuple[int, int]:
     try:
         left, right = (int(w) for w in window_size)
     except (TypeError, ValueError):
-        raise TypeError(f"{op}: window_size must be a pair of ints (left, right), got {window_size!r}") from None
+        raise InputTypeError(f"{op}: window_size must be a pair of ints (left, right), got {window_size!r}") from None
     if left < -1 or right < -1:
-        raise ValueError(f"{op}: window_size entries must be >= -1 (-1 = unbounded), got {window_size!r}")
+        raise InputValueError(f"{op}: window_size entries must be >= -1 (-1 = unbounded), got {window_size!r}")
     return left, 0 if causal else right
 
 
 def _check_options(op: str, q, dropout_p, softcap, alibi_slopes, batch: int, num_heads: int) -> float:
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
-        raise ValueError(f"{op}: dropout_p must be in [0, 1], got {dropout_p!r}")
+        raise InputValueError(f"{op}: dropout_p must be in [0, 1], got {dropout_p!r}")
     if not isinstance(softcap, (int, float)) or softcap < 0:
-        raise ValueError(f"{op}: softcap must be >= 0 (0 = off), got {softcap!r}")
+        raise InputValueError(f"{op}: softcap must be >= 0 (0 = off), got {softcap!r}")
     if alibi_slopes is not None:
         if not isinstance(alibi_slopes, torch.Tensor) or alibi_slopes.dtype != torch.float32:
-            raise TypeError(f"{op}: alibi_slopes must be a float32 tensor")
+            raise InputTypeError(f"{op}: alibi_slopes must be a float32 tensor")
         if alibi_slopes.device != q.device:
-            raise ValueError(f"{op}: alibi_slopes is on {alibi_slopes.device} but q is on {q.device}")
+            raise InputValueError(f"{op}: alibi_slopes is on {alibi_slopes.device} but q is on {q.device}")
         if tuple(alibi_slopes.shape) not in ((num_heads,), (batch, num_heads)):
-            raise ValueError(f"{op}: alibi_slopes must have shape ({num_heads},) or ({batch}, {num_heads}), "
+            raise InputValueError(f"{op}: alibi_slopes must have shape ({num_heads},) or ({batch}, {num_heads}), "
                              f"got {tuple(alibi_slopes.shape)}")
     if q.shape[-1] > MAX_HEAD_DIM:
-        raise ValueError(f"{op}: head_dim {q.shape[-1]} is not supported; supported: 1..{MAX_HEAD_DIM}")
+        raise InputValueError(f"{op}: head_dim {q.shape[-1]} is not supported; supported: 1..{MAX_HEAD_DIM}")
     return float(dropout_p)
 
 
@@ -88,16 +88,16 @@ def _check_cu_seqlens(op: str, name: str, cu, total: int, max_seqlen: int, devic
     """cu_seqlens must be int32, 1-D, start at 0, never decrease, end within the tokens, and respect
     max_seqlen: a kernel trusting a bad one would read or write out of bounds (one host sync)."""
     if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1:
-        raise TypeError(f"{op}: {name} must be a 1-D torch.int32 tensor of batch_size + 1 offsets, got "
+        raise InputTypeError(f"{op}: {name} must be a 1-D torch.int32 tensor of batch_size + 1 offsets, got "
                         f"{cu.dtype if isinstance(cu, torch.Tensor) else type(cu).__name__}")
     if cu.device != device:
-        raise ValueError(f"{op}: {name} is on {cu.device} but q is on {device}")
+        raise InputValueError(f"{op}: {name} is on {cu.device} but q is on {device}")
     values = cu.tolist()
     lengths = [b - a for a, b in zip(values, values[1:])]
     if values[0] != 0 or any(n < 0 for n in lengths) or values[-1] > total:
-        raise ValueError(f"{op}: {name} must start at 0, never decrease and end at most at {total}, got {values}")
+        raise InputValueError(f"{op}: {name} must start at 0, never decrease and end at most at {total}, got {values}")
     if lengths and max(lengths) > max_seqlen:
-        raise ValueError(f"{op}: a sequence of {max(lengths)} tokens exceeds max_seqlen {max_seqlen} ({name})")
+        raise InputValueError(f"{op}: a sequence of {max(lengths)} tokens exceeds max_seqlen {max_seqlen} ({name})")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -168,7 +168,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     q, k, v = autocast_to(q, k, v)
     check_qkv(op, q, k, v, heads_dim=-2, gqa=True)
     if q.dim() != 4:
-        raise ValueError(f"{op}: q must be (batch, seqlen, nheads, headdim), got shape {tuple(q.shape)}")
+        raise InputValueError(f"{op}: q must be (batch, seqlen, nheads, headdim), got shape {tuple(q.shape)}")
     dropout_p = _check_options(op, q, dropout_p, softcap, alibi_slopes, q.shape[0], q.shape[2])
     return _run(op, q, k, v, dropout_p=dropout_p, return_attn_probs=return_attn_probs,
                 scale=_scale(softmax_scale, q.shape[-1]), window=_window(op, window_size, causal),
@@ -220,11 +220,11 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     q, k, v = autocast_to(q, k, v)
     check_qkv(op, q, k, v, heads_dim=-2, gqa=True)
     if q.dim() != 3:
-        raise ValueError(f"{op}: q must be (total_tokens, nheads, headdim), got shape {tuple(q.shape)}")
+        raise InputValueError(f"{op}: q must be (total_tokens, nheads, headdim), got shape {tuple(q.shape)}")
     _check_cu_seqlens(op, "cu_seqlens_q", cu_seqlens_q, q.shape[0], int(max_seqlen_q), q.device)
     _check_cu_seqlens(op, "cu_seqlens_k", cu_seqlens_k, k.shape[0], int(max_seqlen_k), q.device)
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
-        raise ValueError(f"{op}: cu_seqlens_q and cu_seqlens_k must describe the same batch, got "
+        raise InputValueError(f"{op}: cu_seqlens_q and cu_seqlens_k must describe the same batch, got "
                          f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()} offsets")
     batch = cu_seqlens_q.numel() - 1
     dropout_p = _check_options(op, q, dropout_p, softcap, alibi_slopes, batch, q.shape[1])
@@ -338,21 +338,21 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             raise NotImplementedError(f"{op}: {name} is not supported")
     check_qkv(op, q[:1], k_cache[:1], v_cache[:1], heads_dim=-2, gqa=True, names=("q", "k_cache", "v_cache"))
     if q.dim() != 4:
-        raise ValueError(f"{op}: q must be (batch, seqlen, nheads, headdim), got shape {tuple(q.shape)}")
+        raise InputValueError(f"{op}: q must be (batch, seqlen, nheads, headdim), got shape {tuple(q.shape)}")
     batch, seqlen_cache = q.shape[0], k_cache.shape[1]
     cache_idx = _cache_batch_idx(op, cache_batch_idx, batch, k_cache.shape[0], q.device)
     lengths = _cache_seqlens(op, cache_seqlens, batch, seqlen_cache, q.device)
     if (k is None) != (v is None):
-        raise ValueError(f"{op}: pass both k and v to append, or neither")
+        raise InputValueError(f"{op}: pass both k and v to append, or neither")
     if k is not None:
         check_qkv(op, k_cache[:1], k[:1], v[:1], heads_dim=-2, gqa=False, names=("k_cache", "k", "v"))
         if k.shape[0] != batch or v.shape[0] != batch or v.shape[-1] != v_cache.shape[-1]:
-            raise ValueError(f"{op}: k and v must be (batch={batch}, seqlen_new, nheads_k, headdim), got "
+            raise InputValueError(f"{op}: k and v must be (batch={batch}, seqlen_new, nheads_k, headdim), got "
                              f"{tuple(k.shape)} and {tuple(v.shape)}")
         if lengths is None:
-            raise ValueError(f"{op}: appending k and v needs cache_seqlens (where to write them)")
+            raise InputValueError(f"{op}: appending k and v needs cache_seqlens (where to write them)")
         if int((lengths + k.shape[1]).max()) > seqlen_cache:
-            raise ValueError(f"{op}: cache of {seqlen_cache} positions is too short to append {k.shape[1]} tokens "
+            raise InputValueError(f"{op}: cache of {seqlen_cache} positions is too short to append {k.shape[1]} tokens "
                              f"after cache_seqlens {lengths.tolist()}")
         positions = lengths[:, None].long() + torch.arange(k.shape[1], device=q.device)
         rows = cache_idx[:, None].long().expand_as(positions)
@@ -390,22 +390,22 @@ def _cache_seqlens(op, cache_seqlens, batch, seqlen_cache, device):
         cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=device)
     if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype != torch.int32 or \
             tuple(cache_seqlens.shape) != (batch,):
-        raise TypeError(f"{op}: cache_seqlens must be an int or an int32 tensor of shape ({batch},)")
+        raise InputTypeError(f"{op}: cache_seqlens must be an int or an int32 tensor of shape ({batch},)")
     if cache_seqlens.device != device:
-        raise ValueError(f"{op}: cache_seqlens is on {cache_seqlens.device} but q is on {device}")
+        raise InputValueError(f"{op}: cache_seqlens is on {cache_seqlens.device} but q is on {device}")
     if batch and (int(cache_seqlens.min()) < 0 or int(cache_seqlens.max()) > seqlen_cache):
-        raise ValueError(f"{op}: cache_seqlens must lie in [0, {seqlen_cache}], got {cache_seqlens.tolist()}")
+        raise InputValueError(f"{op}: cache_seqlens must lie in [0, {seqlen_cache}], got {cache_seqlens.tolist()}")
     return cache_seqlens
 
 
 def _cache_batch_idx(op, cache_batch_idx, batch, batch_cache, device):
     if cache_batch_idx is None:
         if batch_cache < batch:
-            raise ValueError(f"{op}: k_cache holds {batch_cache} sequences for a batch of {batch}")
+            raise InputValueError(f"{op}: k_cache holds {batch_cache} sequences for a batch of {batch}")
         return torch.arange(batch, dtype=torch.int32, device=device)
     if not isinstance(cache_batch_idx, torch.Tensor) or cache_batch_idx.dtype != torch.int32 or \
             tuple(cache_batch_idx.shape) != (batch,):
-        raise TypeError(f"{op}: cache_batch_idx must be an int32 tensor of shape ({batch},)")
+        raise InputTypeError(f"{op}: cache_batch_idx must be an int32 tensor of shape ({batch},)")
     if batch and (int(cache_batch_idx.min()) < 0 or int(cache_batch_idx.max()) >= batch_cache):
-        raise ValueError(f"{op}: cache_batch_idx must lie in [0, {batch_cache}), got {cache_batch_idx.tolist()}")
+        raise InputValueError(f"{op}: cache_batch_idx must lie in [0, {batch_cache}), got {cache_batch_idx.tolist()}")
     return cache_batch_idx

@@ -26,16 +26,21 @@ a look-alike with different math (Gemma's ``1 + weight`` RMSNorm) is left alone 
 The entry points follow Liger-Kernel's ``apply_liger_kernel_to_llama`` etc. (github.com/linkedin/
 Liger-Kernel), but patch the given model instance only, never transformers' classes.
 
-Importing ``kernels.hf`` registers the attention (:func:`register`) when transformers is installed,
-so ``from_pretrained(..., attn_implementation="kernels_sdpa")`` needs only ``import kernels.hf`` first,
-and a pickled patched model (whose classes come from here) finds it registered when it loads.
-``import kernels.hf`` also works without transformers; the functions then raise ``ImportError``.
+The attention is registered (:func:`register`) as soon as both ``kernels`` and ``transformers`` are
+imported, in either order (``import kernels`` does not import transformers: a hook registers right after
+transformers' own import), so ``from_pretrained(..., attn_implementation="kernels_sdpa")`` needs no
+call, and a pickled patched model finds it registered when it loads. ``import kernels.hf`` also works
+without transformers; the functions then raise ``ImportError``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
+import importlib.abc
+import importlib.util
+import sys
 import types
 import warnings
 
@@ -541,7 +546,29 @@ def is_patched(module: nn.Module) -> bool:
     return original_class(module) is not None
 
 
-try:  # see the module docstring: registered at import where transformers is installed
-    register()
-except ImportError:
-    pass
+class _RegisterOnImport(importlib.abc.MetaPathFinder):
+    """Registers our attention right after ``transformers`` is first imported, so the order of
+    ``import kernels`` and ``import transformers`` does not matter and ``import kernels`` does not
+    import transformers itself (it takes seconds)."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != "transformers":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            exec_module = spec.loader.exec_module
+
+            def exec_and_register(module):
+                exec_module(module)
+                with contextlib.suppress(Exception):  # never break the user's import of transformers
+                    register()
+            spec.loader.exec_module = exec_and_register
+        return spec
+
+
+if "transformers" in sys.modules:  # see the module docstring: registered once transformers is imported
+    with contextlib.suppress(Exception):
+        register()
+elif not any(isinstance(f, _RegisterOnImport) for f in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterOnImport())

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from . import dispatch
-from ._triton_utils import check_same, check_tensor
+from ._triton_utils import InputTypeError, InputValueError, check_same, check_tensor
 
 # Rows up to this many values stay in registers (one pass); wider rows loop over chunks of
 # _CHUNK_N. Both are spill-free on sm_80 and sm_90a (python -m kernels.static_check). The interpreter
@@ -388,31 +388,31 @@ def _normalized_shape(normalized_shape, op: str) -> tuple[int, ...]:
             raise TypeError
         return tuple(int(s) for s in normalized_shape)
     except (TypeError, ValueError):
-        raise TypeError(f"{op}: normalized_shape must be an int or a sequence of ints, "
+        raise InputTypeError(f"{op}: normalized_shape must be an int or a sequence of ints, "
                         f"got {type(normalized_shape).__name__}") from None
 
 
 def _check_norm_inputs(op, input, shape, weight, bias, eps, residual=None, dropout_p=0.0) -> None:
-    check_tensor("input", input, op=op)
+    check_tensor("input", input, op=op, float64=True)
     if len(shape) == 0 or input.dim() < len(shape) or tuple(input.shape[-len(shape):]) != shape:
-        raise ValueError(f"{op}: normalized_shape {list(shape)} does not match the trailing dims of input "
+        raise InputValueError(f"{op}: normalized_shape {list(shape)} does not match the trailing dims of input "
                          f"of shape {tuple(input.shape)}")
     for name, t in (("weight", weight), ("bias", bias)):
         if t is None:
             continue
-        check_tensor(name, t, op=op)
+        check_tensor(name, t, op=op, float64=True)
         if tuple(t.shape) != shape:
-            raise ValueError(f"{op}: {name} must have shape {list(shape)}, got {tuple(t.shape)}")
+            raise InputValueError(f"{op}: {name} must have shape {list(shape)}, got {tuple(t.shape)}")
     if residual is not None:
-        check_tensor("residual", residual, op=op)
+        check_tensor("residual", residual, op=op, float64=True)
         if residual.shape != input.shape:
-            raise ValueError(f"{op}: residual must have input's shape {tuple(input.shape)}, got {tuple(residual.shape)}")
+            raise InputValueError(f"{op}: residual must have input's shape {tuple(input.shape)}, got {tuple(residual.shape)}")
         check_same(op, {"input": input, "residual": residual})
     check_same(op, {"input": input, "weight": weight, "bias": bias}, dtype=False)
     if not (isinstance(eps, numbers.Real) and eps > 0 and math.isfinite(eps)):
-        raise ValueError(f"{op}: eps must be a positive finite number, got {eps!r}")
+        raise InputValueError(f"{op}: eps must be a positive finite number, got {eps!r}")
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
-        raise ValueError(f"{op}: dropout_p must be in [0, 1], got {dropout_p!r}")
+        raise InputValueError(f"{op}: dropout_p must be in [0, 1], got {dropout_p!r}")
 
 
 def _norm(op, input, shape, weight, bias, eps, *, is_rms, residual=None, dropout_p=0.0, prenorm=False):

@@ -390,7 +390,6 @@ def test_property_random_shapes_strides_masks(device, batch, heads_k, group, seq
 # --- bad input and documented fallbacks -------------------------------------------------------------
 @pytest.mark.parametrize("make,error,match", [
     (lambda q, k, v: (q.long(), k, v), TypeError, "dtype"),
-    (lambda q, k, v: (q.double(), k.double(), v.double()), TypeError, "float64"),
     (lambda q, k, v: (q, k.half(), v), TypeError, "must match"),
     (lambda q, k, v: (q[..., :8], k, v), ValueError, "head_dim"),
     (lambda q, k, v: (q, k, v[:, :, :3]), ValueError, "seqlen"),
@@ -401,9 +400,24 @@ def test_property_random_shapes_strides_masks(device, batch, heads_k, group, seq
     (lambda q, k, v: (q, k[:, :1], v[:, :1]), ValueError, "enable_gqa"),
 ])
 def test_bad_input_raises(device, make, error, match):
+    """ValueError/TypeError that are also RuntimeError, as torch raises for the same input."""
     q, k, v = _qkv(2, 2, 4, 4, 16, torch.float32, device)
     with pytest.raises(error, match=match):
         kernels.scaled_dot_product_attention(*make(q, k, v))
+    with pytest.raises(RuntimeError, match=match):
+        kernels.scaled_dot_product_attention(*make(q, k, v))
+
+
+def test_float64_runs_torch_sdpa(device):
+    """float64 (which the kernels do not take) runs torch's SDPA, as a drop-in must; last_path says so."""
+    q, k, v = (t.double().requires_grad_() for t in _qkv(2, 2, 5, 7, 16, torch.float32, device))
+    mask = torch.rand(5, 7, device=device) > 0.3
+    for kw in (dict(is_causal=True), dict(attn_mask=mask), dict(scale=0.3)):
+        out = kernels.scaled_dot_product_attention(q, k, v, **kw)
+        assert kernels.last_path("attention") == "torch" and out.dtype == torch.float64
+        torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, **kw))
+    out.sum().backward()
+    assert q.grad.dtype == torch.float64
 
 
 @pytest.mark.parametrize("kwargs,error,match", [

@@ -40,7 +40,6 @@ BAD_INPUT = [
     ("integer dtype", lambda: kernels.layer_norm(torch.ones(3, 4, dtype=torch.int32), 4), TypeError, "input has dtype torch.int32"),
     ("integer dtype", lambda: kernels.ffn(torch.ones(3, 4, dtype=torch.int64), r(8, 4), None, r(4, 8), None), TypeError, "input has dtype"),
     ("float64 (not supported)", lambda: kernels.flash_attn_func(*(t.double() for t in bshd())), TypeError, "float16, bfloat16 and float32"),
-    ("float64 (not supported)", lambda: kernels.rms_norm(r(3, 4).double(), 4), TypeError, "float64"),
     ("mixed dtypes", lambda: kernels.scaled_dot_product_attention(qkv()[0], *(t.half() for t in qkv()[1:])), TypeError, "key has dtype torch.float16 but query has torch.float32"),
     ("mixed dtypes", lambda: kernels.ffn(r(3, 4), r(8, 4).half(), None, r(4, 8), None), TypeError, "weight1"),
     ("mixed dtypes", lambda: kernels.add_layer_norm(r(3, 4), r(3, 4).half(), 4), TypeError, "residual"),
@@ -87,9 +86,27 @@ BAD_INPUT = [
 
 @pytest.mark.parametrize("case,call,error,match", BAD_INPUT, ids=[f"{i}-{row[0]}" for i, row in enumerate(BAD_INPUT)])
 def test_bad_input_gets_a_clear_error(device, case, call, error, match):
+    """Each bad input raises its ValueError/TypeError, which is also a RuntimeError (what torch raises
+    for most of them), naming the problem."""
     with pytest.raises(error) as info:
         call()
     assert match in str(info.value), f"{case}: message {str(info.value)!r} lacks {match!r}"
+    assert isinstance(info.value, RuntimeError) or error is NotImplementedError, f"{case}: not a RuntimeError"
+
+
+def test_float64_runs_the_torch_path(device):
+    """The torch-compatible functions take float64 (the kernels do not): they run the PyTorch path,
+    equal to torch's own functions, and last_path says so."""
+    x, res = torch.randn(3, 5, 8, dtype=torch.float64, device=device), torch.randn(3, 5, 8, dtype=torch.float64,
+                                                                                 device=device)
+    w, b = torch.randn(8, dtype=torch.float64, device=device), torch.randn(8, dtype=torch.float64, device=device)
+    torch.testing.assert_close(kernels.layer_norm(x, (8,), w, b), F.layer_norm(x, (8,), w, b))
+    assert kernels.last_path("layer_norm") == "torch"
+    torch.testing.assert_close(kernels.rms_norm(x, (8,), w, eps=1e-6), F.rms_norm(x, (8,), w, eps=1e-6))
+    torch.testing.assert_close(kernels.add_layer_norm(x, res, (8,), w, b), F.layer_norm(x + res, (8,), w, b))
+    w1, w2 = torch.randn(16, 8, dtype=torch.float64, device=device), torch.randn(8, 16, dtype=torch.float64, device=device)
+    torch.testing.assert_close(kernels.ffn(x, w1, None, w2, None, "gelu"), F.linear(F.gelu(F.linear(x, w1)), w2))
+    assert kernels.last_path("ffn") == "torch"
 
 
 # --- edge shapes --------------------------------------------------------------------------------------

@@ -266,13 +266,20 @@ def test_patched_models_pickle_and_load_in_a_fresh_process(device, tmp_path):
         assert implementation == hf.ATTENTION_NAME and loaded.split(",") == names
 
 
-def test_importing_kernels_hf_registers_the_attention():
-    """attn_implementation="kernels_sdpa" works after a bare ``import kernels.hf``."""
-    code = ("import kernels.hf, transformers\n"
+@pytest.mark.parametrize("imports", ["import kernels, transformers", "import transformers, kernels"])
+def test_attention_is_registered_in_either_import_order(imports):
+    """attn_implementation="kernels_sdpa" needs no register() call, whichever of kernels and
+    transformers is imported first; import kernels alone does not import transformers."""
+    code = ("import sys\n"
+            "import kernels\n"
+            "assert ('transformers' in sys.modules) == " + str(imports.startswith("import transformers")) + "\n"
+            f"{imports}\n"
             "config = transformers.LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32,"
             " num_hidden_layers=1, num_attention_heads=2)\n"
             "m = transformers.LlamaForCausalLM._from_config(config, attn_implementation='kernels_sdpa')\n"
             "print(m.config._attn_implementation)\n")
+    if imports.startswith("import transformers"):
+        code = "import transformers\n" + code
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == hf.ATTENTION_NAME

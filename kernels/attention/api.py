@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import dispatch
-from .._triton_utils import autocast_to, check_same, check_tensor
+from .._triton_utils import InputTypeError, InputValueError, autocast_to, check_same, check_tensor
 from .ops import attention_op
 from .reference import attention_reference
 
@@ -29,39 +29,40 @@ def _as_4d(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, *t.shape[-3:])
 
 
-def check_qkv(op: str, q, k, v, *, heads_dim: int, gqa: bool, names=("q", "k", "v")) -> None:
+def check_qkv(op: str, q, k, v, *, heads_dim: int, gqa: bool, names=("q", "k", "v"), float64: bool = False) -> None:
     """Dtypes, devices, ranks and sizes shared by every attention entry point. ``heads_dim`` is where
-    the heads sit (-3 in torch's layout, -2 in flash-attention's); ``gqa`` allows fewer K/V heads."""
+    the heads sit (-3 in torch's layout, -2 in flash-attention's); ``gqa`` allows fewer K/V heads;
+    ``float64`` accepts float64 (torch's SDPA runs it)."""
     for name, t in zip(names, (q, k, v)):
-        check_tensor(name, t, op=op)
+        check_tensor(name, t, op=op, float64=float64)
     check_same(op, dict(zip(names, (q, k, v))))
     qn, kn, vn = names
     if not (q.dim() == k.dim() == v.dim()):
-        raise ValueError(f"{op}: {qn}, {kn} and {vn} must have the same number of dims, got {q.dim()}, {k.dim()}, {v.dim()}")
+        raise InputValueError(f"{op}: {qn}, {kn} and {vn} must have the same number of dims, got {q.dim()}, {k.dim()}, {v.dim()}")
     min_dims = 2 if heads_dim == -3 else 3  # torch's layout allows (seqlen, head_dim)
     if q.dim() < min_dims:
-        raise ValueError(f"{op}: {qn} needs at least {min_dims} dims, got shape {tuple(q.shape)}")
+        raise InputValueError(f"{op}: {qn} needs at least {min_dims} dims, got shape {tuple(q.shape)}")
     if q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"{op}: {qn} and {kn} must have the same head_dim, got {q.shape[-1]} and {k.shape[-1]}")
+        raise InputValueError(f"{op}: {qn} and {kn} must have the same head_dim, got {q.shape[-1]} and {k.shape[-1]}")
     seq_dim = -2 if heads_dim == -3 else -3
     if k.shape[seq_dim] != v.shape[seq_dim]:
-        raise ValueError(f"{op}: {kn} and {vn} must have the same seqlen, got {k.shape[seq_dim]} and {v.shape[seq_dim]}")
+        raise InputValueError(f"{op}: {kn} and {vn} must have the same seqlen, got {k.shape[seq_dim]} and {v.shape[seq_dim]}")
     if q.dim() >= -heads_dim:
         hq, hk, hv = q.shape[heads_dim], k.shape[heads_dim], v.shape[heads_dim]
         if hk != hv:
-            raise ValueError(f"{op}: {kn} and {vn} must have the same number of heads, got {hk} and {hv}")
+            raise InputValueError(f"{op}: {kn} and {vn} must have the same number of heads, got {hk} and {hv}")
         if hq != hk and not (gqa and hk > 0 and hq % hk == 0):
-            raise ValueError(f"{op}: {qn} has {hq} heads and {kn}/{vn} {hk}: "
+            raise InputValueError(f"{op}: {qn} has {hq} heads and {kn}/{vn} {hk}: "
                              + ("the query heads must be a multiple of the key/value heads (GQA/MQA)" if gqa else
                                 "they must match (pass enable_gqa=True for grouped-query attention)"))
     if not (q.shape[:-3] == k.shape[:-3] == v.shape[:-3]):
-        raise ValueError(f"{op}: {qn}, {kn} and {vn} must share their batch dims, got {tuple(q.shape)}, "
+        raise InputValueError(f"{op}: {qn}, {kn} and {vn} must share their batch dims, got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
 
 
 def _check_dropout(op: str, dropout_p) -> float:
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
-        raise ValueError(f"{op}: dropout_p must be a float in [0, 1], got {dropout_p!r}")
+        raise InputValueError(f"{op}: dropout_p must be a float in [0, 1], got {dropout_p!r}")
     return float(dropout_p)
 
 
@@ -70,18 +71,18 @@ def _check_sdpa_mask(attn_mask, query, key, is_causal) -> torch.Tensor | None:
     if attn_mask is None:
         return None
     if is_causal:
-        raise ValueError(f"{op}: pass either attn_mask or is_causal=True, not both (as torch)")
+        raise InputValueError(f"{op}: pass either attn_mask or is_causal=True, not both (as torch)")
     if not isinstance(attn_mask, torch.Tensor):
-        raise TypeError(f"{op}: attn_mask must be a torch.Tensor, got {type(attn_mask).__name__}")
+        raise InputTypeError(f"{op}: attn_mask must be a torch.Tensor, got {type(attn_mask).__name__}")
     if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
-        raise TypeError(f"{op}: attn_mask must be bool (True = take part) or a float additive mask, got {attn_mask.dtype}")
+        raise InputTypeError(f"{op}: attn_mask must be bool (True = take part) or a float additive mask, got {attn_mask.dtype}")
     if attn_mask.device != query.device:
-        raise ValueError(f"{op}: attn_mask is on {attn_mask.device} but query is on {query.device}")
+        raise InputValueError(f"{op}: attn_mask is on {attn_mask.device} but query is on {query.device}")
     target = (*query.shape[:-1], key.shape[-2])
     try:
         return attn_mask.expand(target)
     except RuntimeError:
-        raise ValueError(f"{op}: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
+        raise InputValueError(f"{op}: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
                          f"(..., seqlen_q, seqlen_k) = {target}") from None
 
 
@@ -126,6 +127,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         TypeError: non-tensors, unsupported or mixed dtypes, a mask that is neither bool nor float.
         ValueError: mismatched shapes, devices or head counts; a mask that does not broadcast; attn_mask
         together with is_causal; dropout_p outside [0, 1].
+        Both are also ``RuntimeError`` (:class:`kernels.InputValueError`, :class:`kernels.InputTypeError`),
+        as torch raises for the same input.
+
+    float64 inputs run torch's SDPA (``kernels.last_path("attention") == "torch"``).
 
     Under ``torch.autocast``, query, key and value are cast to its dtype first, as torch's SDPA does.
 
@@ -137,7 +142,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     """
     op = "scaled_dot_product_attention"
     query, key, value = autocast_to(query, key, value)
-    check_qkv(op, query, key, value, heads_dim=-3, gqa=bool(enable_gqa), names=("query", "key", "value"))
+    check_qkv(op, query, key, value, heads_dim=-3, gqa=bool(enable_gqa), names=("query", "key", "value"),
+              float64=True)
     dropout_p = _check_dropout(op, dropout_p)
     mask = _check_sdpa_mask(attn_mask, query, key, is_causal)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)

@@ -476,3 +476,28 @@ def test_gpu_masks_gqa_dropout(dtype):
     q, k, v = _qkv(2, 8, 777, 901, 128, dtype, "cuda", heads_k=2)
     mask = (torch.rand(2, 1, 777, 901, device="cuda") > 0.2)
     check_fwd_bwd(_sdpa(attn_mask=mask, enable_gqa=True), _ref(attn_mask=mask), (q, k, v), dtype)
+
+
+@pytest.mark.parametrize("variant", ["causal_upper_left", "causal_lower_right"])
+@pytest.mark.parametrize("seqlen_q,seqlen_k", [(37, 53), (53, 37), (40, 40)])
+def test_torch_causal_bias_masks(device, launches, variant, seqlen_q, seqlen_k):
+    """torch.nn.attention.bias.causal_upper_left / causal_lower_right as attn_mask: the causal kernel,
+    top-left or bottom-right aligned (no mask materialized), equal to torch's SDPA, forward and backward."""
+    from torch.nn.attention import bias as torch_bias
+    make = getattr(torch_bias, variant)
+
+    def ours(q, k, v):
+        out = kernels.scaled_dot_product_attention(q, k, v, attn_mask=make(seqlen_q, seqlen_k))
+        assert kernels.last_path("attention") == "triton"
+        return out
+
+    def torchs(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=make(seqlen_q, seqlen_k))
+
+    with launches("attention_fwd"), launches("attention_bwd_dq"):
+        check_fwd_bwd(ours, torchs, _qkv(2, 2, seqlen_q, seqlen_k, 32, torch.float16, device), torch.float16)
+    q, k, v = _qkv(1, 1, seqlen_q, seqlen_k, 16, torch.float32, device)
+    with pytest.raises(ValueError, match="CausalBias is for"):
+        kernels.scaled_dot_product_attention(q, k, v, attn_mask=make(seqlen_q + 1, seqlen_k))
+    with pytest.raises(RuntimeError, match="not both"):
+        kernels.scaled_dot_product_attention(q, k, v, attn_mask=make(seqlen_q, seqlen_k), is_causal=True)

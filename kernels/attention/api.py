@@ -86,6 +86,25 @@ def _check_sdpa_mask(attn_mask, query, key, is_causal) -> torch.Tensor | None:
                          f"(..., seqlen_q, seqlen_k) = {target}") from None
 
 
+def _causal_bias(attn_mask, query, key, is_causal) -> tuple[torch.Tensor | None, bool]:
+    """``(attn_mask, bottom_right)`` when ``attn_mask`` is torch's ``CausalBias``
+    (``torch.nn.attention.bias.causal_upper_left`` / ``causal_lower_right``), else ``(None, False)``."""
+    try:
+        from torch.nn.attention.bias import CausalBias, CausalVariant
+    except ImportError:  # pragma: no cover - torch without attention biases
+        return None, False
+    if not isinstance(attn_mask, CausalBias):
+        return None, False
+    op = "scaled_dot_product_attention"
+    if is_causal:
+        raise InputValueError(f"{op}: pass either attn_mask or is_causal=True, not both (as torch)")
+    if (attn_mask.seq_len_q, attn_mask.seq_len_kv) != (query.shape[-2], key.shape[-2]):
+        raise InputValueError(f"{op}: the CausalBias is for seqlen_q={attn_mask.seq_len_q}, "
+                              f"seqlen_k={attn_mask.seq_len_kv}, but query and key have {query.shape[-2]} and "
+                              f"{key.shape[-2]}")
+    return attn_mask, attn_mask.variant == CausalVariant.LOWER_RIGHT
+
+
 def _mask_row_extent(mask: torch.Tensor) -> int:
     """Largest element offset within one (batch, head) plane of the mask: the kernels index the plane
     in int32 (the plane's base is int64)."""
@@ -112,7 +131,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         key: ``(..., num_heads_k, seqlen_k, head_dim)``; value: ``(..., num_heads_k, seqlen_k, head_dim_v)``;
             same dtype, device and leading dims as query.
         attn_mask: broadcastable to ``(..., num_heads, seqlen_q, seqlen_k)``: bool (True = take part;
-            a key-padding mask is ``(batch, 1, 1, seqlen_k)``) or float, added to the scores.
+            a key-padding mask is ``(batch, 1, 1, seqlen_k)``) or float, added to the scores; or torch's
+            ``causal_upper_left(seqlen_q, seqlen_k)`` / ``causal_lower_right(...)``
+            (``torch.nn.attention.bias``), which run the causal kernel top-left or bottom-right aligned.
         dropout_p: probability of zeroing an attention probability (survivors scaled by 1/(1-p)),
             drawn inside the kernel from torch's default generator (``torch.manual_seed`` repeats it).
         is_causal: top-left aligned causal mask (above); not together with attn_mask.
@@ -145,6 +166,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     check_qkv(op, query, key, value, heads_dim=-3, gqa=bool(enable_gqa), names=("query", "key", "value"),
               float64=True)
     dropout_p = _check_dropout(op, dropout_p)
+    causal_bias, bottom_right = _causal_bias(attn_mask, query, key, is_causal)
+    if causal_bias is not None:  # torch's CausalBias: the causal kernel, no mask materialized
+        attn_mask, is_causal = None, True
     mask = _check_sdpa_mask(attn_mask, query, key, is_causal)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
 
@@ -161,6 +185,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                           stacklevel=2)
     if fallback or not dispatch.triton_available_for(query):
         dispatch.record_path("attention", "torch")
+        if causal_bias is not None:
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=causal_bias, dropout_p=dropout_p,
+                                                  scale=scale, enable_gqa=bool(enable_gqa))
         if mask is None or fallback:
             return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                                   is_causal=bool(is_causal), scale=scale, enable_gqa=bool(enable_gqa))
@@ -168,5 +195,6 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
     q4, k4, v4 = _as_4d(query), _as_4d(key), _as_4d(value)
     out, _, _ = attention_op(q4, k4, v4, scale=scale, window=(-1, 0) if is_causal else (-1, -1),
-                             attn_mask=None if mask is None else _as_4d(mask), dropout_p=dropout_p)
+                             bottom_right=bottom_right, attn_mask=None if mask is None else _as_4d(mask),
+                             dropout_p=dropout_p)
     return out.reshape(*query.shape[:-1], value.shape[-1])

@@ -44,7 +44,7 @@ import triton.language as tl
 
 from . import autotune, dispatch
 from ._triton_utils import (InputValueError, autocast_to, check_same, check_tensor, dot, dot_flags,
-                            scratch_allocator, tma_device)
+                            scratch_allocator, tanh, tma_device)
 
 PLAIN_ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 GATED_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh"}  # name -> the gate's activation
@@ -62,18 +62,13 @@ _GELU_TANH_C = tl.constexpr(0.044715)
 # Activations (forward and derivative), shared by every kernel
 # --------------------------------------------------------------------------------------------------
 @triton.jit
-def _tanh(x):
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
-
-
-@triton.jit
 def _activation(x, ACTIVATION: tl.constexpr):
     if ACTIVATION == "relu":
         return tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN, as torch.relu
     elif ACTIVATION == "gelu":
         return 0.5 * x * (1.0 + tl.erf(x * _RSQRT2))
     elif ACTIVATION == "gelu_tanh":
-        return 0.5 * x * (1.0 + _tanh((x + x * x * x * _GELU_TANH_C) * _SQRT_2_OVER_PI))
+        return 0.5 * x * (1.0 + tanh((x + x * x * x * _GELU_TANH_C) * _SQRT_2_OVER_PI))
     elif ACTIVATION == "silu":
         return x / (1.0 + tl.exp(-x))
     else:
@@ -89,7 +84,7 @@ def _activation_grad(x, ACTIVATION: tl.constexpr):
         return 0.5 * (1.0 + tl.erf(x * _RSQRT2)) + x * tl.exp(-0.5 * x * x) * _RSQRT_2PI
     elif ACTIVATION == "gelu_tanh":
         # (constexpr on the right: the interpreter cannot multiply a constexpr by a tensor)
-        t = _tanh((x + x * x * x * _GELU_TANH_C) * _SQRT_2_OVER_PI)
+        t = tanh((x + x * x * x * _GELU_TANH_C) * _SQRT_2_OVER_PI)
         return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + x * x * _GELU_TANH_C * 3.0)
     else:  # silu: s (1 + x (1 - s))
         s = 1.0 / (1.0 + tl.exp(-x))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .._triton_utils import dot
+from .._triton_utils import dot, tanh
 
 # Globals read inside @triton.jit code must be constexpr to compile (the interpreter does not check).
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -16,12 +16,6 @@ LN2 = tl.constexpr(0.6931471805599453)
 # --------------------------------------------------------------------------------------------------
 # Kernel helpers
 # --------------------------------------------------------------------------------------------------
-@triton.jit
-def _tanh(x):
-    # From exp, exact at the limits: overflow gives 1, underflow -1 (interpreter and GPU alike).
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
-
-
 @triton.jit
 def _sequence(b, CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, seqlen_q, seqlen_k,
               VARLEN: tl.constexpr, HAS_SEQUSED_K: tl.constexpr):
@@ -112,7 +106,7 @@ def _scores(qk, i, j, seqlen_q, seqlen_k, diag, window_left, window_right,
     needs for its derivative (the raw tile when there is none).
     """
     if HAS_SOFTCAP:
-        t = _tanh(qk * softcap_scale)
+        t = tanh(qk * softcap_scale)
         s = t * softcap_log2
     else:
         t = qk

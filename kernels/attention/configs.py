@@ -96,9 +96,9 @@ def _config(block_d: int, dtype: torch.dtype, seqlen_q: int, heavy: bool, arch: 
         if dtype == torch.float32:
             return dict(BLOCK_M=16, BLOCK_N=32 if block_d <= 64 else 16, num_warps=4, num_stages=2)
         return dict(BLOCK_M=16, BLOCK_N=64 if block_d <= 128 else 32, num_warps=4, num_stages=2)
-    if dtype == torch.float32:
+    if dtype == torch.float32:  # with every modifier, 8 warps at head_dim 128 spill on sm_90a (static check)
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2) if block_d <= 64 else \
-            dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=2)
+            dict(BLOCK_M=32, BLOCK_N=16, num_warps=4 if heavy else 8, num_stages=2)
     if arch == "sm_90a" and not heavy and block_d <= 128:
         return dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2)
     if block_d <= 64:  # 4 warps x 32 rows spill on sm_80 in the packed-batch (varlen) kernel; 8 x 16 do not
@@ -156,8 +156,8 @@ def _bwd_table(block_d: int, dtype: torch.dtype, heavy: bool, arch: str) -> tupl
                 dict(BLOCK_M=own_dq, BLOCK_N=streamed_dq, num_warps=warps_dq, num_stages=stages_dq))
 
     if dtype == torch.float32:  # no tensor cores: the FMA dot wants small square tiles
-        if heavy:
-            return pair(16, 16, 4, 1, 16, 16, 4, 1)
+        if heavy:  # two dK/dV stages at head_dim <= 64: one spills on sm_80 with the soft-cap's tanh (static check)
+            return pair(16, 16, 4, 2 if block_d <= 64 else 1, 16, 16, 4, 1)
         if block_d <= 64:  # at head_dim 32 the dK/dV kernel's unmasked interior loads spill with 2 stages
             return pair(16, 32, 8, 1 if block_d <= 32 else 2, 32, 16, 8, 2)
         return pair(16, 16, 4, 2, 16, 16, 4, 2)

@@ -34,6 +34,8 @@ Layers: ``_matmul_kernel`` / ``_ffn_elementwise_kernel`` -> ``matmul`` / ``eleme
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 from typing import Optional
 
 import torch
@@ -314,6 +316,8 @@ def candidates(dtype: torch.dtype, epilogue: str, second: str, arch: str = "sm_8
     Hopper tile; spill-free only with TMA, whose loads need no per-thread addresses, and only without an
     epilogue: the activation or residual tile beside the 128x256 accumulator spills). Their sign on a real GPU is for
     the device to tell (static figures in benchmarks/NOTES.md)."""
+    if (pin := _pinned()) is not None:
+        return [pin]
     default = dict(_config(dtype, epilogue, second), TMA=False, WS=False, PERSISTENT=False)
     if dispatch.INTERPRETER or arch != "sm_90a" or dtype == torch.float32:
         return [default]
@@ -325,6 +329,33 @@ def candidates(dtype: torch.dtype, epilogue: str, second: str, arch: str = "sm_8
         found.append(dict(default, num_warps=4, num_stages=4, TMA=True, WS=True))
     found.append(dict(default, TMA=True, PERSISTENT=True))
     return found
+
+
+_PIN_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
+
+
+def _pinned() -> dict | None:
+    """The matmul config ``KERNELS_FFN_CONFIG`` pins for every product, or None: a JSON object with
+    positive integer ``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K`` (powers of two, >= 16), ``GROUP_M``,
+    ``num_warps`` (a power of two), ``num_stages``, and optionally ``"TMA"``, ``"WS"``,
+    ``"PERSISTENT"`` (true or false; TMA is used where the operands qualify). A GPU session compares
+    candidates with it. Raises ``ValueError`` for a malformed value."""
+    text = os.environ.get("KERNELS_FFN_CONFIG")
+    if not text:
+        return None
+    try:
+        cfg = json.loads(text)
+        flags = {k: cfg.pop(k, False) for k in ("TMA", "WS", "PERSISTENT")}
+        if set(cfg) != set(_PIN_KEYS) or not all(type(v) is int and v > 0 for v in cfg.values()) or \
+                not all(type(f) is bool for f in flags.values()) or \
+                any(cfg[k] & (cfg[k] - 1) or cfg[k] < 16 for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")) or \
+                cfg["num_warps"] & (cfg["num_warps"] - 1) or (flags["WS"] and not flags["TMA"]):
+            raise ValueError
+    except (ValueError, TypeError, AttributeError):
+        raise ValueError(f"KERNELS_FFN_CONFIG must be a JSON object of positive integer {', '.join(_PIN_KEYS)} "
+                         f"(blocks powers of two >= 16, warps a power of two), optionally \"TMA\", \"WS\" (with TMA) "
+                         f"and \"PERSISTENT\" true or false; got {text!r}") from None
+    return cfg | flags
 
 
 def _programs(device: torch.device) -> int:
@@ -374,7 +405,7 @@ def matmul(a, b, bias=None, *, epilogue="none", activation="none", aux=None, sto
     found = candidates(a.dtype, epilogue, second, dispatch.target_arch(a.device), residual is not None)
     tma_ok, cols = _tma_operands(a, b, *([b2] if second == "dual_b" else []))
     if not tma_ok or len(set(cols[1:])) > 1:  # b and b2 share the kernel's B_COLS
-        found, cols = [c for c in found if not c["TMA"]], [False, False]
+        found, cols = [c for c in found if not c["TMA"]] or [dict(found[0], TMA=False, WS=False)], [False, False]
     a_cols, b_cols = cols[:2]
     aux_arg, b2_arg, a2_arg, res_arg = (t if t is not None else c for t in (aux, b2, a2, residual))
 

@@ -294,3 +294,22 @@ def test_candidates_agree_with_the_default_under_every_modifier(device, gpu_tile
     for other in results[1:]:
         for a, b in zip(other, results[0]):
             torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
+
+
+def test_ffn_pin(device, monkeypatch, launches):
+    """KERNELS_FFN_CONFIG pins one matmul config for every product (the interpreter included); it
+    computes the same FFN; a malformed value is a clear ValueError."""
+    import json
+    from test_ffn import _check, _params
+    pin = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=1, TMA=True, PERSISTENT=True)
+    monkeypatch.setenv("KERNELS_FFN_CONFIG", json.dumps(pin))
+    assert ffn_mod.candidates(torch.float16, "act", "none") == [dict(pin, WS=False)]
+    runs = _count_tma_launches(monkeypatch, ffn_mod)
+    with launches("ffn_matmul", 6):
+        _check(torch.randn(2, 21, 48, dtype=torch.float16, device=device),
+               _params(48, 80, torch.float16, device), "gelu", torch.float16)
+    assert runs  # aligned operands went through descriptors
+    for bad in ("[1]", '{"BLOCK_M": 16}', json.dumps(dict(pin, BLOCK_K=24)), json.dumps(dict(pin, TMA=False, WS=True))):
+        monkeypatch.setenv("KERNELS_FFN_CONFIG", bad)
+        with pytest.raises(ValueError, match="KERNELS_FFN_CONFIG"):
+            ffn_mod.candidates(torch.float16, "act", "none")

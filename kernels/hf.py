@@ -13,7 +13,8 @@ Two pieces, both reversible with :func:`kernels.unpatch`:
 * **Norms and MLPs** are swapped per instance, as :func:`kernels.patch` does (the class becomes a
   subclass whose forward runs our kernels; parameters and ``state_dict`` keys stay): ``LlamaRMSNorm``
   -> ``kernels.rms_norm``; ``LlamaMLP`` (gate/up/down) -> gated ``kernels.ffn``; ``GPT2MLP`` (Conv1D,
-  ``gelu_new``) -> ``kernels.ffn`` on the transposed Conv1D weights; ``BertIntermediate`` +
+  ``gelu_new``) -> ``kernels.ffn`` on the transposed Conv1D weights; ``GPTNeoXMLP`` -> ``kernels.ffn``;
+  ``Phi3MLP`` (one fused ``gate_up_proj``) -> gated ``kernels.ffn`` on its two row halves; ``BertIntermediate`` +
   ``BertOutput`` -> one ``kernels.ffn`` (patched on ``BertLayer.feed_forward_chunk``); BERT's
   ``LayerNorm(dropout(h) + x)`` -> the fused Add & Norm ``kernels.add_layer_norm``; every
   ``nn.LayerNorm`` -> ``kernels.layer_norm``.
@@ -366,6 +367,30 @@ class _GPT2MLPMixin:
         return super().forward(hidden_states) if y is None else self.dropout(y)
 
 
+class _NeoXMLPMixin:
+    """GPTNeoXMLP ``dense_4h_to_h(act(dense_h_to_4h(x)))`` as one kernels.ffn call."""
+
+    def forward(self, hidden_states):
+        y = patching.fused_linear_ffn(hidden_states, self.dense_h_to_4h, self.act, self.dense_4h_to_h)
+        return super().forward(hidden_states) if y is None else y
+
+
+class _FusedGateUpMLPMixin:
+    """Phi3MLP ``down(up * act(gate))`` with ``[gate | up] = gate_up_proj(x)`` as one gated kernels.ffn
+    call on the two row halves of ``gate_up_proj.weight`` (views: gradients reach the fused weight)."""
+
+    def forward(self, hidden_states):
+        fused, down = self.gate_up_proj, self.down_proj
+        y = None
+        if plain_linear(fused) and plain_linear(down) and fused.weight.shape[0] % 2 == 0:
+            d_ff = fused.weight.shape[0] // 2
+            bias = fused.bias
+            y = fused_ffn(hidden_states, fused.weight[d_ff:], None if bias is None else bias[d_ff:],
+                          self.activation_fn, down.weight, down.bias, weight_gate=fused.weight[:d_ff],
+                          bias_gate=None if bias is None else bias[:d_ff], gated=True)
+        return super().forward(hidden_states) if y is None else y
+
+
 class _BertLayerMixin:
     """BertLayer's ``feed_forward_chunk``: ``LayerNorm(dropout(out.dense(act(inter.dense(x)))) + x)`` with
     the two products and the activation in one kernels.ffn call; dropout and LayerNorm stay modules."""
@@ -429,6 +454,32 @@ def _gpt2_mlp_rule(m, opts: Options):
                                   "views); the dropout after c_proj stays", covers=("c_fc", "c_proj", "act"))
 
 
+def _neox_mlp_rule(m, opts: Options):
+    if not _forward_is(m, "gpt_neox", "GPTNeoXMLP"):
+        return None
+    if not (plain_linear(getattr(m, "dense_h_to_4h", None)) and plain_linear(getattr(m, "dense_4h_to_h", None))):
+        return Leave("dense_h_to_4h/dense_4h_to_h are not plain nn.Linear (or have hooks)")
+    refusal = _ffn_refusal(opts, m.act)
+    if refusal:
+        return refusal
+    return Replace(_NeoXMLPMixin, f"kernels.ffn({activation_name(m.act)!r}) with dense_h_to_4h, dense_4h_to_h",
+                   covers=("dense_h_to_4h", "dense_4h_to_h", "act"))
+
+
+def _fused_gate_up_mlp_rule(m, opts: Options):
+    if not _forward_is(m, "phi3", "Phi3MLP"):
+        return None
+    fused, down = getattr(m, "gate_up_proj", None), getattr(m, "down_proj", None)
+    if not (plain_linear(fused) and plain_linear(down)) or fused.weight.shape[0] % 2:
+        return Leave("gate_up_proj/down_proj are not plain nn.Linear (or have hooks) with an even gate_up width")
+    refusal = _ffn_refusal(opts, m.activation_fn, gated=True)
+    if refusal:
+        return refusal
+    name = patching.GATED[activation_name(m.activation_fn)]
+    return Replace(_FusedGateUpMLPMixin, f"gated kernels.ffn({name!r}) on gate_up_proj's two halves, down_proj",
+                   covers=("gate_up_proj", "down_proj", "activation_fn"))
+
+
 def _bert_layer_rule(m, opts: Options):
     if not _forward_is(m, "bert", "BertLayer", "feed_forward_chunk"):
         return None
@@ -461,14 +512,14 @@ def _unknown_hf_rule(m, opts: Options):
     name = type(m).__name__
     if type(m).__module__.startswith("transformers.") and name.endswith(("MLP", "RMSNorm")):
         return Leave(f"{name}.forward is not the code of an MLP/norm kernels.hf knows (LlamaMLP, GPT2MLP, "
-                     "BertIntermediate+BertOutput, LlamaRMSNorm): equivalence cannot be proven")
+                     "GPTNeoXMLP, Phi3MLP, BertIntermediate+BertOutput, LlamaRMSNorm): equivalence cannot be proven")
     return None
 
 
 def _rules():
     torchscript, *torch_rules = patching.TORCH_RULES
-    return (torchscript, _rms_norm_rule, _llama_mlp_rule, _gpt2_mlp_rule, _bert_layer_rule, _bert_self_output_rule,
-            *torch_rules, _unknown_hf_rule)
+    return (torchscript, _rms_norm_rule, _llama_mlp_rule, _gpt2_mlp_rule, _neox_mlp_rule, _fused_gate_up_mlp_rule,
+            _bert_layer_rule, _bert_self_output_rule, *torch_rules, _unknown_hf_rule)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -283,3 +283,33 @@ def test_attention_is_registered_in_either_import_order(imports):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == hf.ATTENTION_NAME
+
+
+def gpt_neox():
+    config = transformers.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                        intermediate_size=64, max_position_embeddings=32, hidden_dropout=0.0,
+                                        attention_dropout=0.0, eos_token_id=0, bos_token_id=0)
+    return transformers.GPTNeoXForCausalLM(config)
+
+
+def phi3():
+    config = transformers.Phi3Config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, intermediate_size=64, max_position_embeddings=32,
+                                     pad_token_id=0, eos_token_id=0, bos_token_id=0)
+    return transformers.Phi3ForCausalLM(config)
+
+
+def test_gpt_neox_mlp(device, launches):
+    """GPTNeoXMLP (dense_h_to_4h, GELU, dense_4h_to_h) as one kernels.ffn call; logits and gradients
+    equal the unpatched model's."""
+    torch.manual_seed(0)
+    patch_and_check(gpt_neox().to(device), hf.apply_kernels, tokens(device, padded=True), launches,
+                    {"attn_implementation='sdpa'": 1, "nn.LayerNorm": 5, "transformers.GPTNeoXMLP": 2})
+
+
+def test_phi3_fused_gate_up_mlp(device, launches):
+    """Phi3MLP's fused gate_up_proj as one gated kernels.ffn call on the weight's two row halves (the
+    gradient reaches the fused weight); logits and gradients equal the unpatched model's."""
+    torch.manual_seed(0)
+    patch_and_check(phi3().to(device), hf.apply_kernels, tokens(device, padded=True), launches,
+                    {"attn_implementation='sdpa'": 1, "transformers.Phi3MLP": 2, "transformers.Phi3RMSNorm": 5})

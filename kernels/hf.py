@@ -21,8 +21,9 @@ Two pieces, both reversible with :func:`kernels.unpatch`:
 
 A module is recognized by *code*, not by name: its forward must be the very code of the reference
 class above (same bytecode, constants, and the same objects behind the globals it reads), so
-"Copied from" siblings (Mistral's and Qwen2's RMSNorm/MLP, RoBERTa's layers) are patched too, while
-a look-alike with different math (Gemma's ``1 + weight`` RMSNorm) is left alone and reported.
+"Copied from" siblings (Mistral's and Qwen2's RMSNorm/MLP, RoBERTa's layers, Gemma's MLP) are patched
+too, while a look-alike with different math is left alone and reported. Gemma's RMSNorm (``1 + weight``,
+all in fp32; Gemma 1-3) has a rule of its own.
 
 The entry points follow Liger-Kernel's ``apply_liger_kernel_to_llama`` etc. (github.com/linkedin/
 Liger-Kernel), but patch the given model instance only, never transformers' classes.
@@ -337,6 +338,19 @@ class _RMSNormMixin:
             return patching.rms_norm(hidden_states, (self.weight.shape[-1],), self.weight, self.variance_epsilon)
 
 
+class _GemmaRMSNormMixin:
+    """GemmaRMSNorm ``(norm(x.float()) * (1 + weight.float())).type_as(x)`` on ``kernels.rms_norm`` with the
+    fp32 weight ``1 + weight`` (built per call, d elements; the gradient flows through it to ``weight``).
+    The kernel normalizes and scales in fp32 and rounds once, which is Gemma's casting (Llama's rounds
+    before the weight); Liger-Kernel calls this ``offset=1.0, casting_mode="gemma"``."""
+
+    def forward(self, x):
+        if not (kernel_can_take(x) and self.weight.device == x.device):
+            return super().forward(x)
+        with patching.autocast_off(x.device.type):
+            return patching.rms_norm(x, (self.weight.shape[-1],), 1.0 + self.weight.float(), self.eps)
+
+
 class _GatedMLPMixin:
     """LlamaMLP ``down(act(gate(x)) * up(x))`` as one gated ``kernels.ffn`` call."""
 
@@ -429,6 +443,30 @@ def _rms_norm_rule(m, opts: Options):
                                   "other than the weight's runs the original")
 
 
+_GEMMA_NORMS = (("gemma", "GemmaRMSNorm"), ("gemma2", "Gemma2RMSNorm"), ("gemma3", "Gemma3RMSNorm"))
+
+
+def _is_gemma_norm(m) -> bool:
+    for module, cls in _GEMMA_NORMS:
+        try:
+            if _forward_is(m, module, cls):
+                return True
+        except (ImportError, AttributeError):  # an older transformers without this model
+            continue
+    return False
+
+
+def _gemma_rms_norm_rule(m, opts: Options):
+    if not type(m).__name__.endswith("RMSNorm") or not _is_gemma_norm(m):
+        return None
+    if not isinstance(getattr(m, "weight", None), torch.Tensor):
+        return Leave("no weight tensor")
+    if not opts.layer_norm:
+        return Leave("layer_norm=False")
+    return Replace(_GemmaRMSNormMixin, "kernels.rms_norm with the fp32 weight 1 + weight and eps, all in fp32 "
+                                       "(Gemma's casting)")
+
+
 def _llama_mlp_rule(m, opts: Options):
     if not _forward_is(m, "llama", "LlamaMLP"):
         return None
@@ -518,7 +556,7 @@ def _unknown_hf_rule(m, opts: Options):
 
 def _rules():
     torchscript, *torch_rules = patching.TORCH_RULES
-    return (torchscript, _rms_norm_rule, _llama_mlp_rule, _gpt2_mlp_rule, _neox_mlp_rule, _fused_gate_up_mlp_rule,
+    return (torchscript, _gemma_rms_norm_rule, _rms_norm_rule, _llama_mlp_rule, _gpt2_mlp_rule, _neox_mlp_rule, _fused_gate_up_mlp_rule,
             _bert_layer_rule, _bert_self_output_rule, *torch_rules, _unknown_hf_rule)
 
 

@@ -147,22 +147,34 @@ def test_other_attention_implementations_are_left_alone(device):
     assert model.config._attn_implementation == "eager"
 
 
+class LookalikeRMSNorm(nn.Module):
+    """Named like a norm, computes something else: must be left alone."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.variance_epsilon = 1e-6
+
+    def forward(self, hidden_states):
+        return hidden_states * self.weight
+
+
 def test_norms_are_recognized_by_code(device, launches):
-    """Qwen2's RMSNorm is LlamaRMSNorm's code ("Copied from"): patched. Gemma's computes (1 + weight):
-    left alone, with the reason."""
+    """Qwen2's RMSNorm is LlamaRMSNorm's code ("Copied from"): patched. Gemma's computes (1 + weight) in
+    fp32: patched by its own rule. A look-alike with other math: left alone, with the reason."""
     from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
     from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
     torch.manual_seed(0)
-    model = nn.Sequential(Qwen2RMSNorm(16), GemmaRMSNorm(16)).to(device)
+    model = nn.Sequential(Qwen2RMSNorm(16), GemmaRMSNorm(16), LookalikeRMSNorm(16)).to(device)
     with torch.no_grad():
         model[0].weight.normal_(), model[1].weight.normal_()
     ref = copy.deepcopy(model)
     report = hf.apply_kernels(model)
-    assert report.paths() == ["0"]
-    assert "not LlamaRMSNorm's code" in next(e.reason for e in report.left_alone if e.path == "1")
+    assert report.paths() == ["0", "1"]
+    assert "not LlamaRMSNorm's code" in next(e.reason for e in report.left_alone if e.path == "2")
     x = torch.randn(3, 16, device=device)
-    with launches("layer_norm_fwd"):
+    with launches("layer_norm_fwd", 2):
         assert_match(model(x), ref(x))
 
 
@@ -313,3 +325,41 @@ def test_phi3_fused_gate_up_mlp(device, launches):
     torch.manual_seed(0)
     patch_and_check(phi3().to(device), hf.apply_kernels, tokens(device, padded=True), launches,
                     {"attn_implementation='sdpa'": 1, "transformers.Phi3MLP": 2, "transformers.Phi3RMSNorm": 5})
+
+
+def _gemma(version):
+    kw = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              intermediate_size=64, max_position_embeddings=32, head_dim=8, pad_token_id=0, eos_token_id=0,
+              bos_token_id=0)
+    if version == 2:  # no logit soft-capping: its attention is left alone anyway (eager)
+        kw.update(attn_logit_softcapping=None, final_logit_softcapping=None)
+    prefix = "Gemma" if version == 1 else "Gemma2"
+    model = getattr(transformers, f"{prefix}ForCausalLM")(getattr(transformers, f"{prefix}Config")(**kw))
+    with torch.no_grad():  # Gemma's norm weights start at 0 (scale 1 + w): give them values
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0.0, 0.5)
+    return model
+
+
+def test_gemma_rms_norm_and_mlp(device, launches):
+    """GemmaRMSNorm's ``x * (1 + w)`` computed in fp32 runs kernels.rms_norm with the weight 1 + w; Gemma's
+    MLP (Llama's code) the gated FFN; logits and gradients (the norm weights' included) equal the
+    unpatched model's."""
+    torch.manual_seed(0)
+    patch_and_check(_gemma(1).to(device), hf.apply_kernels, tokens(device, padded=True), launches,
+                    {"attn_implementation='sdpa'": 1, "transformers.GemmaRMSNorm": 5, "transformers.GemmaMLP": 2})
+
+
+def test_gemma2_norms_and_mlps(device, launches):
+    """Gemma 2 (eager attention, left alone and reported): its four norms per layer and its MLPs run our
+    kernels with equal logits and gradients."""
+    torch.manual_seed(0)
+    model = _gemma(2).to(device).eval()
+    ref = copy.deepcopy(model)
+    report = hf.apply_kernels(model)
+    replaced = [e.original for e in report.replaced]
+    assert replaced.count("transformers.Gemma2RMSNorm") == 9 and replaced.count("transformers.Gemma2MLP") == 2
+    assert "attn_implementation='eager'" in str(report)
+    with launches("layer_norm_fwd"), launches("layer_norm_bwd"), launches("ffn_matmul", 4):
+        compare(model, ref, tokens(device))

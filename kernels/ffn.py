@@ -48,7 +48,7 @@ from . import autotune, dispatch
 from ._triton_utils import (InputValueError, autocast_to, check_same, check_tensor, dot, dot_flags,
                             scratch_allocator, tanh, tma_device)
 
-PLAIN_ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
+PLAIN_ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "quick_gelu")
 GATED_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh"}  # name -> the gate's activation
 ACTIVATIONS = PLAIN_ACTIVATIONS + tuple(GATED_ACTIVATIONS)
 GEMMS = ("auto", "triton", "torch")
@@ -58,6 +58,7 @@ _RSQRT2 = tl.constexpr(0.7071067811865476)
 _RSQRT_2PI = tl.constexpr(0.3989422804014327)
 _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 _GELU_TANH_C = tl.constexpr(0.044715)
+_QUICK_GELU_C = tl.constexpr(1.702)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -73,6 +74,8 @@ def _activation(x, ACTIVATION: tl.constexpr):
         return 0.5 * x * (1.0 + tanh((x + x * x * x * _GELU_TANH_C) * _SQRT_2_OVER_PI))
     elif ACTIVATION == "silu":
         return x / (1.0 + tl.exp(-x))
+    elif ACTIVATION == "quick_gelu":  # x sigmoid(1.702 x) (CLIP; Hendrycks & Gimpel, 2016, Sec. 2)
+        return x / (1.0 + tl.exp(-(x * _QUICK_GELU_C)))
     else:
         return x
 
@@ -88,9 +91,12 @@ def _activation_grad(x, ACTIVATION: tl.constexpr):
         # (constexpr on the right: the interpreter cannot multiply a constexpr by a tensor)
         t = tanh((x + x * x * x * _GELU_TANH_C) * _SQRT_2_OVER_PI)
         return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + x * x * _GELU_TANH_C * 3.0)
-    else:  # silu: s (1 + x (1 - s))
+    elif ACTIVATION == "silu":  # s (1 + x (1 - s))
         s = 1.0 / (1.0 + tl.exp(-x))
         return s * (1.0 + x * (1.0 - s))
+    else:  # quick_gelu: s (1 + 1.702 x (1 - s)), s = sigmoid(1.702 x)
+        s = 1.0 / (1.0 + tl.exp(-(x * _QUICK_GELU_C)))
+        return s * (1.0 + x * _QUICK_GELU_C * (1.0 - s))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -628,7 +634,8 @@ def ffn(input, weight1, bias1, weight2, bias2, activation="relu", *, weight_gate
         input: ``(..., d_model)``, float16, bfloat16 or float32, any strides.
         weight1: ``(d_ff, d_model)``; bias1: ``(d_ff,)`` or None. weight2: ``(d_model, d_ff)``; bias2:
             ``(d_model,)`` or None. All of input's dtype and device; any strides (a transposed view too).
-        activation: ``"relu"`` (the paper), ``"gelu"`` (erf), ``"gelu_tanh"``, ``"silu"``, or gated
+        activation: ``"relu"`` (the paper), ``"gelu"`` (erf), ``"gelu_tanh"``, ``"silu"``, ``"quick_gelu"``
+            (``x * sigmoid(1.702 x)``, CLIP's), or gated
             ``"swiglu"`` (SiLU gate), ``"geglu"`` (GELU gate), ``"geglu_tanh"``.
         weight_gate, bias_gate: the gate projection, shaped like weight1/bias1 (gated activations only).
         residual: optional ``(..., d_model)`` added to the output in the last product's epilogue.
@@ -665,7 +672,7 @@ def ffn(input, weight1, bias1, weight2, bias2, activation="relu", *, weight_gate
 
 
 _TORCH_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-                      "silu": F.silu}
+                      "silu": F.silu, "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x)}
 
 
 def ffn_reference(input, weight1, bias1, weight2, bias2, activation="relu", *, weight_gate=None, bias_gate=None,
@@ -689,7 +696,7 @@ class FFN(nn.Module):
 
     Args:
         d_model: model width (512 in the paper's base model). d_ff: inner width (2048).
-        activation: ``"relu"``, ``"gelu"``, ``"gelu_tanh"`` or ``"silu"``. bias: whether the projections
+        activation: ``"relu"``, ``"gelu"``, ``"gelu_tanh"``, ``"silu"`` or ``"quick_gelu"``. bias: whether the projections
             have biases. recompute: see :func:`ffn`.
     ``forward(x, residual=None)``: ``(..., d_model)`` in and out; ``residual`` is added in the epilogue.
     """

@@ -14,7 +14,8 @@ Two pieces, both reversible with :func:`kernels.unpatch`:
   subclass whose forward runs our kernels; parameters and ``state_dict`` keys stay): ``LlamaRMSNorm``
   -> ``kernels.rms_norm``; ``LlamaMLP`` (gate/up/down) -> gated ``kernels.ffn``; ``GPT2MLP`` (Conv1D,
   ``gelu_new``) -> ``kernels.ffn`` on the transposed Conv1D weights; ``GPTNeoXMLP`` -> ``kernels.ffn``;
-  ``Phi3MLP`` (one fused ``gate_up_proj``) -> gated ``kernels.ffn`` on its two row halves; ``BertIntermediate`` +
+  ``Phi3MLP`` (one fused ``gate_up_proj``) -> gated ``kernels.ffn`` on its two row halves; ``CLIPMLP``
+  (``quick_gelu``) -> ``kernels.ffn``; ``BertIntermediate`` +
   ``BertOutput`` -> one ``kernels.ffn`` (patched on ``BertLayer.feed_forward_chunk``); BERT's
   ``LayerNorm(dropout(h) + x)`` -> the fused Add & Norm ``kernels.add_layer_norm``; every
   ``nn.LayerNorm`` -> ``kernels.layer_norm``.
@@ -291,6 +292,8 @@ def _recognize_hf_activation(act) -> str | None:
         return "gelu_tanh"  # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))); FastGELU's constant to 1e-11
     if cls is acts.SiLUActivation:
         return "silu"
+    if cls is getattr(acts, "QuickGELUActivation", None):  # input * sigmoid(1.702 * input)
+        return "quick_gelu"
     return None
 
 
@@ -386,6 +389,15 @@ class _NeoXMLPMixin:
 
     def forward(self, hidden_states):
         y = patching.fused_linear_ffn(hidden_states, self.dense_h_to_4h, self.act, self.dense_4h_to_h)
+        return super().forward(hidden_states) if y is None else y
+
+
+class _CLIPMLPMixin:
+    """CLIPMLP ``fc2(activation_fn(fc1(x)))`` (quick_gelu, or another recognized activation) as one
+    kernels.ffn call."""
+
+    def forward(self, hidden_states):
+        y = patching.fused_linear_ffn(hidden_states, self.fc1, self.activation_fn, self.fc2)
         return super().forward(hidden_states) if y is None else y
 
 
@@ -504,6 +516,18 @@ def _neox_mlp_rule(m, opts: Options):
                    covers=("dense_h_to_4h", "dense_4h_to_h", "act"))
 
 
+def _clip_mlp_rule(m, opts: Options):
+    if not _forward_is(m, "clip", "CLIPMLP"):
+        return None
+    if not (plain_linear(getattr(m, "fc1", None)) and plain_linear(getattr(m, "fc2", None))):
+        return Leave("fc1/fc2 are not plain nn.Linear (or have hooks)")
+    refusal = _ffn_refusal(opts, m.activation_fn)
+    if refusal:
+        return refusal
+    return Replace(_CLIPMLPMixin, f"kernels.ffn({activation_name(m.activation_fn)!r}) with fc1, fc2",
+                   covers=("fc1", "fc2", "activation_fn"))
+
+
 def _fused_gate_up_mlp_rule(m, opts: Options):
     if not _forward_is(m, "phi3", "Phi3MLP"):
         return None
@@ -550,14 +574,15 @@ def _unknown_hf_rule(m, opts: Options):
     name = type(m).__name__
     if type(m).__module__.startswith("transformers.") and name.endswith(("MLP", "RMSNorm")):
         return Leave(f"{name}.forward is not the code of an MLP/norm kernels.hf knows (LlamaMLP, GPT2MLP, "
-                     "GPTNeoXMLP, Phi3MLP, BertIntermediate+BertOutput, LlamaRMSNorm): equivalence cannot be proven")
+                     "GPTNeoXMLP, Phi3MLP, CLIPMLP, BertIntermediate+BertOutput, LlamaRMSNorm): equivalence cannot be proven")
     return None
 
 
 def _rules():
     torchscript, *torch_rules = patching.TORCH_RULES
-    return (torchscript, _gemma_rms_norm_rule, _rms_norm_rule, _llama_mlp_rule, _gpt2_mlp_rule, _neox_mlp_rule, _fused_gate_up_mlp_rule,
-            _bert_layer_rule, _bert_self_output_rule, *torch_rules, _unknown_hf_rule)
+    return (torchscript, _gemma_rms_norm_rule, _rms_norm_rule, _llama_mlp_rule, _gpt2_mlp_rule, _neox_mlp_rule,
+            _clip_mlp_rule, _fused_gate_up_mlp_rule, _bert_layer_rule, _bert_self_output_rule, *torch_rules,
+            _unknown_hf_rule)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -363,3 +363,25 @@ def test_gemma2_norms_and_mlps(device, launches):
     assert "attn_implementation='eager'" in str(report)
     with launches("layer_norm_fwd"), launches("layer_norm_bwd"), launches("ffn_matmul", 4):
         compare(model, ref, tokens(device))
+
+
+def test_clip_quick_gelu_mlp(device, launches):
+    """CLIP's text MLP (fc1, quick_gelu = x sigmoid(1.702 x), fc2) runs kernels.ffn("quick_gelu"); the
+    patched text model's hidden states and gradients equal the unpatched one's."""
+    torch.manual_seed(0)
+    config = transformers.CLIPTextConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, max_position_embeddings=32, hidden_act="quick_gelu",
+                                         pad_token_id=0, bos_token_id=0, eos_token_id=1)
+    model = transformers.CLIPTextModel(config).to(device).eval()
+    ref = copy.deepcopy(model)
+    report = hf.apply_kernels(model)
+    replaced = [e.original for e in report.replaced]
+    assert replaced.count("transformers.CLIPMLP") == 2 and "quick_gelu" in str(report)
+    inputs = tokens(device)
+    with launches("ffn_matmul", 4), launches("layer_norm_fwd"):
+        out, want = model(**inputs).last_hidden_state, ref(**inputs).last_hidden_state
+        assert_match(out, want, "hidden states")
+        cotangent = torch.randn_like(want)
+        (out * cotangent).sum().backward()
+        (want * cotangent).sum().backward()
+    assert_grads_match(model, ref)

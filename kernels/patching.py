@@ -717,6 +717,15 @@ def _near_miss_mlp(seq: nn.Sequential):
     return None
 
 
+def _encoder_fast_path_rule(m, opts: Options):
+    """``nn.TransformerEncoder(enable_nested_tensor=True)``: its padding fast path is said in the report."""
+    if not isinstance(m, nn.TransformerEncoder) or not getattr(m, "use_nested_tensor", False):
+        return None
+    return Leave("enable_nested_tensor=True: in eval under no_grad with a src_key_padding_mask, torch packs the "
+                 "input into a nested tensor and its layers run torch's own fast path, none of our kernels "
+                 "(construct it with enable_nested_tensor=False to run ours there)")
+
+
 def _torchscript_rule(m, opts: Options):
     if isinstance(m, torch.jit.ScriptModule):
         return Leave("TorchScript module: its compiled code does not call Python forwards")
@@ -724,7 +733,7 @@ def _torchscript_rule(m, opts: Options):
 
 
 TORCH_RULES: tuple[Rule, ...] = (_torchscript_rule, _layer_norm_rule, _rms_norm_rule, _mha_rule,
-                                 _transformer_layer_rule, _sequential_rule)
+                                 _transformer_layer_rule, _encoder_fast_path_rule, _sequential_rule)
 
 
 # --------------------------------------------------------------------------------------------------

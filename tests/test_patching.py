@@ -316,6 +316,8 @@ def test_transformer_with_nested_tensor_fast_path(device):
                          device=device).eval()
     model, ref, report = patched_copy(net)
     assert len(report.replaced) == 4 + 1 + 6 + 1  # encoder layer (+attn, 2 norms), its final norm, decoder
+    reason = next(e.reason for e in report.left_alone if e.path == "encoder")
+    assert "enable_nested_tensor=True" in reason and "none of our kernels" in reason  # the report says so
 
     src, tgt = torch.randn(2, 6, 16, device=device), torch.randn(2, 4, 16, device=device)
     pad = torch.zeros(2, 6, dtype=torch.bool, device=device)

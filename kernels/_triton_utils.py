@@ -29,10 +29,17 @@ def dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
     ``UPCAST`` is set only under Triton's interpreter for bfloat16 operands, which it multiplies as raw
     bit patterns (Triton 3.9; see DESIGN.md): there the operands are widened to fp32 first. ``PRECISION``
-    matters only for fp32 operands: ``"ieee"`` (true fp32) or ``"tf32"`` (tensor cores).
+    matters only for fp32 operands: ``"ieee"`` (true fp32) or ``"tf32"`` (tensor cores). ``"exact"`` is
+    the interpreter's stand-in for ``"ieee"``: products summed in float64 and rounded once. A GPU's FMA
+    dot sums over k in one fixed order whatever the tile's shape or orientation, so the attention
+    backward recomputes the forward's scores bit for bit; the interpreter's numpy matmul picks its order
+    by layout, and one ulp of a score at |score| ~ 50 moved probabilities by ~5e-6 (dV 6x torch's error
+    at scale 2.5). Rounding the exact sum once is order-free too.
     """
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    if PRECISION == "exact":
+        return acc + tl.dot(a.to(tl.float64), b.to(tl.float64), input_precision="ieee").to(tl.float32)
     return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
@@ -67,6 +74,8 @@ def dot_flags(dtype: torch.dtype) -> dict:
     """
     upcast = dispatch.INTERPRETER and dtype == torch.bfloat16
     precision = "tf32" if (dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32) else "ieee"
+    if dispatch.INTERPRETER and precision == "ieee" and dtype == torch.float32:
+        precision = "exact"
     return {"UPCAST": upcast, "PRECISION": precision}
 
 

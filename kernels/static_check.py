@@ -163,12 +163,14 @@ def _record_launches() -> list[Launch]:
     attn_kernels = ["_attn_fwd_kernel", "_attn_bwd_delta_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel",
                     "_attn_combine_kernel", "_dropout_mask_kernel"]
 
-    def attn(case, q, k, v, backward=True, **kw):
+    def attn(case, q, k, v, backward=True, dmask=None, **kw):
+        # fp32 training keeps the row stats for its backward (kernels.attention.ops.attention_op)
+        stats = q.new_empty((2, *q.shape[:3]), dtype=torch.float32) if backward and q.dtype == torch.float32 else None
         with _recording(attention._kernels, attn_kernels, launches, case):
-            out, lse = attention.attention_forward(q, k, v, scale=0.1, **kw)
+            out, lse = attention.attention_forward(q, k, v, scale=0.1, **kw, stats=stats)
             if backward:
                 kw.pop("num_splits", None)
-                attention.attention_backward(out, q, k, v, out, lse, **kw, scale=0.1)
+                attention.attention_backward(out, q, k, v, out, lse, **kw, scale=0.1, stats=stats, dmask=dmask)
 
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         name = str(dtype)[6:]
@@ -184,6 +186,9 @@ def _record_launches() -> list[Launch]:
                 kv = torch.empty(4, 4, 1024, head_dim, dtype=dtype, **meta)
                 attn(f"attention {name} d={head_dim} all-modifiers", q, kv, kv, window=(256, 0), softcap=30.0,
                      alibi_slopes=torch.empty(16, dtype=torch.float32, **meta), attn_mask=mask, dropout_p=0.1)
+                if head_dim <= 128:  # a learned bias (T5): its gradient written by the dQ kernel
+                    attn(f"attention {name} d={head_dim} learned-bias", q, q, q, attn_mask=mask,
+                         dmask=torch.empty(4, 16, 1024, 1024, dtype=dtype, **meta))
         if dtype == torch.float16:
             for head_dim in (64, 128):
                 padding = torch.empty(4, 1, 1, 1024, dtype=torch.bool, **meta).expand(4, 16, 1024, 1024)

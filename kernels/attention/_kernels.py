@@ -155,6 +155,20 @@ def _load_tile(ptrs, seq_ok, dim_ok, CHECK_SEQ: tl.constexpr, CHECK_DIM: tl.cons
 
 
 @triton.jit
+def _softmax_shift(LSE, STATS, offs, row_ok, sst_s, CHECK: tl.constexpr, ROW_STATS: tl.constexpr):
+    """``(shift, inv_l)`` of the rows at ``offs`` such that P = exp2(s - shift) * inv_l (``inv_l`` only
+    with ``ROW_STATS``). From the logsumexp, shift = lse in base 2 and P carries the rounding of lse at
+    its magnitude, which fp32 sees at large logits (dV 2.6x torch's error at scale 2.5); with
+    ``ROW_STATS`` the forward's row max m and 1 / sum (``STATS``) give P = exp2(s - m) / l as torch's
+    softmax computes it. A row that saw no key gets shift = +inf: its probabilities are exactly 0."""
+    if ROW_STATS:
+        return (_load_tile(STATS + offs, row_ok, row_ok, CHECK, False),
+                _load_tile(STATS + sst_s + offs, row_ok, row_ok, CHECK, False))
+    lse = _load_tile(LSE + offs, row_ok, row_ok, CHECK, False)
+    return tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E, tl.full(lse.shape, 1.0, tl.float32)  # unused
+
+
+@triton.jit
 def _dropout_keep(seed, row_base, i, j, philox_seqlen_k, dropout_p):
     """Philox keep-mask: element (i, j) of the (batch, head) whose rows start at ``row_base``."""
     offsets = (row_base + i) * philox_seqlen_k + j
@@ -166,12 +180,12 @@ def _dropout_keep(seed, row_base, i, j, philox_seqlen_k, dropout_p):
 # --------------------------------------------------------------------------------------------------
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, MASK, ALIBI, CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, KV_BATCH_IDX,
+    Q, K, V, O, LSE, STATS, MASK, ALIBI, CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, KV_BATCH_IDX,
     sq_b, sq_h, sq_m, sq_d,
     sk_b, sk_h, sk_n, sk_d,
     sv_b, sv_h, sv_n, sv_d,
     so_s, so_b, so_h, so_m, so_d,  # so_s / sl_s: split stride of the partial results (0 without splits)
-    sl_s, sl_b, sl_h, sl_m,
+    sl_s, sl_b, sl_h, sl_m, sst_s,  # sst_s: from the row maxima to the row sums in STATS
     smask_b, smask_h, smask_m, smask_n,
     salibi_b, salibi_h,
     num_heads, group_size, seqlen_q, seqlen_k, head_dim, head_dim_v,
@@ -181,7 +195,7 @@ def _attn_fwd_kernel(
     MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, HAS_SEQUSED_K: tl.constexpr, HAS_KV_BATCH_IDX: tl.constexpr, NUM_SPLITS: tl.constexpr,
     SPLIT_WALK: tl.constexpr, FOLD: tl.constexpr, EVEN_D: tl.constexpr, FIXED_OFFSETS: tl.constexpr,
-    TMA: tl.constexpr, PERSISTENT: tl.constexpr,
+    TMA: tl.constexpr, PERSISTENT: tl.constexpr, ROW_STATS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -192,36 +206,40 @@ def _attn_fwd_kernel(
     if PERSISTENT:
         m_blocks = tl.cdiv(seqlen_q, BLOCK_M)
         for tile in range(tl.program_id(0), m_blocks * batch_heads, tl.num_programs(0)):
-            _attn_fwd_tile(m_blocks - 1 - tile // batch_heads, tile % batch_heads, 0, Q, K, V, O, LSE, MASK, ALIBI,
-                           CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, KV_BATCH_IDX, sq_b, sq_h, sq_m, sq_d, sk_b, sk_h,
-                           sk_n, sk_d, sv_b, sv_h, sv_n, sv_d, so_s, so_b, so_h, so_m, so_d, sl_s, sl_b, sl_h, sl_m,
-                           smask_b, smask_h, smask_m, smask_n, salibi_b, salibi_h, num_heads, group_size, seqlen_q,
-                           seqlen_k, head_dim, head_dim_v, qk_scale_log2, softcap_scale, softcap_log2, window_left,
-                           window_right, dropout_p, dropout_scale, seed, philox_seqlen_q, philox_seqlen_k, split_size,
-                           batch_heads, BOTTOM_RIGHT, HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, DROPOUT,
-                           VARLEN, HAS_SEQUSED_K, HAS_KV_BATCH_IDX, NUM_SPLITS, SPLIT_WALK, FOLD, EVEN_D,
-                           FIXED_OFFSETS, TMA, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, UPCAST, PRECISION)
+            _attn_fwd_tile(
+                m_blocks - 1 - tile // batch_heads, tile % batch_heads, 0,
+                Q, K, V, O, LSE, STATS, MASK, ALIBI, CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, KV_BATCH_IDX,
+                sq_b, sq_h, sq_m, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d, so_s, so_b, so_h, so_m, so_d,
+                sl_s, sl_b, sl_h, sl_m, sst_s, smask_b, smask_h, smask_m, smask_n, salibi_b, salibi_h,
+                num_heads, group_size, seqlen_q, seqlen_k, head_dim, head_dim_v,
+                qk_scale_log2, softcap_scale, softcap_log2, window_left, window_right,
+                dropout_p, dropout_scale, seed, philox_seqlen_q, philox_seqlen_k, split_size, batch_heads,
+                BOTTOM_RIGHT, HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, DROPOUT, VARLEN, HAS_SEQUSED_K,
+                HAS_KV_BATCH_IDX, NUM_SPLITS, SPLIT_WALK, FOLD, EVEN_D, FIXED_OFFSETS, TMA, ROW_STATS,
+                BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, UPCAST, PRECISION)
     else:
-        _attn_fwd_tile(tl.program_id(0) // NUM_SPLITS, tl.program_id(1), tl.program_id(0) % NUM_SPLITS, Q, K, V, O,
-                       LSE, MASK, ALIBI, CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, KV_BATCH_IDX, sq_b, sq_h, sq_m, sq_d,
-                       sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d, so_s, so_b, so_h, so_m, so_d, sl_s, sl_b, sl_h,
-                       sl_m, smask_b, smask_h, smask_m, smask_n, salibi_b, salibi_h, num_heads, group_size, seqlen_q,
-                       seqlen_k, head_dim, head_dim_v, qk_scale_log2, softcap_scale, softcap_log2, window_left,
-                       window_right, dropout_p, dropout_scale, seed, philox_seqlen_q, philox_seqlen_k, split_size,
-                       batch_heads, BOTTOM_RIGHT, HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, DROPOUT,
-                       VARLEN, HAS_SEQUSED_K, HAS_KV_BATCH_IDX, NUM_SPLITS, SPLIT_WALK, FOLD, EVEN_D, FIXED_OFFSETS,
-                       TMA, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, UPCAST, PRECISION)
+        _attn_fwd_tile(
+            tl.program_id(0) // NUM_SPLITS, tl.program_id(1), tl.program_id(0) % NUM_SPLITS,
+            Q, K, V, O, LSE, STATS, MASK, ALIBI, CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, KV_BATCH_IDX,
+            sq_b, sq_h, sq_m, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d, so_s, so_b, so_h, so_m, so_d,
+            sl_s, sl_b, sl_h, sl_m, sst_s, smask_b, smask_h, smask_m, smask_n, salibi_b, salibi_h,
+            num_heads, group_size, seqlen_q, seqlen_k, head_dim, head_dim_v,
+            qk_scale_log2, softcap_scale, softcap_log2, window_left, window_right,
+            dropout_p, dropout_scale, seed, philox_seqlen_q, philox_seqlen_k, split_size, batch_heads,
+            BOTTOM_RIGHT, HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, DROPOUT, VARLEN, HAS_SEQUSED_K,
+            HAS_KV_BATCH_IDX, NUM_SPLITS, SPLIT_WALK, FOLD, EVEN_D, FIXED_OFFSETS, TMA, ROW_STATS,
+            BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, UPCAST, PRECISION)
 
 
 @triton.jit
 def _attn_fwd_tile(
     pid_m, pid_bh, split,
-    Q, K, V, O, LSE, MASK, ALIBI, CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, KV_BATCH_IDX,
+    Q, K, V, O, LSE, STATS, MASK, ALIBI, CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, KV_BATCH_IDX,
     sq_b, sq_h, sq_m, sq_d,
     sk_b, sk_h, sk_n, sk_d,
     sv_b, sv_h, sv_n, sv_d,
     so_s, so_b, so_h, so_m, so_d,  # so_s / sl_s: split stride of the partial results (0 without splits)
-    sl_s, sl_b, sl_h, sl_m,
+    sl_s, sl_b, sl_h, sl_m, sst_s,  # sst_s: from the row maxima to the row sums in STATS
     smask_b, smask_h, smask_m, smask_n,
     salibi_b, salibi_h,
     num_heads, group_size, seqlen_q, seqlen_k, head_dim, head_dim_v,
@@ -231,7 +249,7 @@ def _attn_fwd_tile(
     MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, HAS_SEQUSED_K: tl.constexpr, HAS_KV_BATCH_IDX: tl.constexpr, NUM_SPLITS: tl.constexpr,
     SPLIT_WALK: tl.constexpr, FOLD: tl.constexpr, EVEN_D: tl.constexpr, FIXED_OFFSETS: tl.constexpr,
-    TMA: tl.constexpr,
+    TMA: tl.constexpr, ROW_STATS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -324,6 +342,10 @@ def _attn_fwd_tile(
     tl.store(O + rows[:, None] * so_m + offs_dv[None, :] * so_d, (acc / l_safe[:, None]).to(O.dtype.element_ty),
              mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v))
     tl.store(LSE + rows * sl_m, tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * LN2), mask=row_ok)
+    if ROW_STATS:  # for an fp32 backward (see _softmax_shift); +inf makes an empty row's probabilities 0
+        STATS += b64 * sl_b + h64 * sl_h + q_start * sl_m
+        tl.store(STATS + rows * sl_m, tl.where(empty, float("inf"), m_i), mask=row_ok)
+        tl.store(STATS + sst_s + rows * sl_m, 1.0 / l_safe, mask=row_ok)
 
 
 @triton.jit
@@ -390,14 +412,14 @@ def _attn_bwd_delta_kernel(
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, MASK, ALIBI, CU_SEQLENS_Q, CU_SEQLENS_K,
+    Q, K, V, DO, LSE, STATS, DELTA, DK, DV, MASK, ALIBI, CU_SEQLENS_Q, CU_SEQLENS_K,
     sq_b, sq_h, sq_m, sq_d,
     sk_b, sk_h, sk_n, sk_d,
     sv_b, sv_h, sv_n, sv_d,
     sdo_b, sdo_h, sdo_m, sdo_d,
     sdk_b, sdk_h, sdk_n, sdk_d,
     sdv_b, sdv_h, sdv_n, sdv_d,
-    sl_b, sl_h, sl_m,
+    sl_b, sl_h, sl_m, sst_s,
     smask_b, smask_h, smask_m, smask_n,
     salibi_b, salibi_h,
     num_heads_k, group_size, seqlen_q, seqlen_k, head_dim, head_dim_v,
@@ -406,6 +428,7 @@ def _attn_bwd_dkdv_kernel(
     BOTTOM_RIGHT: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, SPLIT_WALK: tl.constexpr, FOLD: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr,
+    ROW_STATS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -443,6 +466,7 @@ def _attn_bwd_dkdv_kernel(
         Qh = Q + b64 * sq_b + h64 * sq_h + q_start * sq_m
         DOh = DO + b64 * sdo_b + h64 * sdo_h + q_start * sdo_m
         LSEh = LSE + b64 * sl_b + h64 * sl_h + q_start * sl_m
+        STATSh = STATS + b64 * sl_b + h64 * sl_h + q_start * sl_m
         DELTAh = DELTA + b64 * sl_b + h64 * sl_h + q_start * sl_m
         MASKh = MASK + b64 * smask_b + h64 * smask_h
         slope_log2 = tl.load(ALIBI + b * salibi_b + h * salibi_h) * LOG2E if HAS_ALIBI else 0.0
@@ -465,16 +489,16 @@ def _attn_bwd_dkdv_kernel(
                                    d_ok[None, :], part != 1, not EVEN_D)
                     do = _load_tile(DOh + rows[:, None] * sdo_m + offs_dv[None, :] * sdo_d, row_ok[:, None],
                                     dv_ok[None, :], part != 1, not EVEN_D)
-                lse = _load_tile(LSEh + rows * sl_m, row_ok, row_ok, part != 1, False)
+                shift, inv_l = _softmax_shift(LSEh, STATSh, rows * sl_m, row_ok, sst_s, part != 1, ROW_STATS)
                 delta = _load_tile(DELTAh + rows * sl_m, row_ok, row_ok, part != 1, False)
-                # A row that saw no key has lse = -inf; +inf there makes its probabilities exactly 0.
-                lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
                 qkt = dot(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), UPCAST, PRECISION)
                 st, tt = _scores(qkt, rows[None, :], cols[:, None], seqlen_q, seqlen_k, diag, window_left,
                                  window_right, MASKh, smask_m, smask_n, slope_log2, qk_scale_log2, softcap_scale,
                                  softcap_log2, HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, part != 1,
                                  FOLD)
-                pt = _exp2_scaled(st, qk_scale_log2, lse2[None, :], FOLD)
+                pt = _exp2_scaled(st, qk_scale_log2, shift[None, :], FOLD)
+                if ROW_STATS:
+                    pt = pt * inv_l[None, :]
                 dpt = dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), UPCAST, PRECISION)
                 if DROPOUT:
                     keep = _dropout_keep(seed, row_base, rows[None, :], cols[:, None], philox_seqlen_k, dropout_p)
@@ -497,13 +521,14 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, MASK, ALIBI, CU_SEQLENS_Q, CU_SEQLENS_K,
+    Q, K, V, DO, LSE, STATS, DELTA, DQ, DMASK, MASK, ALIBI, CU_SEQLENS_Q, CU_SEQLENS_K,
     sq_b, sq_h, sq_m, sq_d,
     sk_b, sk_h, sk_n, sk_d,
     sv_b, sv_h, sv_n, sv_d,
     sdo_b, sdo_h, sdo_m, sdo_d,
     sdq_b, sdq_h, sdq_m, sdq_d,
-    sl_b, sl_h, sl_m,
+    sdm_b, sdm_h, sdm_m, sdm_n,
+    sl_b, sl_h, sl_m, sst_s,
     smask_b, smask_h, smask_m, smask_n,
     salibi_b, salibi_h,
     num_heads, group_size, seqlen_q, seqlen_k, head_dim, head_dim_v,
@@ -512,10 +537,15 @@ def _attn_bwd_dq_kernel(
     BOTTOM_RIGHT: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, SPLIT_WALK: tl.constexpr, FOLD: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr,
+    ROW_STATS: tl.constexpr, MASK_GRAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """dQ = scale * dS K for one query block, walking the key blocks it sees."""
+    """dQ = scale * dS K for one query block, walking the key blocks it sees. With ``MASK_GRAD`` also the
+    additive mask's gradient, dS itself (the mask adds to the scores after scale and soft-cap), written
+    to ``DMASK`` (batch, heads, seqlen_q, seqlen_k): each element once, by the program owning its row;
+    blocks no row sees are left as the caller's zeros. Summing over the dims the mask broadcasts
+    along is autograd's (the mask reaches the op as an expanded view)."""
     pid_bh = tl.program_id(1)
     b = pid_bh // num_heads
     h = pid_bh % num_heads
@@ -532,6 +562,7 @@ def _attn_bwd_dq_kernel(
     LSE += b64 * sl_b + h64 * sl_h + q_start * sl_m
     DELTA += b64 * sl_b + h64 * sl_h + q_start * sl_m
     MASK += b64 * smask_b + h64 * smask_h
+    DMASK += b64 * sdm_b + h64 * sdm_h
     diag = seqlen_k - seqlen_q if BOTTOM_RIGHT else 0
     slope_log2 = tl.load(ALIBI + b * salibi_b + h * salibi_h) * LOG2E if HAS_ALIBI else 0.0
 
@@ -544,9 +575,12 @@ def _attn_bwd_dq_kernel(
     dv_ok = offs_dv < head_dim_v
     q = tl.load(Q + rows[:, None] * sq_m + offs_d[None, :] * sq_d, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     do = tl.load(DO + rows[:, None] * sdo_m + offs_dv[None, :] * sdo_d, mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
-    lse = tl.load(LSE + rows * sl_m, mask=row_ok, other=0.0)
+    STATS += b64 * sl_b + h64 * sl_h + q_start * sl_m
+    shift, inv_l = _softmax_shift(LSE, STATS, rows * sl_m, row_ok, sst_s, True, ROW_STATS)
     delta = tl.load(DELTA + rows * sl_m, mask=row_ok, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
+    if ROW_STATS:  # dS = exp2(s - m) (dP - delta) / l: the 1 / l goes into dO and delta, once per row
+        do = (do * inv_l[:, None]).to(do.dtype)
+        delta = delta * inv_l
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     lo, hi, first, limit = _key_range(m0, seqlen_k, diag, window_left, window_right, BLOCK_M, BLOCK_N,
@@ -573,13 +607,16 @@ def _attn_bwd_dq_kernel(
             s, t = _scores(qk, rows[:, None], cols[None, :], seqlen_q, seqlen_k, diag, window_left, window_right,
                            MASK, smask_m, smask_n, slope_log2, qk_scale_log2, softcap_scale, softcap_log2,
                            HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, part != 1, FOLD)
-            p = _exp2_scaled(s, qk_scale_log2, lse2[:, None], FOLD)
+            p = _exp2_scaled(s, qk_scale_log2, shift[:, None], FOLD)
             dp = dot(do, vt, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, PRECISION)
             if DROPOUT:
                 keep = _dropout_keep(seed, pid_bh.to(tl.int64) * philox_seqlen_q, rows[:, None], cols[None, :],
                                      philox_seqlen_k, dropout_p)
                 dp = tl.where(keep, dp * dropout_scale, 0.0)
             ds = p * (dp - delta[:, None])
+            if MASK_GRAD:
+                tl.store(DMASK + rows[:, None] * sdm_m + cols[None, :] * sdm_n, ds.to(DMASK.dtype.element_ty),
+                         mask=row_ok[:, None] & col_ok[None, :])
             if HAS_SOFTCAP:
                 ds = ds * (1.0 - t * t)
             dq = dot(ds.to(kt.dtype), tl.trans(kt), dq, UPCAST, PRECISION)

@@ -142,7 +142,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             h // (num_heads // num_heads_k), as torch.
 
     Returns:
-        ``(..., num_heads, seqlen_q, head_dim_v)`` in query's dtype; differentiable in query, key, value.
+        ``(..., num_heads, seqlen_q, head_dim_v)`` in query's dtype; differentiable in query, key, value
+        and a float ``attn_mask`` (a learned bias such as T5's relative positions: its gradient is the
+        score gradient dS, summed over the dims the mask broadcasts along, as FlexAttention gives and
+        flash-attention does not).
 
     Raises:
         TypeError: non-tensors, unsupported or mixed dtypes, a mask that is neither bool nor float.
@@ -155,11 +158,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
     Under ``torch.autocast``, query, key and value are cast to its dtype first, as torch's SDPA does.
 
-    Where it runs: Triton on CUDA (and on CPU under ``TRITON_INTERPRET=1``); otherwise PyTorch. Three
+    Where it runs: Triton on CUDA (and on CPU under ``TRITON_INTERPRET=1``); otherwise PyTorch. Two
     documented fallbacks to ``F.scaled_dot_product_attention``, with a warning and
-    ``kernels.last_path("attention") == "torch"``: head_dim above 256, an ``attn_mask`` that requires
-    grad (the kernel computes no mask gradient), and a mask whose seqlen_q x seqlen_k plane spans
-    2^31 elements or more.
+    ``kernels.last_path("attention") == "torch"``: head_dim above 256 and a mask whose seqlen_q x
+    seqlen_k plane spans 2^31 elements or more.
     """
     op = "scaled_dot_product_attention"
     query, key, value = autocast_to(query, key, value)
@@ -176,8 +178,6 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if dispatch.triton_available_for(query):
         if max(query.shape[-1], value.shape[-1]) > MAX_HEAD_DIM:
             fallback = f"head_dim {query.shape[-1]}/{value.shape[-1]} above the kernel's {MAX_HEAD_DIM}"
-        elif attn_mask is not None and attn_mask.requires_grad:
-            fallback = "an attn_mask that requires grad"
         elif mask is not None and _mask_row_extent(mask) >= 2**31:
             fallback = "an attn_mask whose (seqlen_q, seqlen_k) plane spans 2^31 elements or more"
         if fallback:

@@ -156,11 +156,13 @@ def _bwd_table(block_d: int, dtype: torch.dtype, heavy: bool, arch: str) -> tupl
                 dict(BLOCK_M=own_dq, BLOCK_N=streamed_dq, num_warps=warps_dq, num_stages=stages_dq))
 
     if dtype == torch.float32:  # no tensor cores: the FMA dot wants small square tiles
-        if heavy:  # two dK/dV stages at head_dim <= 64: one spills on sm_80 with the soft-cap's tanh (static check)
-            return pair(16, 16, 4, 2 if block_d <= 64 else 1, 16, 16, 4, 1)
+        if heavy:  # two stages at head_dim <= 64: one spills on sm_80 (dK/dV with the soft-cap's tanh, dQ
+            # writing a learned mask's gradient); above 64 two dQ stages spill on sm_90a (static check)
+            return pair(16, 16, 4, 2 if block_d <= 64 else 1, 16, 16, 4, 2 if block_d <= 64 else 1)
         if block_d <= 64:  # at head_dim 32 the dK/dV kernel's unmasked interior loads spill with 2 stages
             return pair(16, 32, 8, 1 if block_d <= 32 else 2, 32, 16, 8, 2)
-        return pair(16, 16, 4, 2, 16, 16, 4, 2)
+        # At head_dim 256 two dK/dV stages spill on sm_80 once P is normalized by the row sums (static check).
+        return pair(16, 16, 4, 2 if block_d <= 128 else 1, 16, 16, 4, 2)
     if block_d > 128:
         # Two fp32 accumulators of own x 256 cost 16 x own / warps registers per thread: 16 own rows
         # over 4 warps (mma.sync; the warps split head_dim, so no product is computed twice). With every

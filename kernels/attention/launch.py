@@ -113,7 +113,8 @@ def _problem(q, k, v, *, scale, bottom_right, window, softcap, alibi_slopes, att
 def attention_forward(q, k, v, *, scale: float, bottom_right: bool = False, window=(-1, -1), softcap: float = 0.0,
                       alibi_slopes=None, attn_mask=None, dropout_p: float = 0.0, seed: int = 0,
                       cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
-                      seqused_k=None, kv_batch_idx=None, num_splits: int = 1, out=None, lse=None):
+                      seqused_k=None, kv_batch_idx=None, num_splits: int = 1, out=None, lse=None,
+                      stats=None):
     """Launch the forward on 4-D ``(batch, heads, seqlen, head_dim)`` views of any strides.
 
     Packed batches: ``q`` is ``(1, heads, total_q, head_dim)`` with ``cu_seqlens_q/k`` (int32, batch+1)
@@ -122,6 +123,8 @@ def attention_forward(q, k, v, *, scale: float, bottom_right: bool = False, wind
     batch) and ``kv_batch_idx`` serve a KV cache; ``num_splits`` > 1 splits the keys (no dropout).
     Returns ``(out, logsumexp)``: ``out`` ``(batch, heads, seqlen_q, head_dim_v)`` in q's dtype,
     ``logsumexp`` float32 ``(batch, heads, seqlen_q)`` (natural log; -inf for a row that sees no key).
+    ``stats``: float32 ``(2, *logsumexp.shape)``, laid out as ``logsumexp``, to receive each row's max
+    score (base 2) and softmax sum for :func:`attention_backward`'s exact-fp32 path (no key split then).
     """
     pb = _problem(q, k, v, scale=scale, bottom_right=bottom_right, window=window, softcap=softcap,
                   alibi_slopes=alibi_slopes, attn_mask=attn_mask, dropout_p=dropout_p, seed=seed,
@@ -131,6 +134,8 @@ def attention_forward(q, k, v, *, scale: float, bottom_right: bool = False, wind
         out = torch.empty((*q.shape[:3], pb["head_dim_v"]), device=q.device, dtype=q.dtype)
     if lse is None:
         lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
+    if stats is not None and stats[0].stride() != lse.stride():
+        raise ValueError("attention_forward: stats must be laid out as the logsumexp")
     if out.numel() == 0 or batch == 0:
         return out, lse
     block_d, block_dv = block_size(pb["head_dim"]), block_size(pb["head_dim_v"])
@@ -141,8 +146,9 @@ def attention_forward(q, k, v, *, scale: float, bottom_right: bool = False, wind
 
     def launch(cfg):
         m_blocks = triton.cdiv(seqlen_q, cfg["BLOCK_M"])
-        splits = 1 if (dropout_p > 0 or pb["varlen"] or cfg["PERSISTENT"]) else configs._num_splits(
-            num_splits, m_blocks * batch * num_heads, pb["seqlen_k"], cfg["BLOCK_N"], q.device)
+        unsplit = dropout_p > 0 or pb["varlen"] or cfg["PERSISTENT"] or stats is not None
+        splits = 1 if unsplit else configs._num_splits(num_splits, m_blocks * batch * num_heads, pb["seqlen_k"],
+                                                       cfg["BLOCK_N"], q.device)
         grid = (m_blocks * splits, batch * num_heads)
         if cfg["PERSISTENT"]:
             grid = (min(m_blocks * batch * num_heads, _programs(q.device, block_d)), 1)
@@ -159,16 +165,18 @@ def attention_forward(q, k, v, *, scale: float, bottom_right: bool = False, wind
         dummy = q
         with _scratch(q.device, cfg["TMA"]):
             K._attn_fwd_kernel[grid](
-                q, k, v, o_dst, l_dst, dummy if attn_mask is None else attn_mask,
+                q, k, v, o_dst, l_dst, dummy if stats is None else stats, dummy if attn_mask is None else attn_mask,
                 dummy if alibi_slopes is None else alibi_slopes,
                 dummy if cu_seqlens_q is None else cu_seqlens_q, dummy if cu_seqlens_k is None else cu_seqlens_k,
                 dummy if seqused_k is None else seqused_k, dummy if kv_batch_idx is None else kv_batch_idx,
                 *_strides4(q, pb["varlen"]), *_strides4(k, pb["varlen"]), *_strides4(v, pb["varlen"]),
-                *o_strides, *l_strides, *pb["mask_strides"], *pb["alibi_strides"],
+                *o_strides, *l_strides, 0 if stats is None else stats.stride(0), *pb["mask_strides"],
+                *pb["alibi_strides"],
                 num_heads, pb["group_size"], seqlen_q, pb["seqlen_k"], pb["head_dim"], pb["head_dim_v"],
                 **pb["scalars"], split_size=split_size, batch_heads=batch * num_heads,
                 **pb["flags"], HAS_SEQUSED_K=seqused_k is not None, HAS_KV_BATCH_IDX=kv_batch_idx is not None,
-                NUM_SPLITS=splits, BLOCK_D=block_d, BLOCK_DV=block_dv, **cfg, **dot_flags(q.dtype),
+                NUM_SPLITS=splits, ROW_STATS=stats is not None, BLOCK_D=block_d, BLOCK_DV=block_dv, **cfg,
+                **dot_flags(q.dtype),
                 # Only 128-key tiles keep their offsets in registers: it saves ~23 instructions per step there
                 # (sm_90a, static check), and smaller tiles on sm_80 have no registers to spare for it.
                 FIXED_OFFSETS=cfg["BLOCK_N"] >= 128,
@@ -190,10 +198,12 @@ def attention_forward(q, k, v, *, scale: float, bottom_right: bool = False, wind
 def attention_backward(do, q, k, v, out, lse, *, scale: float, bottom_right: bool = False, window=(-1, -1),
                        softcap: float = 0.0, alibi_slopes=None, attn_mask=None, dropout_p: float = 0.0, seed: int = 0,
                        cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
-                       dq=None, dk=None, dv=None):
+                       dq=None, dk=None, dv=None, stats=None, dmask=None):
     """Launch the three backward kernels; same arguments as :func:`attention_forward` plus ``do``,
-    ``out`` and ``lse`` from it. Returns ``(dq, dk, dv)`` in the inputs' dtype (allocated like the
-    inputs unless given)."""
+    ``out`` and ``lse`` from it, and its ``stats`` if it wrote them (probabilities then as exact as
+    torch's fp32 softmax). ``dmask``: a zeroed (batch, heads, seqlen_q, seqlen_k) tensor that receives
+    the additive ``attn_mask``'s gradient. Returns ``(dq, dk, dv)`` in the inputs' dtype (allocated like
+    the inputs unless given)."""
     pb = _problem(q, k, v, scale=scale, bottom_right=bottom_right, window=window, softcap=softcap,
                   alibi_slopes=alibi_slopes, attn_mask=attn_mask, dropout_p=dropout_p, seed=seed,
                   cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
@@ -213,7 +223,8 @@ def attention_backward(do, q, k, v, out, lse, *, scale: float, bottom_right: boo
         dkdv_candidates = [c for c in dkdv_candidates if not c["TMA"]] or [dict(dkdv_candidates[0], TMA=False)]
     if not _tma_ok((k, v), varlen):
         dq_candidates = [c for c in dq_candidates if not c["TMA"]] or [dict(dq_candidates[0], TMA=False)]
-    lse_strides = (0 if varlen else lse.stride(0), lse.stride(1), lse.stride(2))
+    lse_strides = (0 if varlen else lse.stride(0), lse.stride(1), lse.stride(2),
+                   0 if stats is None else stats.stride(0))
     delta = torch.empty_like(lse)
     rows_o = out.shape[2]  # physical rows: for a packed batch, all tokens
     K._attn_bwd_delta_kernel[(triton.cdiv(rows_o, _DELTA_BLOCK_M), out.shape[0] * num_heads)](
@@ -224,14 +235,15 @@ def attention_backward(do, q, k, v, out, lse, *, scale: float, bottom_right: boo
     tensors = dict(MASK=dummy if attn_mask is None else attn_mask, ALIBI=dummy if alibi_slopes is None else alibi_slopes,
                    CU_SEQLENS_Q=dummy if cu_seqlens_q is None else cu_seqlens_q,
                    CU_SEQLENS_K=dummy if cu_seqlens_k is None else cu_seqlens_k)
-    common = dict(**pb["scalars"], **pb["flags"], BLOCK_D=block_d, BLOCK_DV=block_dv, **dot_flags(q.dtype))
+    common = dict(**pb["scalars"], **pb["flags"], ROW_STATS=stats is not None, BLOCK_D=block_d, BLOCK_DV=block_dv,
+                  **dot_flags(q.dtype))
     sizes = (pb["group_size"], pb["seqlen_q"], pb["seqlen_k"], pb["head_dim"], pb["head_dim_v"], scale)
     qkvdo = (*_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen), *_strides4(do, varlen))
 
     def launch_dkdv(cfg):
         with _scratch(q.device, cfg["TMA"]):
             K._attn_bwd_dkdv_kernel[(triton.cdiv(pb["seqlen_k"], cfg["BLOCK_N"]), batch * pb["num_heads_k"])](
-                q, k, v, do, lse, delta, dk, dv, *tensors.values(),
+                q, k, v, do, lse, q if stats is None else stats, delta, dk, dv, *tensors.values(),
                 *qkvdo, *_strides4(dk, varlen), *_strides4(dv, varlen), *lse_strides, *pb["mask_strides"],
                 *pb["alibi_strides"], pb["num_heads_k"], *sizes, **common, **cfg,
             )
@@ -239,12 +251,14 @@ def attention_backward(do, q, k, v, out, lse, *, scale: float, bottom_right: boo
     def launch_dq(cfg):
         with _scratch(q.device, cfg["TMA"]):
             K._attn_bwd_dq_kernel[(triton.cdiv(pb["seqlen_q"], cfg["BLOCK_M"]), batch * num_heads)](
-                q, k, v, do, lse, delta, dq, *tensors.values(),
-                *qkvdo, *_strides4(dq, varlen), *lse_strides, *pb["mask_strides"], *pb["alibi_strides"],
-                num_heads, *sizes, **common, **cfg,
+                q, k, v, do, lse, q if stats is None else stats, delta, dq, q if dmask is None else dmask,
+                *tensors.values(), *qkvdo, *_strides4(dq, varlen),
+                *(dmask.stride() if dmask is not None else (0,) * 4), *lse_strides, *pb["mask_strides"],
+                *pb["alibi_strides"],
+                num_heads, *sizes, **common, **cfg, MASK_GRAD=dmask is not None,
             )
 
-    key = _bucket(pb, q, 1)
+    key = _bucket(pb, q, 1, dmask is not None)
     launch_dkdv(autotune.choose("attention_bwd_dkdv", key, dkdv_candidates, launch_dkdv, q.device,
                                 kernel=K._attn_bwd_dkdv_kernel))
     launch_dq(autotune.choose("attention_bwd_dq", key, dq_candidates, launch_dq, q.device,

@@ -21,6 +21,11 @@ def _new_out(q: torch.Tensor, head_dim_v: int) -> torch.Tensor:
     return q.new_empty((batch, heads, seqlen, head_dim_v))
 
 
+def _new_stats(q: torch.Tensor, row_stats: bool) -> torch.Tensor:
+    """Row maxima and sums, (2, batch, heads, seqlen_q) float32, or an empty tensor without ``row_stats``."""
+    return q.new_empty((2, *q.shape[:3]) if row_stats else (0,), dtype=torch.float32)
+
+
 @torch.library.custom_op("kernels::attention_forward", mutates_args=())
 def _attention_forward_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -28,44 +33,60 @@ def _attention_forward_op(
     cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
     seqused_k: Optional[torch.Tensor], kv_batch_idx: Optional[torch.Tensor],
     max_seqlen_q: int, max_seqlen_k: int, scale: float, bottom_right: bool,
-    window_left: int, window_right: int, softcap: float, dropout_p: float, num_splits: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (out, logsumexp, philox seed as a 0-dim int64 CPU tensor)."""
+    window_left: int, window_right: int, softcap: float, dropout_p: float, num_splits: int, row_stats: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (out, logsumexp, philox seed as a 0-dim int64 CPU tensor, row stats). ``row_stats``: also
+    each row's max and softmax sum, (2, *logsumexp.shape), for an exact fp32 backward (else empty)."""
     # The seed comes from torch's default generator, so torch.manual_seed makes dropout repeatable.
     seed = torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_p > 0 else torch.zeros((), dtype=torch.int64)
+    lse = q.new_empty(q.shape[:3], dtype=torch.float32)
+    stats = _new_stats(q, row_stats)
     out, lse = attention_forward(
         q, k, v, scale=scale, bottom_right=bottom_right, window=(window_left, window_right), softcap=softcap,
         alibi_slopes=alibi_slopes, attn_mask=attn_mask, dropout_p=dropout_p, seed=int(seed),
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
-        seqused_k=seqused_k, kv_batch_idx=kv_batch_idx, num_splits=num_splits, out=_new_out(q, v.shape[3]))
-    return out, lse, seed
+        seqused_k=seqused_k, kv_batch_idx=kv_batch_idx, num_splits=num_splits, out=_new_out(q, v.shape[3]),
+        lse=lse, stats=stats if row_stats else None)
+    return out, lse, seed, stats
 
 
 @_attention_forward_op.register_fake
 def _(q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k, kv_batch_idx, max_seqlen_q,
-      max_seqlen_k, scale, bottom_right, window_left, window_right, softcap, dropout_p, num_splits):
+      max_seqlen_k, scale, bottom_right, window_left, window_right, softcap, dropout_p, num_splits, row_stats):
     lse = q.new_empty(q.shape[:3], dtype=torch.float32)
-    return _new_out(q, v.shape[3]), lse, torch.empty((), dtype=torch.int64)
+    return _new_out(q, v.shape[3]), lse, torch.empty((), dtype=torch.int64), _new_stats(q, row_stats)
 
 
 @torch.library.custom_op("kernels::attention_backward", mutates_args=())
 def _attention_backward_op(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    seed: torch.Tensor, attn_mask: Optional[torch.Tensor], alibi_slopes: Optional[torch.Tensor],
+    seed: torch.Tensor, stats: torch.Tensor, attn_mask: Optional[torch.Tensor], alibi_slopes: Optional[torch.Tensor],
     cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
     max_seqlen_q: int, max_seqlen_k: int, scale: float, bottom_right: bool,
-    window_left: int, window_right: int, softcap: float, dropout_p: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return attention_backward(
+    window_left: int, window_right: int, softcap: float, dropout_p: float, mask_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (dq, dk, dv, dmask): ``dmask`` is the additive mask's gradient at the full (batch, heads,
+    seqlen_q, seqlen_k) with ``mask_grad``, else empty."""
+    dmask = _new_dmask(q, k, attn_mask, mask_grad)
+    dq, dk, dv = attention_backward(
         dout, q, k, v, out, lse, scale=scale, bottom_right=bottom_right, window=(window_left, window_right),
         softcap=softcap, alibi_slopes=alibi_slopes, attn_mask=attn_mask, dropout_p=dropout_p, seed=int(seed),
-        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+        stats=stats if stats.numel() else None, dmask=dmask.zero_() if mask_grad else None)
+    return dq, dk, dv, dmask
 
 
 @_attention_backward_op.register_fake
-def _(dout, q, k, v, out, lse, seed, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-      max_seqlen_k, scale, bottom_right, window_left, window_right, softcap, dropout_p):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _(dout, q, k, v, out, lse, seed, stats, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+      max_seqlen_k, scale, bottom_right, window_left, window_right, softcap, dropout_p, mask_grad):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), _new_dmask(q, k, attn_mask, mask_grad)
+
+
+def _new_dmask(q, k, attn_mask, mask_grad: bool) -> torch.Tensor:
+    """The mask gradient's buffer, (batch, heads, seqlen_q, seqlen_k) in the mask's dtype, or empty."""
+    if not mask_grad:
+        return q.new_empty((0,))
+    return q.new_empty((*q.shape[:3], k.shape[2]), dtype=attn_mask.dtype)
 
 
 _SAVED_PARAMS = ("max_seqlen_q", "max_seqlen_k", "scale", "bottom_right", "window_left", "window_right",
@@ -74,21 +95,23 @@ _SAVED_PARAMS = ("max_seqlen_q", "max_seqlen_k", "scale", "bottom_right", "windo
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k, kv_batch_idx, *params) = inputs
-    out, lse, seed = output
+    out, lse, seed, stats = output
     ctx.kv_cache = seqused_k is not None or kv_batch_idx is not None
-    ctx.save_for_backward(q, k, v, out, lse, seed, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k)
+    ctx.save_for_backward(q, k, v, out, lse, seed, stats, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k)
     ctx.params = dict(zip(_SAVED_PARAMS, params[:len(_SAVED_PARAMS)]))
 
 
-def _backward(ctx, dout, _dlse, _dseed):
-    """dQ, dK, dV; the logsumexp output is not differentiable (its gradient is ignored)."""
+def _backward(ctx, dout, _dlse, _dseed, _dstats):
+    """dQ, dK, dV, and an additive attn_mask's gradient when it requires one; the logsumexp output is
+    not differentiable (its gradient is ignored)."""
     if ctx.kv_cache:
         raise NotImplementedError("attention with a KV cache (seqused_k / kv_batch_idx) has no backward, "
                                   "as in flash_attn_with_kvcache")
-    q, k, v, out, lse, seed, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-    dq, dk, dv = _attention_backward_op(dout, q, k, v, out, lse, seed, attn_mask, alibi_slopes,
-                                        cu_seqlens_q, cu_seqlens_k, **ctx.params)
-    return (dq, dk, dv) + (None,) * 15
+    q, k, v, out, lse, seed, stats, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+    mask_grad = attn_mask is not None and ctx.needs_input_grad[3]
+    dq, dk, dv, dmask = _attention_backward_op(dout, q, k, v, out, lse, seed, stats, attn_mask, alibi_slopes,
+                                               cu_seqlens_q, cu_seqlens_k, **ctx.params, mask_grad=mask_grad)
+    return (dq, dk, dv, dmask if mask_grad else None) + (None,) * 15
 
 
 torch.library.register_autograd("kernels::attention_forward", _backward, setup_context=_setup_context)
@@ -100,6 +123,11 @@ def attention_op(q, k, v, *, scale, bottom_right=False, window=(-1, -1), softcap
     """Differentiable, compile-safe attention on 4-D views (see :func:`attention_forward` for the
     arguments). Returns ``(out, logsumexp, seed)``. Counted as a Triton call by :func:`kernels.last_path`."""
     dispatch.record_path("attention", "triton")
-    return _attention_forward_op(q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k,
-                                 kv_batch_idx, int(max_seqlen_q), int(max_seqlen_k), float(scale), bool(bottom_right),
-                                 int(window[0]), int(window[1]), float(softcap), float(dropout_p), int(num_splits))
+    # fp32 training keeps each row's max and sum for the backward (see _kernels._softmax_shift).
+    row_stats = q.dtype == torch.float32 and torch.is_grad_enabled() and (
+        q.requires_grad or k.requires_grad or v.requires_grad)
+    out, lse, seed, _ = _attention_forward_op(
+        q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k, kv_batch_idx, int(max_seqlen_q),
+        int(max_seqlen_k), float(scale), bool(bottom_right), int(window[0]), int(window[1]), float(softcap),
+        float(dropout_p), int(num_splits), row_stats)
+    return out, lse, seed

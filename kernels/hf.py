@@ -15,7 +15,8 @@ Two pieces, both reversible with :func:`kernels.unpatch`:
   -> ``kernels.rms_norm``; ``LlamaMLP`` (gate/up/down) -> gated ``kernels.ffn``; ``GPT2MLP`` (Conv1D,
   ``gelu_new``) -> ``kernels.ffn`` on the transposed Conv1D weights; ``GPTNeoXMLP`` -> ``kernels.ffn``;
   ``Phi3MLP`` (one fused ``gate_up_proj``) -> gated ``kernels.ffn`` on its two row halves; ``CLIPMLP``
-  (``quick_gelu``) -> ``kernels.ffn``; ``BertIntermediate`` +
+  (``quick_gelu``) -> ``kernels.ffn``; T5's ``T5LayerNorm`` -> ``kernels.rms_norm`` and
+  ``T5DenseActDense`` / ``T5DenseGatedActDense`` -> ``kernels.ffn``; ``BertIntermediate`` +
   ``BertOutput`` -> one ``kernels.ffn`` (patched on ``BertLayer.feed_forward_chunk``); BERT's
   ``LayerNorm(dropout(h) + x)`` -> the fused Add & Norm ``kernels.add_layer_norm``; every
   ``nn.LayerNorm`` -> ``kernels.layer_norm``.
@@ -392,6 +393,27 @@ class _NeoXMLPMixin:
         return super().forward(hidden_states) if y is None else y
 
 
+class _T5DenseMixin:
+    """T5DenseActDense ``wo(dropout(act(wi(x))))`` as one kernels.ffn call (dropout in eval only: in
+    training it would draw other random numbers, so the original runs)."""
+
+    def forward(self, hidden_states):
+        y = patching.fused_linear_ffn(hidden_states, self.wi, self.act, self.wo, dropout=self.dropout)
+        return super().forward(hidden_states) if y is None else y
+
+
+class _T5GatedDenseMixin:
+    """T5DenseGatedActDense ``wo(dropout(act(wi_0(x)) * wi_1(x)))`` as one gated kernels.ffn call."""
+
+    def forward(self, hidden_states):
+        gate, up, down = self.wi_0, self.wi_1, self.wo
+        y = None
+        if all(plain_linear(p) for p in (gate, up, down)):
+            y = fused_ffn(hidden_states, up.weight, up.bias, self.act, down.weight, down.bias, dropout=self.dropout,
+                          weight_gate=gate.weight, bias_gate=gate.bias, gated=True)
+        return super().forward(hidden_states) if y is None else y
+
+
 class _CLIPMLPMixin:
     """CLIPMLP ``fc2(activation_fn(fc1(x)))`` (quick_gelu, or another recognized activation) as one
     kernels.ffn call."""
@@ -516,6 +538,29 @@ def _neox_mlp_rule(m, opts: Options):
                    covers=("dense_h_to_4h", "dense_4h_to_h", "act"))
 
 
+def _t5_rule(m, opts: Options):
+    """T5's RMS norm (Llama's math and casting, other code) and its two FFN forms."""
+    if _forward_is(m, "t5", "T5LayerNorm"):
+        if not opts.layer_norm:
+            return Leave("layer_norm=False")
+        return Replace(_RMSNormMixin, "kernels.rms_norm with the same weight and variance_epsilon; an input dtype "
+                                      "other than the weight's runs the original")
+    gated = _forward_is(m, "t5", "T5DenseGatedActDense")
+    if not (gated or _forward_is(m, "t5", "T5DenseActDense")):
+        return None
+    names = ("wi_0", "wi_1", "wo") if gated else ("wi", "wo")
+    if not all(plain_linear(getattr(m, n, None)) for n in names):
+        return Leave(f"{'/'.join(names)} are not plain nn.Linear (or have hooks)")
+    refusal = _ffn_refusal(opts, m.act, gated=gated)
+    if refusal:
+        return refusal
+    name = activation_name(m.act)
+    name = patching.GATED[name] if gated else name
+    return Replace(_T5GatedDenseMixin if gated else _T5DenseMixin,
+                   f"{'gated ' if gated else ''}kernels.ffn({name!r}) with {', '.join(names)}; its dropout in "
+                   "training runs the original", covers=(*names, "act", "dropout"))
+
+
 def _clip_mlp_rule(m, opts: Options):
     if not _forward_is(m, "clip", "CLIPMLP"):
         return None
@@ -574,14 +619,14 @@ def _unknown_hf_rule(m, opts: Options):
     name = type(m).__name__
     if type(m).__module__.startswith("transformers.") and name.endswith(("MLP", "RMSNorm")):
         return Leave(f"{name}.forward is not the code of an MLP/norm kernels.hf knows (LlamaMLP, GPT2MLP, "
-                     "GPTNeoXMLP, Phi3MLP, CLIPMLP, BertIntermediate+BertOutput, LlamaRMSNorm): equivalence cannot be proven")
+                     "GPTNeoXMLP, Phi3MLP, CLIPMLP, T5's, BertIntermediate+BertOutput, LlamaRMSNorm): equivalence cannot be proven")
     return None
 
 
 def _rules():
     torchscript, *torch_rules = patching.TORCH_RULES
     return (torchscript, _gemma_rms_norm_rule, _rms_norm_rule, _llama_mlp_rule, _gpt2_mlp_rule, _neox_mlp_rule,
-            _clip_mlp_rule, _fused_gate_up_mlp_rule, _bert_layer_rule, _bert_self_output_rule, *torch_rules,
+            _clip_mlp_rule, _t5_rule, _fused_gate_up_mlp_rule, _bert_layer_rule, _bert_self_output_rule, *torch_rules,
             _unknown_hf_rule)
 
 

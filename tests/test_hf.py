@@ -385,3 +385,28 @@ def test_clip_quick_gelu_mlp(device, launches):
         (out * cotangent).sum().backward()
         (want * cotangent).sum().backward()
     assert_grads_match(model, ref)
+
+
+@pytest.mark.parametrize("feed_forward_proj", ["relu", "gated-gelu"])
+def test_t5_norms_and_feed_forward(device, launches, feed_forward_proj):
+    """T5's RMS T5LayerNorm runs kernels.rms_norm; T5DenseActDense (ReLU) and T5DenseGatedActDense
+    (GeGLU, tanh form) run kernels.ffn; logits and gradients equal the unpatched model's. (Its
+    self-attention's learned position bias requires grad: that attention falls back to torch.)"""
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                   feed_forward_proj=feed_forward_proj, dropout_rate=0.0, decoder_start_token_id=0,
+                                   pad_token_id=0, eos_token_id=1)
+    model = transformers.T5ForConditionalGeneration(config).to(device).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layer_norm" in name:
+                p.normal_(1.0, 0.3)
+    ref = copy.deepcopy(model)
+    report = hf.apply_kernels(model)
+    replaced = [e.original for e in report.replaced]
+    dense = "transformers.T5DenseGatedActDense" if feed_forward_proj.startswith("gated") else \
+        "transformers.T5DenseActDense"
+    assert replaced.count(dense) == 4 and replaced.count("transformers.T5LayerNorm") == 12
+    inputs = dict(tokens(device), decoder_input_ids=torch.randint(0, VOCAB, (2, 5), device=device))
+    with launches("ffn_matmul", 8), launches("layer_norm_fwd", 12), pytest.warns(UserWarning, match="requires grad"):
+        compare(model, ref, inputs)

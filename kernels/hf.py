@@ -53,6 +53,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import patching
+from .attention import scaled_dot_product_attention
 from .patching import (
     Leave,
     Options,
@@ -116,8 +117,11 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     Mirrors ``transformers.integrations.sdpa_attention.sdpa_attention_forward``: ``is_causal`` from the
     argument or ``module.is_causal`` (default True), used only when there is no mask and more than one
     query; causal prefill against longer static-cache keys reads only the first ``seqlen_q`` keys;
-    T5-style ``position_bias`` is folded into the mask. Grouped-query attention uses the kernel's
-    ``enable_gqa`` (no ``repeat_kv`` copies).
+    T5-style ``position_bias`` is folded into the mask (its gradient, when it is learned, comes from the
+    kernel). Grouped-query attention uses the kernel's ``enable_gqa`` (no ``repeat_kv`` copies).
+    Gemma 2's ``softcap`` (logit soft-capping, which 'sdpa' refuses) runs in the kernel, with the mask
+    added after the cap as in transformers' eager attention; per-layer sliding windows come in the masks
+    transformers builds for each layer type.
 
     Args:
         module: the attention layer (reads ``is_causal``).
@@ -126,19 +130,18 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         attention_mask: None, a bool mask (True = attend) or an additive float mask, broadcastable to
             ``(batch, heads, seqlen_q, seqlen_k)`` -- what transformers' SDPA mask builder makes.
         dropout: attention dropout probability; > 0 runs torch's SDPA (the kernel would draw other
-            random numbers than the unpatched model).
+            random numbers than the unpatched model), except with ``softcap``, which torch cannot run.
+        softcap (keyword): logit soft-capping, ``softcap * tanh(scores / softcap)``; None or 0 = off.
         scaling: softmax scale, default ``1/sqrt(head_dim)``.
 
     Returns:
         ``(attn_output, None)`` with ``attn_output`` of shape ``(batch, seqlen_q, heads, head_dim)``.
 
     Raises:
-        ValueError: ``softcap`` given (as the SDPA path). NotImplementedError: a paged cache
-        (continuous batching) is passed.
+        NotImplementedError: a paged cache (continuous batching) is passed.
     """
     global _warned_output_attentions
-    if kwargs.get("softcap") is not None:
-        raise ValueError(f"{ATTENTION_NAME!r} attention does not support `softcap` (as 'sdpa'); use 'eager'")
+    softcap = kwargs.get("softcap") or 0.0
     if kwargs.get("output_attentions", False) and not _warned_output_attentions:
         _warned_output_attentions = True
         warnings.warn(f"{ATTENTION_NAME!r} attention does not return attention weights (as 'sdpa'); use 'eager'",
@@ -158,8 +161,13 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
 
         attention_mask = create_position_bias_mask(position_bias, attention_mask, is_causal, query, key)
         is_causal = False
-    out = patching.routed_sdpa(query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
-                               is_causal=is_causal, enable_gqa=key.shape[1] != query.shape[1])
+    if softcap > 0:
+        out = scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                           scale=scaling, is_causal=is_causal,
+                                           enable_gqa=key.shape[1] != query.shape[1], softcap=softcap)
+    else:
+        out = patching.routed_sdpa(query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
+                                   is_causal=is_causal, enable_gqa=key.shape[1] != query.shape[1])
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -188,20 +196,51 @@ def _switch_attention(model: nn.Module, report: PatchReport) -> None:
         return leave("not a transformers.PreTrainedModel: no attention implementation to switch")
     if current == ATTENTION_NAME:
         return leave("already uses kernels' attention")
-    if current != "sdpa":
-        return leave("only 'sdpa' is switched: our attention mirrors its semantics and masks (eager returns "
-                     "attention weights, flash/flex build other masks)")
+    soft_capped = current == "eager" and _attention_softcap(config) is not None
+    if current != "sdpa" and not soft_capped:
+        return leave("only 'sdpa' is switched, and 'eager' for soft-capped attention (Gemma 2): our attention "
+                     "mirrors their semantics and masks (eager returns attention weights, flash/flex build other "
+                     "masks)")
     if not model._can_set_attn_implementation():
         return leave(f"{type(model).__name__} cannot switch its attention implementation")
     register()
-    model.set_attn_implementation(ATTENTION_NAME)
+    with _sdpa_check_passes(model) if soft_capped else contextlib.nullcontext():
+        model.set_attn_implementation(ATTENTION_NAME)
     if model.config._attn_implementation != ATTENTION_NAME:  # pragma: no cover - transformers refused
         return leave("transformers did not accept the switch")
     model._kernels_original_attn_implementation = current
     report.replaced.append(PatchEntry(
         "", what, repr(ATTENTION_NAME),
         "attention layers call kernels.scaled_dot_product_attention through transformers' AttentionInterface, "
-        "with the masks built for 'sdpa'; attention dropout > 0 (training) runs torch's SDPA"))
+        "with the masks built for 'sdpa'; "
+        + (f"logit soft-capping at {_attention_softcap(config)} in the kernel (which 'sdpa' cannot run); "
+           "attention weights are not returned (output_attentions)" if soft_capped else
+           "attention dropout > 0 (training) runs torch's SDPA")))
+
+
+@contextlib.contextmanager
+def _sdpa_check_passes(model: nn.Module):
+    """transformers takes any implementation whose name holds "sdpa" for torch's SDPA and refuses it to
+    models that declare ``_supports_sdpa = False``, as Gemma 2 does for its soft-capping, which our kernel
+    runs: those models pass the check while the switch is made."""
+    refusing = [m for m in model.modules() if isinstance(m, _transformers().PreTrainedModel) and not m._supports_sdpa]
+    for m in refusing:
+        m._supports_sdpa = True
+    try:
+        yield
+    finally:
+        for m in refusing:
+            del m._supports_sdpa
+
+
+def _attention_softcap(config) -> float | None:
+    """The attention logit soft-cap of a transformers config (Gemma 2's ``attn_logit_softcapping``, also
+    inside a multimodal ``text_config``), or None."""
+    for cfg in (config, getattr(config, "text_config", None)):
+        cap = getattr(cfg, "attn_logit_softcapping", None)
+        if cap:
+            return float(cap)
+    return None
 
 
 def _restore_attention(model: nn.Module) -> list[str]:

@@ -593,3 +593,19 @@ def test_torch_causal_bias_masks(device, launches, variant, seqlen_q, seqlen_k):
         kernels.scaled_dot_product_attention(q, k, v, attn_mask=make(seqlen_q + 1, seqlen_k))
     with pytest.raises(RuntimeError, match="not both"):
         kernels.scaled_dot_product_attention(q, k, v, attn_mask=make(seqlen_q, seqlen_k), is_causal=True)
+
+
+def test_sdpa_softcap_extension(device, launches):
+    """``softcap`` (keyword-only, beyond torch's signature): the cap applies to the scaled scores and the
+    mask adds after it (Gemma 2's order); float64 runs the reference; a negative cap is refused."""
+    q, k, v = _qkv(2, 4, 13, 17, 16, torch.float32, device, heads_k=2)
+    mask = torch.randn(2, 1, 13, 17, device=device)
+    with launches("attention_fwd"), launches("attention_bwd_dq"):
+        check_fwd_bwd(_sdpa(attn_mask=mask, softcap=3.0, enable_gqa=True, scale=0.9),
+                      _ref(attn_mask=mask, softcap=3.0, scale=0.9), (q, k, v), torch.float32)
+    out64 = kernels.scaled_dot_product_attention(*(t.double() for t in (q, k, v)), is_causal=True, softcap=3.0,
+                                                 enable_gqa=True)
+    assert kernels.last_path("attention") == "torch"
+    torch.testing.assert_close(out64, attention_reference(*(t.double() for t in (q, k, v)), causal=True, softcap=3.0))
+    with pytest.raises(ValueError, match="softcap must be a float >= 0"):
+        kernels.scaled_dot_product_attention(q, k, v, enable_gqa=True, softcap=-1.0)

@@ -7,6 +7,7 @@ counters must show that the Triton kernels ran.
 import copy
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -327,12 +328,11 @@ def test_phi3_fused_gate_up_mlp(device, launches):
                     {"attn_implementation='sdpa'": 1, "transformers.Phi3MLP": 2, "transformers.Phi3RMSNorm": 5})
 
 
-def _gemma(version):
+def _gemma(version, **overrides):
     kw = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               intermediate_size=64, max_position_embeddings=32, head_dim=8, pad_token_id=0, eos_token_id=0,
               bos_token_id=0)
-    if version == 2:  # no logit soft-capping: its attention is left alone anyway (eager)
-        kw.update(attn_logit_softcapping=None, final_logit_softcapping=None)
+    kw.update(overrides)
     prefix = "Gemma" if version == 1 else "Gemma2"
     model = getattr(transformers, f"{prefix}ForCausalLM")(getattr(transformers, f"{prefix}Config")(**kw))
     with torch.no_grad():  # Gemma's norm weights start at 0 (scale 1 + w): give them values
@@ -351,18 +351,37 @@ def test_gemma_rms_norm_and_mlp(device, launches):
                     {"attn_implementation='sdpa'": 1, "transformers.GemmaRMSNorm": 5, "transformers.GemmaMLP": 2})
 
 
-def test_gemma2_norms_and_mlps(device, launches):
-    """Gemma 2 (eager attention, left alone and reported): its four norms per layer and its MLPs run our
-    kernels with equal logits and gradients."""
+def test_gemma2_soft_capped_sliding_attention_norms_and_mlps(device, launches):
+    """Gemma 2 (logit soft-capping, which transformers' 'sdpa' refuses, so it runs 'eager'): patch
+    switches it to our attention, which caps in the kernel; a sliding layer (window 4 < 8 tokens) and a
+    full layer; its four norms per layer and MLPs on our kernels. Logits and gradients equal eager's,
+    greedy generation with left padding is token-identical, unpatch restores 'eager' exactly."""
     torch.manual_seed(0)
-    model = _gemma(2).to(device).eval()
+    model = _gemma(2, attn_logit_softcapping=5.0, sliding_window=4).to(device).eval()
+    assert model.config._attn_implementation == "eager" and model.config.layer_types[0] == "sliding_attention"
     ref = copy.deepcopy(model)
+    snap = snapshot(model)
     report = hf.apply_kernels(model)
     replaced = [e.original for e in report.replaced]
     assert replaced.count("transformers.Gemma2RMSNorm") == 9 and replaced.count("transformers.Gemma2MLP") == 2
-    assert "attn_implementation='eager'" in str(report)
-    with launches("layer_norm_fwd"), launches("layer_norm_bwd"), launches("ffn_matmul", 4):
-        compare(model, ref, tokens(device))
+    assert replaced.count("attn_implementation='eager'") == 1 and "soft-capping at 5.0" in str(report)
+    with launches("attention_fwd", 2), launches("attention_bwd_dq", 2), launches("layer_norm_fwd"), \
+            launches("ffn_matmul", 4):
+        compare(model, ref, tokens(device, padded=True))
+    assert kernels.last_path("attention") == "triton"
+    inputs = tokens(device, batch=2, seqlen=6)
+    inputs["attention_mask"][0, :2] = 0  # left padding: a sliding layer's window moves past the prompt
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    with launches("attention_fwd", 2 * 4):
+        out = model.generate(**inputs, **kwargs)
+    out_ref = ref.generate(**inputs, **kwargs)
+    assert torch.equal(out.sequences, out_ref.sequences)
+    for step, (s, s_ref) in enumerate(zip(out.scores, out_ref.scores)):
+        assert_match(s, s_ref, f"scores of step {step}")
+    unpatch(model)
+    assert model.config._attn_implementation == "eager" and "_supports_sdpa" not in vars(model)
+    assert all(type(m) is type(r) for m, r in zip(model.modules(), ref.modules()))
+    assert_same_state(model, snap)
 
 
 def test_clip_quick_gelu_mlp(device, launches):
@@ -387,26 +406,54 @@ def test_clip_quick_gelu_mlp(device, launches):
     assert_grads_match(model, ref)
 
 
-@pytest.mark.parametrize("feed_forward_proj", ["relu", "gated-gelu"])
-def test_t5_norms_and_feed_forward(device, launches, feed_forward_proj):
-    """T5's RMS T5LayerNorm runs kernels.rms_norm; T5DenseActDense (ReLU) and T5DenseGatedActDense
-    (GeGLU, tanh form) run kernels.ffn; logits and gradients equal the unpatched model's. (Its
-    self-attention's learned position bias requires grad: that attention falls back to torch.)"""
-    torch.manual_seed(0)
+def t5(feed_forward_proj="relu"):
     config = transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                                    feed_forward_proj=feed_forward_proj, dropout_rate=0.0, decoder_start_token_id=0,
                                    pad_token_id=0, eos_token_id=1)
-    model = transformers.T5ForConditionalGeneration(config).to(device).eval()
+    model = transformers.T5ForConditionalGeneration(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "layer_norm" in name:
                 p.normal_(1.0, 0.3)
+    return model
+
+
+@pytest.mark.parametrize("feed_forward_proj", ["relu", "gated-gelu"])
+def test_t5_norms_feed_forward_and_attention_with_learned_bias(device, launches, feed_forward_proj):
+    """T5's RMS T5LayerNorm runs kernels.rms_norm; T5DenseActDense (ReLU) and T5DenseGatedActDense
+    (GeGLU, tanh form) run kernels.ffn; its attention (self, causal self with padding, cross) runs our
+    kernel with the learned relative position bias as an additive mask, whose gradient the dQ kernel
+    writes: logits and every gradient, the bias table's included, equal the unpatched model's."""
+    torch.manual_seed(0)
+    model = t5(feed_forward_proj).to(device).eval()
     ref = copy.deepcopy(model)
     report = hf.apply_kernels(model)
     replaced = [e.original for e in report.replaced]
     dense = "transformers.T5DenseGatedActDense" if feed_forward_proj.startswith("gated") else \
         "transformers.T5DenseActDense"
     assert replaced.count(dense) == 4 and replaced.count("transformers.T5LayerNorm") == 12
-    inputs = dict(tokens(device), decoder_input_ids=torch.randint(0, VOCAB, (2, 5), device=device))
-    with launches("ffn_matmul", 8), launches("layer_norm_fwd", 12), pytest.warns(UserWarning, match="requires grad"):
-        compare(model, ref, inputs)
+    assert model.config._attn_implementation == hf.ATTENTION_NAME
+    inputs = dict(tokens(device, padded=True), decoder_input_ids=torch.randint(0, VOCAB, (2, 5), device=device))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*falling back")  # the bias requires grad, stays on the kernel
+        with launches("ffn_matmul", 8), launches("layer_norm_fwd", 12), launches("attention_fwd", 6), \
+                launches("attention_bwd_dq", 6):
+            compare(model, ref, inputs)
+    bias = model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight
+    assert bias.grad is not None and bias.grad.abs().sum() > 0
+
+
+def test_t5_trains_under_fullgraph_compile(device, launches):
+    """Issue 13: patched T5 with gradients compiles whole (0 graph breaks), runs our kernels and gives
+    eager's logits and gradients."""
+    torch.manual_seed(0)
+    model = t5().to(device).eval()
+    hf.apply_kernels(model)
+    inputs = dict(tokens(device, padded=True), decoder_input_ids=torch.randint(0, VOCAB, (2, 5), device=device))
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(**inputs)
+    assert explained.graph_break_count == 0, [str(b.reason)[:300] for b in explained.break_reasons]
+    ref = copy.deepcopy(model)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with launches("attention_fwd"), launches("attention_bwd_dq"), launches("ffn_matmul"):
+        compare(compiled, ref, inputs)

@@ -112,7 +112,7 @@ def _mask_row_extent(mask: torch.Tensor) -> int:
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                                 enable_gqa=False):
+                                 enable_gqa=False, *, softcap: float = 0.0):
     """softmax(scale * query @ key^T + mask) @ value, fused (Vaswani et al., 2017, Sec. 3.2.1).
 
     Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` with the same semantics, except
@@ -140,6 +140,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         scale: softmax scale, default ``1 / sqrt(head_dim)``.
         enable_gqa: allow num_heads_k < num_heads (a divisor): query head h reads key/value head
             h // (num_heads // num_heads_k), as torch.
+        softcap: not in torch's signature (keyword-only; 0 = off, torch's behaviour): logit soft-capping,
+            scores ``softcap * tanh(scale * q.k / softcap)`` before the mask is added (Gemma 2, Team Gemma,
+            2024; flash-attention's ``softcap``). On the PyTorch path it runs the plain reference.
 
     Returns:
         ``(..., num_heads, seqlen_q, head_dim_v)`` in query's dtype; differentiable in query, key, value
@@ -150,7 +153,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     Raises:
         TypeError: non-tensors, unsupported or mixed dtypes, a mask that is neither bool nor float.
         ValueError: mismatched shapes, devices or head counts; a mask that does not broadcast; attn_mask
-        together with is_causal; dropout_p outside [0, 1].
+        together with is_causal; dropout_p outside [0, 1]; softcap < 0.
         Both are also ``RuntimeError`` (:class:`kernels.InputValueError`, :class:`kernels.InputTypeError`),
         as torch raises for the same input.
 
@@ -168,6 +171,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     check_qkv(op, query, key, value, heads_dim=-3, gqa=bool(enable_gqa), names=("query", "key", "value"),
               float64=True)
     dropout_p = _check_dropout(op, dropout_p)
+    if not isinstance(softcap, (int, float)) or not softcap >= 0:
+        raise InputValueError(f"{op}: softcap must be a float >= 0 (0 = off), got {softcap!r}")
     causal_bias, bottom_right = _causal_bias(attn_mask, query, key, is_causal)
     if causal_bias is not None:  # torch's CausalBias: the causal kernel, no mask materialized
         attn_mask, is_causal = None, True
@@ -185,6 +190,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                           stacklevel=2)
     if fallback or not dispatch.triton_available_for(query):
         dispatch.record_path("attention", "torch")
+        if softcap > 0:  # torch has no soft-capping
+            return attention_reference(query, key, value, scale=scale, causal=bool(is_causal),
+                                       bottom_right=bottom_right, softcap=float(softcap), attn_mask=mask,
+                                       dropout_p=dropout_p)
         if causal_bias is not None:
             return F.scaled_dot_product_attention(query, key, value, attn_mask=causal_bias, dropout_p=dropout_p,
                                                   scale=scale, enable_gqa=bool(enable_gqa))
@@ -196,5 +205,5 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     q4, k4, v4 = _as_4d(query), _as_4d(key), _as_4d(value)
     out, _, _ = attention_op(q4, k4, v4, scale=scale, window=(-1, 0) if is_causal else (-1, -1),
                              bottom_right=bottom_right, attn_mask=None if mask is None else _as_4d(mask),
-                             dropout_p=dropout_p)
+                             dropout_p=dropout_p, softcap=float(softcap))
     return out.reshape(*query.shape[:-1], value.shape[-1])

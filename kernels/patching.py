@@ -500,18 +500,24 @@ class _DecoderLayerMixin(_FeedForwardBlockMixin):
 
 
 class _SequentialMLPMixin:
-    """``nn.Sequential(Linear, activation, [Dropout], Linear)`` as one :func:`kernels.ffn` call."""
+    """``nn.Sequential(Linear, activation, [Dropout], Linear, [Dropout])`` as one :func:`kernels.ffn` call."""
 
     def forward(self, input):
         parts = mlp_parts(self)
-        y = None if parts is None else fused_linear_ffn(input, parts[0], parts[1], parts[3], parts[2])
+        y = None
+        if parts is not None and not (parts[4] is not None and (dropout_draws(parts[4]) or has_hooks(parts[4]))):
+            y = fused_linear_ffn(input, parts[0], parts[1], parts[3], parts[2])
         return super().forward(input) if y is None else y
 
 
 def mlp_parts(seq: nn.Sequential):
-    """``(linear1, activation, dropout_or_None, linear2)`` if ``seq`` is exactly Linear-act-[Dropout]-Linear
-    with matching widths, else None."""
+    """``(linear1, activation, dropout_or_None, linear2, dropout_after_or_None)`` if ``seq`` is exactly
+    Linear-act-[Dropout]-Linear-[Dropout] with matching widths (the last form is torchvision's
+    ``MLPBlock`` of its ViT), else None."""
     mods = list(seq)
+    after = None
+    if len(mods) >= 4 and type(mods[-1]).forward is nn.Dropout.forward:
+        after, mods = mods[-1], mods[:-1]
     if len(mods) not in (3, 4):
         return None
     linear1, act, linear2 = mods[0], mods[1], mods[-1]
@@ -522,7 +528,7 @@ def mlp_parts(seq: nn.Sequential):
         return None
     if linear1.out_features != linear2.in_features:
         return None
-    return linear1, act, dropout, linear2
+    return linear1, act, dropout, linear2, after
 
 
 # --------------------------------------------------------------------------------------------------
@@ -693,15 +699,16 @@ def _sequential_rule(m, opts: Options):
     parts = mlp_parts(m)
     if parts is None:
         return _near_miss_mlp(m)
-    linear1, act, dropout, linear2 = parts
+    linear1, act, dropout, linear2, after = parts
     name = activation_name(act)
     if not opts.ffn:
         return Leave("ffn=False")
     if name not in FFN_ACTIVATIONS:
         return Leave(f"Linear-{type(act).__name__}-Linear MLP: the installed kernels.ffn has no {name!r}")
     note = f"kernels.ffn({name!r}) with the same weights"
-    if dropout is not None and dropout.p > 0:
-        note += f"; Dropout(p={dropout.p}): in training mode the original forward runs"
+    drop_p = max((d.p for d in (dropout, after) if d is not None), default=0.0)
+    if drop_p > 0:
+        note += f"; Dropout(p={drop_p}): in training mode the original forward runs"
     return Replace(_SequentialMLPMixin, note, tuple(str(i) for i in range(len(m))))
 
 

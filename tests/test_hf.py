@@ -457,3 +457,14 @@ def test_t5_trains_under_fullgraph_compile(device, launches):
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     with launches("attention_fwd"), launches("attention_bwd_dq"), launches("ffn_matmul"):
         compare(compiled, ref, inputs)
+
+
+def test_vit_mlp_layer_norms_and_attention(device, launches):
+    """ViT (image inputs): ViTMLP, proven to run CLIPMLP's code, on kernels.ffn('gelu'); its LayerNorms and
+    attention on ours; logits and gradients equal the unpatched model's; unpatch restores it exactly."""
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                    image_size=16, patch_size=4, num_channels=3, num_labels=5)
+    pixels = dict(pixel_values=torch.randn(2, 3, 16, 16, device=device))
+    patch_and_check(transformers.ViTForImageClassification(config).to(device), hf.apply_kernels, pixels, launches,
+                    {"attn_implementation='sdpa'": 1, "transformers.ViTMLP": 2, "nn.LayerNorm": 5})

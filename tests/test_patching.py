@@ -145,6 +145,38 @@ def test_sequential_mlp(device, launches, act, dropout, bias):
     assert kernels.last_path("ffn") == "triton"
 
 
+class _TorchvisionMLPBlock(nn.Sequential):
+    """torchvision's ``MLPBlock`` (``torchvision.models.vision_transformer``), restated: an ``nn.Sequential``
+    subclass of Linear, GELU, Dropout, Linear, Dropout built by ``torchvision.ops.misc.MLP`` with no
+    forward of its own. (torchvision's PyPI wheel does not import with the CPU torch build the tests use:
+    its compiled ops need CUDA torch; the CPU wheel is served only from download.pytorch.org.)"""
+
+    def __init__(self, in_dim: int, mlp_dim: int, dropout: float):
+        super().__init__(nn.Linear(in_dim, mlp_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(mlp_dim, in_dim),
+                         nn.Dropout(dropout))
+
+
+def test_torchvision_style_mlp_block(device, launches):
+    """Linear-GELU-Dropout-Linear-Dropout in an nn.Sequential subclass: one kernels.ffn call in eval;
+    in training with p > 0 the original forward runs (the same random numbers as unpatched)."""
+    torch.manual_seed(0)
+    model, ref, report = patched_copy(_TorchvisionMLPBlock(16, 40, 0.1).to(device).eval())
+    assert report.paths() == [""] and "training mode the original forward runs" in report.replaced[0].reason
+    x = torch.randn(2, 7, 16, device=device)
+    with launches("ffn_matmul", 2):
+        y, y_ref = run_both(model, ref, x)
+    assert_match(y, y_ref)
+    model.train(), ref.train()
+    before = kernels.launch_count("ffn_matmul")
+    torch.manual_seed(1)
+    y = model(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(y, ref(x), rtol=0, atol=0)
+    assert kernels.launch_count("ffn_matmul") == before
+    unpatch(model)
+    assert type(model) is _TorchvisionMLPBlock
+
+
 def test_mlp_dropout_in_training_runs_the_original(device, launches):
     """Dropout p > 0 in training would draw other random numbers in a kernel: the original runs, so the
     patched model reproduces the unpatched one for the same seed; in eval the kernel runs."""

@@ -6,8 +6,10 @@ Dao-AILab/flash-attention), so ``from flash_attn import flash_attn_func`` become
 ``(total_tokens, nheads, headdim)`` with int32 ``cu_seqlens``. Differences, all documented per function:
 fp32 is accepted too (flash-attention takes fp16/bf16 only); ``deterministic`` is accepted and always
 holds (the backward never uses atomics); ``return_attn_probs`` returns exact probabilities (from a
-plain-PyTorch recomputation, for testing, as flash-attention intends); paged KV caches
-(``block_table``), ``cache_leftpad`` and rotary embeddings raise ``NotImplementedError``.
+plain-PyTorch recomputation, for testing, as flash-attention intends); any page size >= 1 for paged
+KV caches (flash-attention 2: a multiple of 256); the rotary embedding of ``flash_attn_with_kvcache``
+runs as one fused pre-pass per tensor rather than inside the attention kernel. Beyond flash-attention
+2: ``return_softmax_lse`` on every function and ``learnable_sink`` (FlashAttention-3's names).
 
 Causal masks are aligned to the bottom-right corner (what decoding with a KV cache needs); with
 seqlen_q=2, seqlen_k=5 and seqlen_q=5, seqlen_k=2 (1 = attend)::
@@ -35,7 +37,8 @@ import torch
 
 from . import dispatch
 from ._triton_utils import InputTypeError, InputValueError, autocast_to
-from .attention import MAX_HEAD_DIM, attention_op, attention_reference, check_qkv, dropout_keep_mask
+from .attention import MAX_HEAD_DIM, attention_op, attention_reference, check_qkv, check_sink, dropout_keep_mask
+from .rotary import rotary
 
 __all__ = [
     "flash_attn_func",
@@ -94,7 +97,7 @@ def _check_cu_seqlens(op: str, name: str, cu, total: int, max_seqlen: int, devic
         raise InputValueError(f"{op}: {name} is on {cu.device} but q is on {device}")
     values = cu.tolist()
     lengths = [b - a for a, b in zip(values, values[1:])]
-    if values[0] != 0 or any(n < 0 for n in lengths) or values[-1] > total:
+    if values[0] != 0 or any(n < 0 for n in lengths) or (total is not None and values[-1] > total):
         raise InputValueError(f"{op}: {name} must start at 0, never decrease and end at most at {total}, got {values}")
     if lengths and max(lengths) > max_seqlen:
         raise InputValueError(f"{op}: a sequence of {max(lengths)} tokens exceeds max_seqlen {max_seqlen} ({name})")
@@ -120,25 +123,33 @@ def _kernel_probs(q, k, v, seed, dropout_p, **kw):
     return probs.to(q.dtype)
 
 
-def _run(op, q, k, v, *, dropout_p, return_attn_probs, **mods):
+def _run(op, q, k, v, *, dropout_p, return_attn_probs, return_softmax_lse, **mods):
     """Dense (batch, seqlen, heads, dim) attention on the Triton path or the PyTorch path."""
     if not dispatch.triton_available_for(q):
         dispatch.record_path("attention", "torch")
         out, probs, lse = _reference_bshd(q, k, v, dropout_p=dropout_p, **mods)
-        return (out, lse, probs.to(q.dtype)) if return_attn_probs else out
+        return _returns(out, lse, probs.to(q.dtype), return_attn_probs, return_softmax_lse)
     out, lse, seed = attention_op(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), bottom_right=True,
                                   dropout_p=dropout_p, **mods)
     out = out.transpose(1, 2)
-    if not return_attn_probs:
-        return out
-    return out, lse, _kernel_probs(q, k, v, seed, dropout_p, **mods)
+    probs = _kernel_probs(q, k, v, seed, dropout_p, **mods) if return_attn_probs else None
+    return _returns(out, lse, probs, return_attn_probs, return_softmax_lse)
+
+
+def _returns(out, lse, probs, return_attn_probs, return_softmax_lse):
+    """flash-attention's return forms: ``out``; ``(out, softmax_lse, S_dmask)`` with return_attn_probs;
+    ``(out, softmax_lse)`` with return_softmax_lse (FlashAttention-3's form)."""
+    if return_attn_probs:
+        return out, lse, probs
+    return (out, lse) if return_softmax_lse else out
 
 
 # --------------------------------------------------------------------------------------------------
 # Public functions
 # --------------------------------------------------------------------------------------------------
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *, return_softmax_lse=False,
+                    learnable_sink=None):
     """Attention in flash-attention's layout, with MQA/GQA (k/v may have fewer heads, a divisor of q's:
     query head h reads key/value head h // (nheads // nheads_k)).
 
@@ -156,10 +167,14 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         return_attn_probs: also return ``softmax_lse`` ``(batch, nheads, seqlen_q)`` float32 and
             ``S_dmask`` ``(batch, nheads, seqlen_q, seqlen_k)``, probabilities negated where dropped
             (recomputed in PyTorch: for testing).
+        return_softmax_lse (keyword): also return ``softmax_lse`` alone (FlashAttention-3's form).
+        learnable_sink (keyword): ``(nheads,)`` float logits, one per query head, that join each row's
+            softmax normalizer and take no value (gpt-oss's attention sinks, FlashAttention-3's
+            ``learnable_sink``); differentiable; the logsumexp includes them.
 
     Returns:
-        ``out`` ``(batch, seqlen_q, nheads, headdim_v)``, or ``(out, softmax_lse, S_dmask)``.
-        Differentiable in q, k, v (not through softmax_lse).
+        ``out`` ``(batch, seqlen_q, nheads, headdim_v)``, ``(out, softmax_lse, S_dmask)`` or
+        ``(out, softmax_lse)``. Differentiable in q, k, v and learnable_sink (not through softmax_lse).
 
     Raises:
         TypeError / ValueError for unsupported dtypes, shapes, head counts or options.
@@ -170,30 +185,37 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     if q.dim() != 4:
         raise InputValueError(f"{op}: q must be (batch, seqlen, nheads, headdim), got shape {tuple(q.shape)}")
     dropout_p = _check_options(op, q, dropout_p, softcap, alibi_slopes, q.shape[0], q.shape[2])
+    check_sink(op, learnable_sink, q, q.shape[2])
     return _run(op, q, k, v, dropout_p=dropout_p, return_attn_probs=return_attn_probs,
-                scale=_scale(softmax_scale, q.shape[-1]), window=_window(op, window_size, causal),
-                softcap=float(softcap), alibi_slopes=alibi_slopes)
+                return_softmax_lse=return_softmax_lse, scale=_scale(softmax_scale, q.shape[-1]),
+                window=_window(op, window_size, causal), softcap=float(softcap), alibi_slopes=alibi_slopes,
+                sinks=learnable_sink)
 
 
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
+                              return_softmax_lse=False, learnable_sink=None):
     """:func:`flash_attn_func` on ``qkv`` of shape ``(batch, seqlen, 3, nheads, headdim)``."""
     q, k, v = qkv.unbind(2)
     return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                           deterministic, return_attn_probs)
+                           deterministic, return_attn_probs, return_softmax_lse=return_softmax_lse,
+                           learnable_sink=learnable_sink)
 
 
 def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                             softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+                             softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
+                             return_softmax_lse=False, learnable_sink=None):
     """:func:`flash_attn_func` on ``q`` and ``kv`` of shape ``(batch, seqlen_k, 2, nheads_k, headdim)``."""
     k, v = kv.unbind(2)
     return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                           deterministic, return_attn_probs)
+                           deterministic, return_attn_probs, return_softmax_lse=return_softmax_lse,
+                           learnable_sink=learnable_sink)
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                           deterministic=False, return_attn_probs=False, block_table=None):
+                           deterministic=False, return_attn_probs=False, block_table=None, *,
+                           return_softmax_lse=False, learnable_sink=None):
     """Attention over a packed batch of sequences of different lengths: no padding, no padding FLOPs.
 
     Sequence b owns tokens ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` of q and ``cu_seqlens_k[b]:cu_seqlens_k[b+1]``
@@ -203,43 +225,64 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         q: ``(total_q, nheads, headdim)``; k, v: ``(total_k, nheads_k, headdim)``.
         cu_seqlens_q, cu_seqlens_k: ``(batch + 1,)`` int32 offsets, starting at 0, non-decreasing.
         max_seqlen_q, max_seqlen_k: the longest sequence (an upper bound is fine).
-        Other arguments as :func:`flash_attn_func`; ``block_table`` (paged K/V) is not supported.
+        block_table: int32 ``(batch, max_pages)``: k and v are then paged caches ``(num_pages, page_size,
+            nheads_k, headdim)``, any page_size >= 1, and key j of sequence b sits at slot ``j % page_size``
+            of page ``block_table[b, j // page_size]`` (cu_seqlens_k gives the lengths only). Forward
+            only: the backward raises NotImplementedError (flash-attention's has none either).
+        Other arguments as :func:`flash_attn_func` (``return_softmax_lse``, ``learnable_sink`` included).
 
     Returns:
         ``out`` ``(total_q, nheads, headdim_v)``, or ``(out, softmax_lse (nheads, total_q), S_dmask
-        (batch, nheads, max_seqlen_q, max_seqlen_k))`` with ``return_attn_probs``.
+        (batch, nheads, max_seqlen_q, max_seqlen_k))`` with ``return_attn_probs``, or ``(out,
+        softmax_lse)`` with ``return_softmax_lse``.
 
     Raises:
-        NotImplementedError: ``block_table``. TypeError: cu_seqlens not int32 1-D. ValueError: cu_seqlens
-        that do not start at 0, decrease, overrun the tokens or exceed max_seqlen; other mismatches.
-        (The cu_seqlens values are checked on the host: one device sync per call.)
+        TypeError: cu_seqlens or block_table not int32. ValueError: cu_seqlens that do not start at 0,
+        decrease, overrun the tokens or exceed max_seqlen; a block_table of the wrong shape, with page
+        indices out of range or too few pages for a sequence; other mismatches. (The cu_seqlens and
+        block_table values are checked on the host: one device sync per call.)
     """
     op = "flash_attn_varlen_func"
-    if block_table is not None:
-        raise NotImplementedError(f"{op}: block_table (paged K/V) is not supported")
     q, k, v = autocast_to(q, k, v)
-    check_qkv(op, q, k, v, heads_dim=-2, gqa=True)
+    if block_table is not None:  # k and v are page pools: check dtypes, heads and dims against one page
+        check_qkv(op, q[None], k[:1], v[:1], heads_dim=-2, gqa=True)
+    else:
+        check_qkv(op, q, k, v, heads_dim=-2, gqa=True)
     if q.dim() != 3:
         raise InputValueError(f"{op}: q must be (total_tokens, nheads, headdim), got shape {tuple(q.shape)}")
     _check_cu_seqlens(op, "cu_seqlens_q", cu_seqlens_q, q.shape[0], int(max_seqlen_q), q.device)
-    _check_cu_seqlens(op, "cu_seqlens_k", cu_seqlens_k, k.shape[0], int(max_seqlen_k), q.device)
+    total_k = k.shape[0] if block_table is None else None
+    _check_cu_seqlens(op, "cu_seqlens_k", cu_seqlens_k, total_k, int(max_seqlen_k), q.device)
+    if block_table is not None:
+        _check_block_table(op, block_table, cu_seqlens_k.numel() - 1, k, v, q.device)
+        lengths = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
+        if lengths.numel() and int(lengths.max()) > block_table.shape[1] * k.shape[1]:
+            raise InputValueError(f"{op}: a sequence of {int(lengths.max())} keys needs more than the block_table's "
+                                  f"{block_table.shape[1]} pages of {k.shape[1]}")
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise InputValueError(f"{op}: cu_seqlens_q and cu_seqlens_k must describe the same batch, got "
                          f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()} offsets")
     batch = cu_seqlens_q.numel() - 1
     dropout_p = _check_options(op, q, dropout_p, softcap, alibi_slopes, batch, q.shape[1])
+    check_sink(op, learnable_sink, q, q.shape[1])
     mods = dict(scale=_scale(softmax_scale, q.shape[-1]), window=_window(op, window_size, causal),
-                softcap=float(softcap), alibi_slopes=alibi_slopes)
+                softcap=float(softcap), alibi_slopes=alibi_slopes, sinks=learnable_sink)
+    if block_table is not None:  # the packed keys of each sequence, gathered from its pages
+        if return_attn_probs or not dispatch.triton_available_for(q):
+            k, v = (_unpage(t, block_table, cu_seqlens_k) for t in (k, v))
+        else:
+            return _varlen_paged(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                                 block_table, return_softmax_lse, **mods)
     if not dispatch.triton_available_for(q):
         return _varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
-                                 dropout_p, return_attn_probs, **mods)
+                                 dropout_p, return_attn_probs, return_softmax_lse, **mods)
     q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
     out, lse, seed = attention_op(q4, k4, v4, bottom_right=True, dropout_p=dropout_p, cu_seqlens_q=cu_seqlens_q,
                                   cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
                                   **mods)
     out, lse = out[0].transpose(0, 1), lse[0]
     if not return_attn_probs:
-        return out
+        return (out, lse) if return_softmax_lse else out
     keep = dropout_keep_mask(batch, q.shape[1], int(max_seqlen_q), int(max_seqlen_k), dropout_p, int(seed),
                              q.device) if dropout_p > 0 else None
     return out, lse, _varlen_probs(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
@@ -256,8 +299,46 @@ def _slopes_of(alibi_slopes, b):
     return alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[b]
 
 
+def _varlen_paged(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, block_table,
+                  return_softmax_lse, **mods):
+    """The Triton path of a packed batch over paged K/V: k, v ``(num_pages, page_size, heads_k, dim)``."""
+    q4 = q.transpose(0, 1).unsqueeze(0)
+    out, lse, _ = attention_op(q4, k.transpose(1, 2), v.transpose(1, 2), bottom_right=True, dropout_p=dropout_p,
+                               cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+                               max_seqlen_k=max_seqlen_k, block_table=block_table, **mods)
+    out, lse = out[0].transpose(0, 1), lse[0]
+    return (out, lse) if return_softmax_lse else out
+
+
+def _unpage(cache, block_table, cu_seqlens_k):
+    """The keys (or values) of a paged cache as one packed (total_k, heads, dim) tensor, sequence after
+    sequence as cu_seqlens_k lays them out (the PyTorch path and return_attn_probs)."""
+    bounds = cu_seqlens_k.tolist()
+    rows = [cache[block_table[b].long()].flatten(0, 1)[:bounds[b + 1] - bounds[b]] for b in range(len(bounds) - 1)]
+    return torch.cat(rows) if rows else cache.new_zeros((0, *cache.shape[2:]))
+
+
+def _check_block_table(op, block_table, batch, k_cache, v_cache, device):
+    """int32 (batch, max_pages) indices into the caches' pages, each in range (one host sync)."""
+    if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32:
+        raise InputTypeError(f"{op}: block_table must be an int32 tensor of shape (batch, max_pages), got "
+                             f"{block_table.dtype if isinstance(block_table, torch.Tensor) else type(block_table).__name__}")
+    if block_table.dim() != 2 or block_table.shape[0] != batch or block_table.shape[1] == 0:
+        raise InputValueError(f"{op}: block_table must have shape (batch={batch}, max_pages >= 1), got "
+                              f"{tuple(block_table.shape)}")
+    if block_table.device != device:
+        raise InputValueError(f"{op}: block_table is on {block_table.device} but q is on {device}")
+    if k_cache.dim() != 4 or v_cache.dim() != 4 or k_cache.shape[:2] != v_cache.shape[:2]:
+        raise InputValueError(f"{op}: with block_table, k and v caches must be (num_pages, page_size, nheads_k, "
+                              f"headdim) with the same pages, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    num_pages = k_cache.shape[0]
+    if block_table.numel() and (int(block_table.min()) < 0 or int(block_table.max()) >= num_pages):
+        raise InputValueError(f"{op}: block_table holds page indices outside [0, {num_pages}): "
+                              f"{int(block_table.min())}..{int(block_table.max())}")
+
+
 def _varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, return_attn_probs,
-                      *, alibi_slopes, **mods):
+                      return_softmax_lse, *, alibi_slopes, **mods):
     """The PyTorch path of flash_attn_varlen_func: one reference call per sequence."""
     dispatch.record_path("attention", "torch")
     out = q.new_zeros((*q.shape[:2], v.shape[-1]))
@@ -268,7 +349,7 @@ def _varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
                                   alibi_slopes=_slopes_of(alibi_slopes, b), **mods)
         out[sq], lse[:, sq] = o[0], l[0]
         probs[b, :, :p.shape[2], :p.shape[3]] = p[0]
-    return (out, lse, probs) if return_attn_probs else out
+    return _returns(out, lse, probs, return_attn_probs, return_softmax_lse)
 
 
 def _varlen_probs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, keep, *,
@@ -305,81 +386,162 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
                             cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
                             softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                            rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False):
+                            rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False, *,
+                            learnable_sink=None):
     """Attention of a few new query tokens against a KV cache, for incremental decoding (forward only).
 
     If ``k`` and ``v`` are given they are first written into ``k_cache``/``v_cache`` *in place* at
-    positions ``cache_seqlens[b] ..``, and attention runs over the ``cache_seqlens[b] + seqlen_new``
-    cached keys. Causal masks are bottom-right aligned, so new token t sees the cache and new tokens
-    <= t. The keys are split across programs (flash-decoding) so a batch of one still fills the GPU.
+    rows ``cache_seqlens[b] ..`` (through the pages with ``block_table``), and attention runs over the
+    cached keys ``cache_leftpad[b] .. cache_seqlens[b] + seqlen_new``. Causal masks are bottom-right
+    aligned over those keys, so new token t sees the cache and new tokens <= t. The keys are split
+    across programs (flash-decoding) so a batch of one still fills the GPU.
+
+    With ``rotary_cos``/``rotary_sin`` (only with new ``k``, as flash-attention), the new keys are
+    rotated at positions ``cache_seqlens[b] - cache_leftpad[b] + t`` before they are written; the
+    queries at the same positions if causal or windowed, else all at ``cache_seqlens[b] -
+    cache_leftpad[b]`` (flash-attention's rule). One fused rotary kernel per tensor (``kernels.rotary``).
 
     Args:
         q: ``(batch, seqlen_q, nheads, headdim)``, seqlen_q usually 1..16.
-        k_cache, v_cache: ``(batch_cache, seqlen_cache, nheads_k, headdim)``.
+        k_cache, v_cache: ``(batch_cache, seqlen_cache, nheads_k, headdim)``, or with ``block_table``
+            ``(num_pages, page_size, nheads_k, headdim)`` (a paged cache; any page_size >= 1).
         k, v: optional ``(batch, seqlen_new, nheads_k, headdim)`` to append.
-        cache_seqlens: int, or int32 ``(batch,)``: tokens already in each cache row; None = the whole cache.
-        cache_batch_idx: optional int32 ``(batch,)``: which cache row each batch entry uses.
+        rotary_cos, rotary_sin: optional ``(seqlen_ro, rotary_dim / 2)``, rotary_dim <= headdim.
+        cache_seqlens: int, or int32 ``(batch,)``: the cache row after each sequence's last token (its
+            length, plus its left padding); None = the whole cache.
+        cache_batch_idx: optional int32 ``(batch,)``: which cache row each batch entry uses (not with
+            ``block_table``).
+        cache_leftpad: optional int32 ``(batch,)``: the cache row where each sequence starts.
+        block_table: optional int32 ``(batch, max_pages)``: row r of sequence b is slot ``r % page_size``
+            of page ``block_table[b, r // page_size]``.
         softmax_scale, causal, window_size, softcap, alibi_slopes: as :func:`flash_attn_func`.
+        rotary_interleaved: rotate dims (0, 1), (2, 3), ... (GPT-J) instead of (i, i + rotary_dim / 2).
         num_splits: key slices per query block; 0 = a heuristic, 1 = no split.
         return_softmax_lse: also return the logsumexp ``(batch, nheads, seqlen_q)``.
-        rotary_cos, rotary_sin, cache_leftpad, block_table: not supported (NotImplementedError).
+        learnable_sink (keyword): ``(nheads,)`` sink logits, as :func:`flash_attn_func`.
 
     Returns:
         ``out`` ``(batch, seqlen_q, nheads, headdim_v)``, or ``(out, softmax_lse)``. No backward.
 
     Raises:
-        NotImplementedError, TypeError, ValueError (e.g. a cache too short for the appended tokens;
-        checked on the host, one device sync when cache_seqlens is a tensor).
+        TypeError, ValueError naming the argument, before anything is written (e.g. a cache or page
+        table too short for the appended tokens, page indices out of range, rotary tables too short,
+        a sink of the wrong shape; checked on the host: one device sync when cache_seqlens is a tensor).
     """
     op = "flash_attn_with_kvcache"
-    for name, arg in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin), ("cache_leftpad", cache_leftpad),
-                      ("block_table", block_table)):
-        if arg is not None:
-            raise NotImplementedError(f"{op}: {name} is not supported")
     check_qkv(op, q[:1], k_cache[:1], v_cache[:1], heads_dim=-2, gqa=True, names=("q", "k_cache", "v_cache"))
     if q.dim() != 4:
         raise InputValueError(f"{op}: q must be (batch, seqlen, nheads, headdim), got shape {tuple(q.shape)}")
-    batch, seqlen_cache = q.shape[0], k_cache.shape[1]
-    cache_idx = _cache_batch_idx(op, cache_batch_idx, batch, k_cache.shape[0], q.device)
-    lengths = _cache_seqlens(op, cache_seqlens, batch, seqlen_cache, q.device)
+    batch = q.shape[0]
+    if block_table is not None:
+        if cache_batch_idx is not None:
+            raise InputValueError(f"{op}: cache_batch_idx and block_table cannot be combined (the block table "
+                                  "already says where each sequence lives)")
+        _check_block_table(op, block_table, batch, k_cache, v_cache, q.device)
+        capacity = block_table.shape[1] * k_cache.shape[1]
+        cache_idx = None
+    else:
+        capacity = k_cache.shape[1]
+        cache_idx = _cache_batch_idx(op, cache_batch_idx, batch, k_cache.shape[0], q.device)
+    lengths = _cache_seqlens(op, cache_seqlens, batch, capacity, q.device)
+    leftpad = _cache_leftpad(op, cache_leftpad, batch, lengths, capacity, q.device)
     if (k is None) != (v is None):
         raise InputValueError(f"{op}: pass both k and v to append, or neither")
+    if (rotary_cos is None) != (rotary_sin is None):
+        raise InputValueError(f"{op}: pass both rotary_cos and rotary_sin, or neither")
+    if rotary_cos is not None and k is None:
+        raise InputValueError(f"{op}: rotary_cos/rotary_sin rotate the new k: pass k and v with them")
     if k is not None:
         check_qkv(op, k_cache[:1], k[:1], v[:1], heads_dim=-2, gqa=False, names=("k_cache", "k", "v"))
         if k.shape[0] != batch or v.shape[0] != batch or v.shape[-1] != v_cache.shape[-1]:
             raise InputValueError(f"{op}: k and v must be (batch={batch}, seqlen_new, nheads_k, headdim), got "
-                             f"{tuple(k.shape)} and {tuple(v.shape)}")
+                                  f"{tuple(k.shape)} and {tuple(v.shape)}")
         if lengths is None:
             raise InputValueError(f"{op}: appending k and v needs cache_seqlens (where to write them)")
-        if int((lengths + k.shape[1]).max()) > seqlen_cache:
-            raise InputValueError(f"{op}: cache of {seqlen_cache} positions is too short to append {k.shape[1]} tokens "
-                             f"after cache_seqlens {lengths.tolist()}")
-        positions = lengths[:, None].long() + torch.arange(k.shape[1], device=q.device)
-        rows = cache_idx[:, None].long().expand_as(positions)
-        k_cache[rows, positions] = k
-        v_cache[rows, positions] = v
-        lengths = lengths + k.shape[1]
+        if batch and int((lengths + k.shape[1]).max()) > capacity:
+            raise InputValueError(f"{op}: cache of {capacity} positions is too short to append {k.shape[1]} tokens "
+                                  f"after cache_seqlens {lengths.tolist()}")
     _check_options(op, q, 0.0, softcap, alibi_slopes, batch, q.shape[2])
-    mods = dict(scale=_scale(softmax_scale, q.shape[-1]), window=_window(op, window_size, causal),
-                softcap=float(softcap), alibi_slopes=alibi_slopes)
+    check_sink(op, learnable_sink, q, q.shape[2])
+    window = _window(op, window_size, causal)
+    if rotary_cos is not None:  # checked (tables long enough) before anything is written
+        offsets = (lengths - (0 if leftpad is None else leftpad)).to(torch.int32)
+        q = _rotate_queries(q, rotary_cos, rotary_sin, offsets, rotary_interleaved, window != (-1, -1))
+        k = rotary(k, rotary_cos, rotary_sin, interleaved=rotary_interleaved, seqlen_offsets=offsets)
+    if k is not None:
+        _append(k_cache, v_cache, k, v, lengths, cache_idx, block_table)
+        lengths = lengths + k.shape[1]
+    mods = dict(scale=_scale(softmax_scale, q.shape[-1]), window=window, softcap=float(softcap),
+                alibi_slopes=alibi_slopes, sinks=learnable_sink)
     if not dispatch.triton_available_for(q):
-        dispatch.record_path("attention", "torch")
-        outs, lses = [], []
-        for b in range(batch):
-            n = seqlen_cache if lengths is None else int(lengths[b])
-            row = int(cache_idx[b])
-            o, _, l = _reference_bshd(q[b:b + 1], k_cache[row:row + 1, :n], v_cache[row:row + 1, :n],
-                                      dropout_p=0.0, **{**mods, "alibi_slopes": _slopes_of(alibi_slopes, b)})
-            outs.append(o)
-            lses.append(l)
-        out, lse = torch.cat(outs), torch.cat(lses)
+        out, lse = _kvcache_reference(q, k_cache, v_cache, lengths, leftpad, cache_idx, block_table, capacity, mods)
     else:
+        if lengths is None and block_table is not None:
+            lengths = torch.full((batch,), capacity, dtype=torch.int32, device=q.device)
         out, lse, _ = attention_op(q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2),
                                    bottom_right=True, seqused_k=lengths,
                                    kv_batch_idx=None if cache_batch_idx is None else cache_idx,
-                                   num_splits=int(num_splits), **mods)
+                                   num_splits=int(num_splits), block_table=block_table, leftpad=leftpad, **mods)
         out = out.transpose(1, 2)
     return (out, lse) if return_softmax_lse else out
+
+
+def _rotate_queries(q, cos, sin, offsets, interleaved, causal_or_local):
+    """flash-attention's rule: query t at position offset + t when causal or windowed, else every query
+    of a sequence at the offset."""
+    if causal_or_local:
+        return rotary(q, cos, sin, interleaved=interleaved, seqlen_offsets=offsets)
+    batch, seqlen = q.shape[:2]
+    flat = q.reshape(batch * seqlen, 1, *q.shape[2:])
+    return rotary(flat, cos, sin, interleaved=interleaved,
+                  seqlen_offsets=offsets.repeat_interleave(seqlen)).reshape(q.shape)
+
+
+def _append(k_cache, v_cache, k, v, lengths, cache_idx, block_table):
+    """Write the new keys and values at rows lengths[b] + t of each sequence, in place."""
+    positions = lengths[:, None].long() + torch.arange(k.shape[1], device=k.device)
+    if block_table is None:
+        rows = cache_idx[:, None].long().expand_as(positions)
+        k_cache[rows, positions] = k
+        v_cache[rows, positions] = v
+        return
+    page_size = k_cache.shape[1]
+    pages = torch.gather(block_table.long(), 1, positions // page_size)
+    k_cache[pages, positions % page_size] = k
+    v_cache[pages, positions % page_size] = v
+
+
+def _kvcache_reference(q, k_cache, v_cache, lengths, leftpad, cache_idx, block_table, capacity, mods):
+    """The PyTorch path of flash_attn_with_kvcache: one reference call per sequence."""
+    dispatch.record_path("attention", "torch")
+    outs, lses = [], []
+    for b in range(q.shape[0]):
+        if block_table is None:
+            keys, values = k_cache[int(cache_idx[b])], v_cache[int(cache_idx[b])]
+        else:
+            keys, values = (c[block_table[b].long()].flatten(0, 1) for c in (k_cache, v_cache))
+        first = 0 if leftpad is None else int(leftpad[b])
+        last = capacity if lengths is None else int(lengths[b])
+        o, _, l = _reference_bshd(q[b:b + 1], keys[None, first:last], values[None, first:last], dropout_p=0.0,
+                                  **{**mods, "alibi_slopes": _slopes_of(mods["alibi_slopes"], b)})
+        outs.append(o)
+        lses.append(l)
+    return torch.cat(outs), torch.cat(lses)
+
+
+def _cache_leftpad(op, cache_leftpad, batch, lengths, capacity, device):
+    """cache_leftpad as an int32 (batch,) tensor within [0, cache_seqlens], or None."""
+    if cache_leftpad is None:
+        return None
+    if not isinstance(cache_leftpad, torch.Tensor) or cache_leftpad.dtype != torch.int32 or \
+            tuple(cache_leftpad.shape) != (batch,):
+        raise InputTypeError(f"{op}: cache_leftpad must be an int32 tensor of shape ({batch},)")
+    if cache_leftpad.device != device:
+        raise InputValueError(f"{op}: cache_leftpad is on {cache_leftpad.device} but q is on {device}")
+    ends = lengths if lengths is not None else torch.full_like(cache_leftpad, capacity)
+    if batch and (int(cache_leftpad.min()) < 0 or bool((cache_leftpad > ends).any())):
+        raise InputValueError(f"{op}: cache_leftpad must lie in [0, cache_seqlens], got {cache_leftpad.tolist()}")
+    return cache_leftpad
 
 
 def _cache_seqlens(op, cache_seqlens, batch, seqlen_cache, device):

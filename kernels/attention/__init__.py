@@ -48,7 +48,7 @@ Where each part lives in this package (one file per layer, from the metal up):
 """
 
 from ._kernels import LN2, LOG2E, _key_range, _query_range, _walk
-from .api import MAX_HEAD_DIM, check_qkv, scaled_dot_product_attention
+from .api import MAX_HEAD_DIM, check_qkv, check_sink, scaled_dot_product_attention
 from .launch import attention_backward, attention_forward, dropout_keep_mask
 from .ops import attention_op
 from .reference import attention_reference

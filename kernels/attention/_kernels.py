@@ -169,6 +169,16 @@ def _softmax_shift(LSE, STATS, offs, row_ok, sst_s, CHECK: tl.constexpr, ROW_STA
 
 
 @triton.jit
+def _paged_rows(BLOCK_TABLE, logical, ok, page_size, sk_page, sk_n, sv_page, sv_n):
+    """Element offsets of the K and V rows at ``logical`` positions of a paged cache: page
+    ``BLOCK_TABLE[logical // page_size]``, slot ``logical % page_size`` (vLLM's PagedAttention layout,
+    Kwon et al., 2023, as flash-attention's ``block_table``). Positions past the sequence read page 0."""
+    page = tl.load(BLOCK_TABLE + logical // page_size, mask=ok, other=0).to(tl.int64)
+    slot = (logical % page_size).to(tl.int64)
+    return page * sk_page + slot * sk_n, page * sv_page + slot * sv_n
+
+
+@triton.jit
 def _dropout_keep(seed, row_base, i, j, philox_seqlen_k, dropout_p):
     """Philox keep-mask: element (i, j) of the (batch, head) whose rows start at ``row_base``."""
     offsets = (row_base + i) * philox_seqlen_k + j
@@ -181,6 +191,7 @@ def _dropout_keep(seed, row_base, i, j, philox_seqlen_k, dropout_p):
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, STATS, MASK, ALIBI, CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, KV_BATCH_IDX,
+    SINKS, BLOCK_TABLE, LEFTPAD,
     sq_b, sq_h, sq_m, sq_d,
     sk_b, sk_h, sk_n, sk_d,
     sv_b, sv_h, sv_n, sv_d,
@@ -191,11 +202,13 @@ def _attn_fwd_kernel(
     num_heads, group_size, seqlen_q, seqlen_k, head_dim, head_dim_v,
     qk_scale_log2, softcap_scale, softcap_log2, window_left, window_right,
     dropout_p, dropout_scale, seed, philox_seqlen_q, philox_seqlen_k, split_size, batch_heads,
+    sbt_b, page_size,
     BOTTOM_RIGHT: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, HAS_SEQUSED_K: tl.constexpr, HAS_KV_BATCH_IDX: tl.constexpr, NUM_SPLITS: tl.constexpr,
     SPLIT_WALK: tl.constexpr, FOLD: tl.constexpr, EVEN_D: tl.constexpr, FIXED_OFFSETS: tl.constexpr,
     TMA: tl.constexpr, PERSISTENT: tl.constexpr, ROW_STATS: tl.constexpr,
+    HAS_SINKS: tl.constexpr, PAGED: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -209,25 +222,31 @@ def _attn_fwd_kernel(
             _attn_fwd_tile(
                 m_blocks - 1 - tile // batch_heads, tile % batch_heads, 0,
                 Q, K, V, O, LSE, STATS, MASK, ALIBI, CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, KV_BATCH_IDX,
+                SINKS, BLOCK_TABLE, LEFTPAD,
                 sq_b, sq_h, sq_m, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d, so_s, so_b, so_h, so_m, so_d,
                 sl_s, sl_b, sl_h, sl_m, sst_s, smask_b, smask_h, smask_m, smask_n, salibi_b, salibi_h,
                 num_heads, group_size, seqlen_q, seqlen_k, head_dim, head_dim_v,
                 qk_scale_log2, softcap_scale, softcap_log2, window_left, window_right,
                 dropout_p, dropout_scale, seed, philox_seqlen_q, philox_seqlen_k, split_size, batch_heads,
+                sbt_b, page_size,
                 BOTTOM_RIGHT, HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, DROPOUT, VARLEN, HAS_SEQUSED_K,
                 HAS_KV_BATCH_IDX, NUM_SPLITS, SPLIT_WALK, FOLD, EVEN_D, FIXED_OFFSETS, TMA, ROW_STATS,
+                HAS_SINKS, PAGED, HAS_LEFTPAD,
                 BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, UPCAST, PRECISION)
     else:
         _attn_fwd_tile(
             tl.program_id(0) // NUM_SPLITS, tl.program_id(1), tl.program_id(0) % NUM_SPLITS,
             Q, K, V, O, LSE, STATS, MASK, ALIBI, CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, KV_BATCH_IDX,
+            SINKS, BLOCK_TABLE, LEFTPAD,
             sq_b, sq_h, sq_m, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d, so_s, so_b, so_h, so_m, so_d,
             sl_s, sl_b, sl_h, sl_m, sst_s, smask_b, smask_h, smask_m, smask_n, salibi_b, salibi_h,
             num_heads, group_size, seqlen_q, seqlen_k, head_dim, head_dim_v,
             qk_scale_log2, softcap_scale, softcap_log2, window_left, window_right,
             dropout_p, dropout_scale, seed, philox_seqlen_q, philox_seqlen_k, split_size, batch_heads,
+            sbt_b, page_size,
             BOTTOM_RIGHT, HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, DROPOUT, VARLEN, HAS_SEQUSED_K,
             HAS_KV_BATCH_IDX, NUM_SPLITS, SPLIT_WALK, FOLD, EVEN_D, FIXED_OFFSETS, TMA, ROW_STATS,
+            HAS_SINKS, PAGED, HAS_LEFTPAD,
             BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, UPCAST, PRECISION)
 
 
@@ -235,6 +254,7 @@ def _attn_fwd_kernel(
 def _attn_fwd_tile(
     pid_m, pid_bh, split,
     Q, K, V, O, LSE, STATS, MASK, ALIBI, CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, KV_BATCH_IDX,
+    SINKS, BLOCK_TABLE, LEFTPAD,
     sq_b, sq_h, sq_m, sq_d,
     sk_b, sk_h, sk_n, sk_d,
     sv_b, sv_h, sv_n, sv_d,
@@ -245,11 +265,13 @@ def _attn_fwd_tile(
     num_heads, group_size, seqlen_q, seqlen_k, head_dim, head_dim_v,
     qk_scale_log2, softcap_scale, softcap_log2, window_left, window_right,
     dropout_p, dropout_scale, seed, philox_seqlen_q, philox_seqlen_k, split_size, batch_heads,
+    sbt_b, page_size,
     BOTTOM_RIGHT: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, HAS_SEQUSED_K: tl.constexpr, HAS_KV_BATCH_IDX: tl.constexpr, NUM_SPLITS: tl.constexpr,
     SPLIT_WALK: tl.constexpr, FOLD: tl.constexpr, EVEN_D: tl.constexpr, FIXED_OFFSETS: tl.constexpr,
     TMA: tl.constexpr, ROW_STATS: tl.constexpr,
+    HAS_SINKS: tl.constexpr, PAGED: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -261,13 +283,24 @@ def _attn_fwd_tile(
     m0 = pid_m * BLOCK_M
     if m0 >= seqlen_q:  # a shorter sequence of a packed batch
         return
+    page_first = tl.full([], 0, tl.int64)  # paged: the logical cache row of key 0 (cu_seqlens_k only count)
+    if HAS_LEFTPAD:  # the cache of this sequence starts at row LEFTPAD[b]
+        leftpad = tl.load(LEFTPAD + b)
+        k_start += leftpad
+        page_first += leftpad
+        seqlen_k -= leftpad
     kb = b
     if HAS_KV_BATCH_IDX:
         kb = tl.load(KV_BATCH_IDX + b)
     b64, h64, kb64, hk64 = b.to(tl.int64), h.to(tl.int64), kb.to(tl.int64), (h // group_size).to(tl.int64)
     Q += b64 * sq_b + h64 * sq_h + q_start * sq_m
-    K += kb64 * sk_b + hk64 * sk_h + k_start * sk_n
-    V += kb64 * sv_b + hk64 * sv_h + k_start * sv_n
+    if PAGED:  # K/V rows are found per tile through this sequence's row of the block table
+        K += hk64 * sk_h
+        V += hk64 * sv_h
+        BLOCK_TABLE += b64 * sbt_b
+    else:
+        K += kb64 * sk_b + hk64 * sk_h + k_start * sk_n
+        V += kb64 * sv_b + hk64 * sv_h + k_start * sv_n
     O += split * so_s + b64 * so_b + h64 * so_h + q_start * so_m
     LSE += split * sl_s + b64 * sl_b + h64 * sl_h + q_start * sl_m
     MASK += b64 * smask_b + h64 * smask_h
@@ -284,6 +317,10 @@ def _attn_fwd_tile(
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
+    if HAS_SINKS:  # a learnable sink: a logit of this head that joins the normalizer and takes no value
+        if split == 0:  # (one key slice counts it)
+            m_i = tl.full([BLOCK_M], 1.0, tl.float32) * (tl.load(SINKS + h).to(tl.float32) * LOG2E)
+            l_i += 1.0
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     lo, hi, first, limit = _key_range(m0, seqlen_k, diag, window_left, window_right, BLOCK_M, BLOCK_N,
                                       HAS_LEFT, HAS_RIGHT)
@@ -304,10 +341,14 @@ def _attn_fwd_tile(
         for start_n in range(start, stop, BLOCK_N):
             cols = start_n + offs_n
             col_ok = cols < seqlen_k
+            if PAGED:
+                k_rows, v_rows = _paged_rows(BLOCK_TABLE, page_first + cols, col_ok, page_size, sk_b, sk_n, sv_b, sv_n)
             if TMA:
                 kt = tl.trans(k_desc.load([start_n, 0]))
             else:
-                if FIXED_OFFSETS:
+                if PAGED:
+                    kt_ptrs = K + k_rows[None, :] + offs_d[:, None] * sk_d
+                elif FIXED_OFFSETS:
                     kt_ptrs = K + tl.cast(start_n, tl.int64) * sk_n + kt_offs
                 else:
                     kt_ptrs = K + cols[None, :] * sk_n + offs_d[:, None] * sk_d
@@ -329,7 +370,9 @@ def _attn_fwd_tile(
             if TMA:
                 v = v_desc.load([start_n, 0])
             else:
-                if FIXED_OFFSETS:
+                if PAGED:
+                    v_ptrs = V + v_rows[:, None] + offs_dv[None, :] * sv_d
+                elif FIXED_OFFSETS:
                     v_ptrs = V + tl.cast(start_n, tl.int64) * sv_n + v_offs
                 else:
                     v_ptrs = V + cols[:, None] * sv_n + offs_dv[None, :] * sv_d

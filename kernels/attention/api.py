@@ -105,6 +105,21 @@ def _causal_bias(attn_mask, query, key, is_causal) -> tuple[torch.Tensor | None,
     return attn_mask, attn_mask.variant == CausalVariant.LOWER_RIGHT
 
 
+def check_sink(op: str, sink, q: torch.Tensor, num_heads: int) -> None:
+    """A learnable sink must be a float tensor of shape (num_heads,) on q's device."""
+    if sink is None:
+        return
+    if not isinstance(sink, torch.Tensor) or not sink.dtype.is_floating_point:
+        raise InputTypeError(f"{op}: learnable_sink must be a float tensor of shape ({num_heads},), got "
+                             f"{sink.dtype if isinstance(sink, torch.Tensor) else type(sink).__name__}")
+    if tuple(sink.shape) != (num_heads,):
+        raise InputValueError(f"{op}: learnable_sink must have shape ({num_heads},) (one logit per query head), "
+                              f"got {tuple(sink.shape)}")
+    if sink.device != q.device:
+        raise InputValueError(f"{op}: learnable_sink is on {sink.device} but the queries are on {q.device}")
+
+
+
 def _mask_row_extent(mask: torch.Tensor) -> int:
     """Largest element offset within one (batch, head) plane of the mask: the kernels index the plane
     in int32 (the plane's base is int64)."""
@@ -112,7 +127,7 @@ def _mask_row_extent(mask: torch.Tensor) -> int:
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                                 enable_gqa=False, *, softcap: float = 0.0):
+                                 enable_gqa=False, *, softcap: float = 0.0, learnable_sink=None):
     """softmax(scale * query @ key^T + mask) @ value, fused (Vaswani et al., 2017, Sec. 3.2.1).
 
     Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` with the same semantics, except
@@ -143,6 +158,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         softcap: not in torch's signature (keyword-only; 0 = off, torch's behaviour): logit soft-capping,
             scores ``softcap * tanh(scale * q.k / softcap)`` before the mask is added (Gemma 2, Team Gemma,
             2024; flash-attention's ``softcap``). On the PyTorch path it runs the plain reference.
+        learnable_sink: not in torch's signature (keyword-only): ``(num_heads,)`` float logits, one per
+            query head, that join each row's softmax normalizer and take no value (gpt-oss's attention
+            sinks, ``s_aux`` in transformers; FlashAttention-3's ``learnable_sink``); differentiable.
 
     Returns:
         ``(..., num_heads, seqlen_q, head_dim_v)`` in query's dtype; differentiable in query, key, value
@@ -173,6 +191,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     dropout_p = _check_dropout(op, dropout_p)
     if not isinstance(softcap, (int, float)) or not softcap >= 0:
         raise InputValueError(f"{op}: softcap must be a float >= 0 (0 = off), got {softcap!r}")
+    check_sink(op, learnable_sink, query, query.shape[-3] if query.dim() >= 3 else 1)
     causal_bias, bottom_right = _causal_bias(attn_mask, query, key, is_causal)
     if causal_bias is not None:  # torch's CausalBias: the causal kernel, no mask materialized
         attn_mask, is_causal = None, True
@@ -190,10 +209,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                           stacklevel=2)
     if fallback or not dispatch.triton_available_for(query):
         dispatch.record_path("attention", "torch")
-        if softcap > 0:  # torch has no soft-capping
+        if softcap > 0 or learnable_sink is not None:  # torch has neither
             return attention_reference(query, key, value, scale=scale, causal=bool(is_causal),
                                        bottom_right=bottom_right, softcap=float(softcap), attn_mask=mask,
-                                       dropout_p=dropout_p)
+                                       dropout_p=dropout_p, sinks=learnable_sink)
         if causal_bias is not None:
             return F.scaled_dot_product_attention(query, key, value, attn_mask=causal_bias, dropout_p=dropout_p,
                                                   scale=scale, enable_gqa=bool(enable_gqa))
@@ -205,5 +224,5 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     q4, k4, v4 = _as_4d(query), _as_4d(key), _as_4d(value)
     out, _, _ = attention_op(q4, k4, v4, scale=scale, window=(-1, 0) if is_causal else (-1, -1),
                              bottom_right=bottom_right, attn_mask=None if mask is None else _as_4d(mask),
-                             dropout_p=dropout_p, softcap=float(softcap))
+                             dropout_p=dropout_p, softcap=float(softcap), sinks=learnable_sink)
     return out.reshape(*query.shape[:-1], value.shape[-1])

@@ -114,7 +114,7 @@ def attention_forward(q, k, v, *, scale: float, bottom_right: bool = False, wind
                       alibi_slopes=None, attn_mask=None, dropout_p: float = 0.0, seed: int = 0,
                       cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
                       seqused_k=None, kv_batch_idx=None, num_splits: int = 1, out=None, lse=None,
-                      stats=None):
+                      stats=None, sinks=None, block_table=None, leftpad=None):
     """Launch the forward on 4-D ``(batch, heads, seqlen, head_dim)`` views of any strides.
 
     Packed batches: ``q`` is ``(1, heads, total_q, head_dim)`` with ``cu_seqlens_q/k`` (int32, batch+1)
@@ -125,11 +125,18 @@ def attention_forward(q, k, v, *, scale: float, bottom_right: bool = False, wind
     ``logsumexp`` float32 ``(batch, heads, seqlen_q)`` (natural log; -inf for a row that sees no key).
     ``stats``: float32 ``(2, *logsumexp.shape)``, laid out as ``logsumexp``, to receive each row's max
     score (base 2) and softmax sum for :func:`attention_backward`'s exact-fp32 path (no key split then).
+    ``sinks``: ``(heads,)`` learnable sink logits (natural units) that join each row's normalizer.
+    ``block_table``: int32 ``(batch, max_pages)``: k and v are paged caches ``(num_pages, heads_k,
+    page_size, head_dim)`` (4-D views) and key j of sequence b sits at slot ``(leftpad + j) % page_size``
+    of page ``block_table[b, (leftpad + j) // page_size]``. ``leftpad``: int32 ``(batch,)``, the cache row
+    where each sequence's keys start (``seqused_k`` stays the row where they end).
     """
     pb = _problem(q, k, v, scale=scale, bottom_right=bottom_right, window=window, softcap=softcap,
                   alibi_slopes=alibi_slopes, attn_mask=attn_mask, dropout_p=dropout_p, seed=seed,
                   cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
     batch, num_heads, seqlen_q = pb["batch"], pb["num_heads"], pb["seqlen_q"]
+    if block_table is not None and not pb["varlen"]:  # the longest sequence the page table can hold
+        pb["seqlen_k"] = block_table.shape[1] * k.shape[2]
     if out is None:
         out = torch.empty((*q.shape[:3], pb["head_dim_v"]), device=q.device, dtype=q.dtype)
     if lse is None:
@@ -141,8 +148,9 @@ def attention_forward(q, k, v, *, scale: float, bottom_right: bool = False, wind
     block_d, block_dv = block_size(pb["head_dim"]), block_size(pb["head_dim_v"])
     candidates = configs.fwd_candidates(max(block_d, block_dv), q.dtype, seqlen_q, pb["heavy"],
                                         dispatch.target_arch(q.device))
-    if not _tma_ok((k, v), pb["varlen"]):
+    if block_table is not None or not _tma_ok((k, v), pb["varlen"]):  # a page table: rows found per tile
         candidates = [c for c in candidates if not c["TMA"]] or [dict(candidates[0], TMA=False)]
+    page_args = (block_table.stride(0), k.shape[2]) if block_table is not None else (0, 1)
 
     def launch(cfg):
         m_blocks = triton.cdiv(seqlen_q, cfg["BLOCK_M"])
@@ -169,13 +177,18 @@ def attention_forward(q, k, v, *, scale: float, bottom_right: bool = False, wind
                 dummy if alibi_slopes is None else alibi_slopes,
                 dummy if cu_seqlens_q is None else cu_seqlens_q, dummy if cu_seqlens_k is None else cu_seqlens_k,
                 dummy if seqused_k is None else seqused_k, dummy if kv_batch_idx is None else kv_batch_idx,
+                dummy if sinks is None else sinks, dummy if block_table is None else block_table,
+                dummy if leftpad is None else leftpad,
                 *_strides4(q, pb["varlen"]), *_strides4(k, pb["varlen"]), *_strides4(v, pb["varlen"]),
                 *o_strides, *l_strides, 0 if stats is None else stats.stride(0), *pb["mask_strides"],
                 *pb["alibi_strides"],
                 num_heads, pb["group_size"], seqlen_q, pb["seqlen_k"], pb["head_dim"], pb["head_dim_v"],
-                **pb["scalars"], split_size=split_size, batch_heads=batch * num_heads,
+                **pb["scalars"], split_size=split_size, batch_heads=batch * num_heads, sbt_b=page_args[0],
+                page_size=page_args[1],
                 **pb["flags"], HAS_SEQUSED_K=seqused_k is not None, HAS_KV_BATCH_IDX=kv_batch_idx is not None,
-                NUM_SPLITS=splits, ROW_STATS=stats is not None, BLOCK_D=block_d, BLOCK_DV=block_dv, **cfg,
+                NUM_SPLITS=splits, ROW_STATS=stats is not None, HAS_SINKS=sinks is not None,
+                PAGED=block_table is not None, HAS_LEFTPAD=leftpad is not None, BLOCK_D=block_d, BLOCK_DV=block_dv,
+                **cfg,
                 **dot_flags(q.dtype),
                 # Only 128-key tiles keep their offsets in registers: it saves ~23 instructions per step there
                 # (sm_90a, static check), and smaller tiles on sm_80 have no registers to spare for it.
@@ -189,7 +202,8 @@ def attention_forward(q, k, v, *, scale: float, bottom_right: bool = False, wind
             )
             dispatch.record_launch("attention_combine")
 
-    cfg = autotune.choose("attention_fwd", _bucket(pb, q, num_splits, seqused_k is not None), candidates, launch,
+    extra = (seqused_k is not None, sinks is not None, block_table is not None, leftpad is not None)
+    cfg = autotune.choose("attention_fwd", _bucket(pb, q, num_splits, *extra), candidates, launch,
                           q.device, kernel=K._attn_fwd_kernel)
     launch(cfg)
     return out, lse

@@ -31,7 +31,8 @@ def _attention_forward_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     attn_mask: Optional[torch.Tensor], alibi_slopes: Optional[torch.Tensor],
     cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
-    seqused_k: Optional[torch.Tensor], kv_batch_idx: Optional[torch.Tensor],
+    seqused_k: Optional[torch.Tensor], kv_batch_idx: Optional[torch.Tensor], sinks: Optional[torch.Tensor],
+    block_table: Optional[torch.Tensor], leftpad: Optional[torch.Tensor],
     max_seqlen_q: int, max_seqlen_k: int, scale: float, bottom_right: bool,
     window_left: int, window_right: int, softcap: float, dropout_p: float, num_splits: int, row_stats: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -46,13 +47,14 @@ def _attention_forward_op(
         alibi_slopes=alibi_slopes, attn_mask=attn_mask, dropout_p=dropout_p, seed=int(seed),
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
         seqused_k=seqused_k, kv_batch_idx=kv_batch_idx, num_splits=num_splits, out=_new_out(q, v.shape[3]),
-        lse=lse, stats=stats if row_stats else None)
+        lse=lse, stats=stats if row_stats else None, sinks=sinks, block_table=block_table, leftpad=leftpad)
     return out, lse, seed, stats
 
 
 @_attention_forward_op.register_fake
-def _(q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k, kv_batch_idx, max_seqlen_q,
-      max_seqlen_k, scale, bottom_right, window_left, window_right, softcap, dropout_p, num_splits, row_stats):
+def _(q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k, kv_batch_idx, sinks, block_table,
+      leftpad, max_seqlen_q, max_seqlen_k, scale, bottom_right, window_left, window_right, softcap, dropout_p,
+      num_splits, row_stats):
     lse = q.new_empty(q.shape[:3], dtype=torch.float32)
     return _new_out(q, v.shape[3]), lse, torch.empty((), dtype=torch.int64), _new_stats(q, row_stats)
 
@@ -94,10 +96,12 @@ _SAVED_PARAMS = ("max_seqlen_q", "max_seqlen_k", "scale", "bottom_right", "windo
 
 
 def _setup_context(ctx, inputs, output):
-    (q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k, kv_batch_idx, *params) = inputs
+    (q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k, kv_batch_idx, sinks, block_table,
+     leftpad, *params) = inputs
     out, lse, seed, stats = output
-    ctx.kv_cache = seqused_k is not None or kv_batch_idx is not None
-    ctx.save_for_backward(q, k, v, out, lse, seed, stats, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k)
+    ctx.kv_cache = seqused_k is not None or kv_batch_idx is not None or leftpad is not None
+    ctx.paged = block_table is not None
+    ctx.save_for_backward(q, k, v, out, lse, seed, stats, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, sinks)
     ctx.params = dict(zip(_SAVED_PARAMS, params[:len(_SAVED_PARAMS)]))
 
 
@@ -105,13 +109,30 @@ def _backward(ctx, dout, _dlse, _dseed, _dstats):
     """dQ, dK, dV, and an additive attn_mask's gradient when it requires one; the logsumexp output is
     not differentiable (its gradient is ignored)."""
     if ctx.kv_cache:
-        raise NotImplementedError("attention with a KV cache (seqused_k / kv_batch_idx) has no backward, "
-                                  "as in flash_attn_with_kvcache")
-    q, k, v, out, lse, seed, stats, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+        raise NotImplementedError("attention with a KV cache (seqused_k / kv_batch_idx / cache_leftpad) has no "
+                                  "backward, as in flash_attn_with_kvcache")
+    if ctx.paged:
+        raise NotImplementedError("attention over a paged KV cache (block_table) has no backward (flash-attention's "
+                                  "neither); run the training forward on unpaged k and v")
+    q, k, v, out, lse, seed, stats, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, sinks = ctx.saved_tensors
     mask_grad = attn_mask is not None and ctx.needs_input_grad[3]
     dq, dk, dv, dmask = _attention_backward_op(dout, q, k, v, out, lse, seed, stats, attn_mask, alibi_slopes,
                                                cu_seqlens_q, cu_seqlens_k, **ctx.params, mask_grad=mask_grad)
-    return (dq, dk, dv, dmask if mask_grad else None) + (None,) * 15
+    dsinks = _sinks_grad(dout, out, lse, sinks, cu_seqlens_q) if sinks is not None and ctx.needs_input_grad[9] \
+        else None
+    return (dq, dk, dv, dmask if mask_grad else None) + (None,) * 5 + (dsinks,) + (None,) * 12
+
+
+def _sinks_grad(dout, out, lse, sinks, cu_seqlens_q):
+    """d loss / d sink_h = -sum over rows of P(sink) * delta, with P(sink) = exp(sink_h - lse) and
+    delta = rowsum(dO * O) (a sink joins the normalizer and adds no value). Rows of no sequence in a
+    packed batch (past cu_seqlens_q[-1]) count nothing."""
+    delta = (dout.float() * out.float()).sum(-1)
+    terms = torch.exp(sinks.float()[None, :, None] - lse) * delta
+    if cu_seqlens_q is not None:
+        rows = torch.arange(lse.shape[2], device=lse.device)
+        terms = torch.where(rows < cu_seqlens_q[-1], terms, 0.0)
+    return (-terms.sum((0, 2))).to(sinks.dtype)
 
 
 torch.library.register_autograd("kernels::attention_forward", _backward, setup_context=_setup_context)
@@ -119,7 +140,8 @@ torch.library.register_autograd("kernels::attention_forward", _backward, setup_c
 
 def attention_op(q, k, v, *, scale, bottom_right=False, window=(-1, -1), softcap=0.0, alibi_slopes=None,
                  attn_mask=None, dropout_p=0.0, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
-                 max_seqlen_k=0, seqused_k=None, kv_batch_idx=None, num_splits=1):
+                 max_seqlen_k=0, seqused_k=None, kv_batch_idx=None, num_splits=1, sinks=None, block_table=None,
+                 leftpad=None):
     """Differentiable, compile-safe attention on 4-D views (see :func:`attention_forward` for the
     arguments). Returns ``(out, logsumexp, seed)``. Counted as a Triton call by :func:`kernels.last_path`."""
     dispatch.record_path("attention", "triton")
@@ -127,7 +149,8 @@ def attention_op(q, k, v, *, scale, bottom_right=False, window=(-1, -1), softcap
     row_stats = q.dtype == torch.float32 and torch.is_grad_enabled() and (
         q.requires_grad or k.requires_grad or v.requires_grad)
     out, lse, seed, _ = _attention_forward_op(
-        q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k, kv_batch_idx, int(max_seqlen_q),
+        q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k, kv_batch_idx, sinks, block_table,
+        leftpad, int(max_seqlen_q),
         int(max_seqlen_k), float(scale), bool(bottom_right), int(window[0]), int(window[1]), float(softcap),
         float(dropout_p), int(num_splits), row_stats)
     return out, lse, seed

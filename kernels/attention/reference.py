@@ -9,13 +9,16 @@ import torch
 
 
 def attention_reference(q, k, v, *, scale=None, causal=False, bottom_right=False, window=(-1, -1), softcap=0.0,
-                        alibi_slopes=None, attn_mask=None, dropout_p=0.0, dropout_keep=None, return_probs=False):
+                        alibi_slopes=None, attn_mask=None, dropout_p=0.0, dropout_keep=None, return_probs=False,
+                        sinks=None):
     """Plain PyTorch attention over ``(..., heads, seqlen, head_dim)`` with every feature of the kernels;
     materializes the score matrix. The tests run it in float64; the CPU path runs it in the input dtype.
 
     ``causal`` is ``window=(left, 0)``; ``bottom_right`` aligns the diagonal at seqlen_k - seqlen_q.
     ``dropout_keep`` (bool, broadcastable to the scores) fixes the dropout pattern; without it and with
     ``dropout_p`` > 0, one is drawn from torch's generator. Rows with no visible key give 0.
+    ``sinks`` ``(heads,)``: learnable sink logits that join each row's softmax and take no value (the
+    logsumexp includes them).
     Returns ``out``, or with ``return_probs`` ``(out, probs, logsumexp)``: the softmax probabilities,
     negated where dropout zeroed them (flash-attention's ``S_dmask``), and the rows' logsumexp of
     the scores (-inf for a row with no visible key).
@@ -46,9 +49,14 @@ def attention_reference(q, k, v, *, scale=None, causal=False, bottom_right=False
         else:
             s = s + attn_mask.to(s.dtype)
     s = s.masked_fill(~visible, float("-inf"))
-    empty = (s == float("-inf")).all(dim=-1, keepdim=True)
-    # Rows with no visible key: softmax of finite stand-ins, then 0, so neither value nor gradient is NaN.
-    probs = torch.softmax(s.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+    if sinks is not None:  # a per-head logit in the normalizer with no value (gpt-oss): a column, then dropped
+        sink = sinks.to(s.dtype).reshape(-1, 1, 1).expand(*s.shape[:-1], 1)
+        probs = torch.softmax(torch.cat([s, sink], dim=-1), dim=-1)[..., :-1]
+        s = torch.cat([s, sink], dim=-1)  # for the logsumexp below
+    else:
+        empty = (s == float("-inf")).all(dim=-1, keepdim=True)
+        # Rows with no visible key: softmax of finite stand-ins, then 0, so neither value nor gradient is NaN.
+        probs = torch.softmax(s.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
     dropped, keep = probs, None
     if dropout_p > 0:
         keep = dropout_keep if dropout_keep is not None else torch.rand_like(probs) >= dropout_p

@@ -29,7 +29,7 @@ try:  # Triton >= 3.4 reads its settings through knobs; the value is what @trito
 except (ImportError, AttributeError):  # pragma: no cover - older Triton
     INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-OPS = ("attention", "layer_norm", "ffn")
+OPS = ("attention", "layer_norm", "ffn", "rotary")
 
 _last_path: dict[str, str] = {}
 _assumed_arch: str | None = None

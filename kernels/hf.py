@@ -120,8 +120,9 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     T5-style ``position_bias`` is folded into the mask (its gradient, when it is learned, comes from the
     kernel). Grouped-query attention uses the kernel's ``enable_gqa`` (no ``repeat_kv`` copies).
     Gemma 2's ``softcap`` (logit soft-capping, which 'sdpa' refuses) runs in the kernel, with the mask
-    added after the cap as in transformers' eager attention; per-layer sliding windows come in the masks
-    transformers builds for each layer type.
+    added after the cap as in transformers' eager attention; gpt-oss's ``s_aux`` (a learnable sink per
+    head) joins the kernel's softmax normalizer, its gradient included; per-layer sliding windows come
+    in the masks transformers builds for each layer type.
 
     Args:
         module: the attention layer (reads ``is_causal``).
@@ -132,6 +133,7 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         dropout: attention dropout probability; > 0 runs torch's SDPA (the kernel would draw other
             random numbers than the unpatched model), except with ``softcap``, which torch cannot run.
         softcap (keyword): logit soft-capping, ``softcap * tanh(scores / softcap)``; None or 0 = off.
+        s_aux (keyword): ``(heads,)`` sink logits (gpt-oss), or None.
         scaling: softmax scale, default ``1/sqrt(head_dim)``.
 
     Returns:
@@ -142,6 +144,7 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     """
     global _warned_output_attentions
     softcap = kwargs.get("softcap") or 0.0
+    sinks = kwargs.get("s_aux")
     if kwargs.get("output_attentions", False) and not _warned_output_attentions:
         _warned_output_attentions = True
         warnings.warn(f"{ATTENTION_NAME!r} attention does not return attention weights (as 'sdpa'); use 'eager'",
@@ -161,10 +164,11 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
 
         attention_mask = create_position_bias_mask(position_bias, attention_mask, is_causal, query, key)
         is_causal = False
-    if softcap > 0:
+    if softcap > 0 or sinks is not None:  # torch's SDPA has neither
         out = scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
                                            scale=scaling, is_causal=is_causal,
-                                           enable_gqa=key.shape[1] != query.shape[1], softcap=softcap)
+                                           enable_gqa=key.shape[1] != query.shape[1], softcap=softcap,
+                                           learnable_sink=sinks)
     else:
         out = patching.routed_sdpa(query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
                                    is_causal=is_causal, enable_gqa=key.shape[1] != query.shape[1])
@@ -196,15 +200,15 @@ def _switch_attention(model: nn.Module, report: PatchReport) -> None:
         return leave("not a transformers.PreTrainedModel: no attention implementation to switch")
     if current == ATTENTION_NAME:
         return leave("already uses kernels' attention")
-    soft_capped = current == "eager" and _attention_softcap(config) is not None
-    if current != "sdpa" and not soft_capped:
-        return leave("only 'sdpa' is switched, and 'eager' for soft-capped attention (Gemma 2): our attention "
-                     "mirrors their semantics and masks (eager returns attention weights, flash/flex build other "
-                     "masks)")
+    eager_only = _eager_only_feature(model) if current == "eager" else None
+    if current != "sdpa" and eager_only is None:
+        return leave("only 'sdpa' is switched, and 'eager' for soft-capped attention (Gemma 2) or attention "
+                     "sinks (gpt-oss): our attention mirrors their semantics and masks (eager returns attention "
+                     "weights, flash/flex build other masks)")
     if not model._can_set_attn_implementation():
         return leave(f"{type(model).__name__} cannot switch its attention implementation")
     register()
-    with _sdpa_check_passes(model) if soft_capped else contextlib.nullcontext():
+    with _sdpa_check_passes(model) if eager_only else contextlib.nullcontext():
         model.set_attn_implementation(ATTENTION_NAME)
     if model.config._attn_implementation != ATTENTION_NAME:  # pragma: no cover - transformers refused
         return leave("transformers did not accept the switch")
@@ -213,9 +217,8 @@ def _switch_attention(model: nn.Module, report: PatchReport) -> None:
         "", what, repr(ATTENTION_NAME),
         "attention layers call kernels.scaled_dot_product_attention through transformers' AttentionInterface, "
         "with the masks built for 'sdpa'; "
-        + (f"logit soft-capping at {_attention_softcap(config)} in the kernel (which 'sdpa' cannot run); "
-           "attention weights are not returned (output_attentions)" if soft_capped else
-           "attention dropout > 0 (training) runs torch's SDPA")))
+        + (f"{eager_only} in the kernel (which 'sdpa' cannot run); attention weights are not returned "
+           "(output_attentions)" if eager_only else "attention dropout > 0 (training) runs torch's SDPA")))
 
 
 @contextlib.contextmanager
@@ -233,13 +236,18 @@ def _sdpa_check_passes(model: nn.Module):
             del m._supports_sdpa
 
 
-def _attention_softcap(config) -> float | None:
-    """The attention logit soft-cap of a transformers config (Gemma 2's ``attn_logit_softcapping``, also
-    inside a multimodal ``text_config``), or None."""
+def _eager_only_feature(model: nn.Module) -> str | None:
+    """What makes transformers run ``model``'s attention eagerly that our kernel runs: Gemma 2's logit
+    soft-capping (``attn_logit_softcapping``, also in a multimodal ``text_config``) or gpt-oss's attention
+    sinks (``sinks`` parameters passed as ``s_aux``); None otherwise."""
+    config = model.config
     for cfg in (config, getattr(config, "text_config", None)):
         cap = getattr(cfg, "attn_logit_softcapping", None)
         if cap:
-            return float(cap)
+            return f"logit soft-capping at {float(cap)}"
+    if any(isinstance(getattr(m, "sinks", None), nn.Parameter) for m in model.modules()) and \
+            getattr(config, "model_type", None) == "gpt_oss":
+        return "attention sinks (s_aux)"
     return None
 
 

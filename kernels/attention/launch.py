@@ -151,6 +151,7 @@ def attention_forward(q, k, v, *, scale: float, bottom_right: bool = False, wind
     if block_table is not None or not _tma_ok((k, v), pb["varlen"]):  # a page table: rows found per tile
         candidates = [c for c in candidates if not c["TMA"]] or [dict(candidates[0], TMA=False)]
     page_args = (block_table.stride(0), k.shape[2]) if block_table is not None else (0, 1)
+    kv_packed = pb["varlen"] and block_table is None  # paged K/V keep their page stride in the batch slot
 
     def launch(cfg):
         m_blocks = triton.cdiv(seqlen_q, cfg["BLOCK_M"])
@@ -179,7 +180,7 @@ def attention_forward(q, k, v, *, scale: float, bottom_right: bool = False, wind
                 dummy if seqused_k is None else seqused_k, dummy if kv_batch_idx is None else kv_batch_idx,
                 dummy if sinks is None else sinks, dummy if block_table is None else block_table,
                 dummy if leftpad is None else leftpad,
-                *_strides4(q, pb["varlen"]), *_strides4(k, pb["varlen"]), *_strides4(v, pb["varlen"]),
+                *_strides4(q, pb["varlen"]), *_strides4(k, kv_packed), *_strides4(v, kv_packed),
                 *o_strides, *l_strides, 0 if stats is None else stats.stride(0), *pb["mask_strides"],
                 *pb["alibi_strides"],
                 num_heads, pb["group_size"], seqlen_q, pb["seqlen_k"], pb["head_dim"], pb["head_dim_v"],

@@ -244,15 +244,20 @@ def test_kvcache_has_no_backward(device):
 
 
 # --- bad input --------------------------------------------------------------------------------------
-def test_unsupported_arguments_raise_not_implemented(device):
+def test_serving_arguments_are_checked(device):
+    """block_table, cache_leftpad and rotary tables are supported (tests/test_serving.py); malformed ones
+    get a ValueError/TypeError naming them."""
     q, k, v = _bshd(1, 2, 8, 2, 2, 16, torch.float16, device)
-    for kwargs in (dict(rotary_cos=torch.ones(8, 8)), dict(cache_leftpad=torch.zeros(1, dtype=torch.int32)),
-                   dict(block_table=torch.zeros(1, 1, dtype=torch.int32))):
-        with pytest.raises(NotImplementedError, match=next(iter(kwargs))):
+    for kwargs, error, match in ((dict(rotary_cos=torch.ones(8, 8, device=device)), ValueError, "rotary_cos"),
+                                 (dict(cache_leftpad=torch.zeros(2, dtype=torch.int32, device=device)), TypeError,
+                                  "cache_leftpad"),
+                                 (dict(block_table=torch.zeros(1, 1, dtype=torch.int64, device=device)), TypeError,
+                                  "block_table")):
+        with pytest.raises(error, match=match):
             kernels.flash_attn_with_kvcache(q, k, v, **kwargs)
     cu = torch.tensor([0, 2], dtype=torch.int32, device=device)
-    with pytest.raises(NotImplementedError, match="block_table"):
-        kernels.flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, 2, 2, block_table=cu)
+    with pytest.raises(ValueError, match="block_table"):
+        kernels.flash_attn_varlen_func(q[0], k[0][None], v[0][None], cu, cu, 2, 2, block_table=cu)
 
 
 @pytest.mark.parametrize("cu_q,max_q,error,match", [

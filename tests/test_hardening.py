@@ -83,7 +83,10 @@ BAD_INPUT = [
     ("ALiBi slopes of the wrong shape", lambda: kernels.flash_attn_func(*bshd(), alibi_slopes=torch.ones(3)), ValueError, "alibi_slopes must have shape (2,) or (2, 2)"),
     ("KV cache too short", lambda: kernels.flash_attn_with_kvcache(r(1, 1, 2, 8), r(1, 4, 2, 8), r(1, 4, 2, 8), r(1, 2, 2, 8), r(1, 2, 2, 8), cache_seqlens=3), ValueError, "too short"),
     ("cache_seqlens not int32", lambda: kernels.flash_attn_with_kvcache(r(1, 1, 2, 8), r(1, 4, 2, 8), r(1, 4, 2, 8), cache_seqlens=torch.tensor([2])), TypeError, "cache_seqlens must be"),
-    ("unsupported feature", lambda: kernels.flash_attn_with_kvcache(r(1, 1, 2, 8), r(1, 4, 2, 8), r(1, 4, 2, 8), block_table=CU), NotImplementedError, "block_table"),
+    ("block_table not int32 (batch, pages)", lambda: kernels.flash_attn_with_kvcache(r(1, 1, 2, 8), r(1, 4, 2, 8), r(1, 4, 2, 8), block_table=CU), ValueError, "block_table must have shape"),
+    ("page index out of range", lambda: kernels.flash_attn_with_kvcache(r(1, 1, 2, 8), r(2, 4, 2, 8), r(2, 4, 2, 8), block_table=torch.tensor([[0, 2]], dtype=torch.int32)), ValueError, "block_table holds page indices outside [0, 2)"),
+    ("rotary tables too short", lambda: kernels.apply_rotary_emb(r(1, 9, 2, 8), r(8, 4), r(8, 4)), ValueError, "rotary tables of 8 positions are too short"),
+    ("learnable sink of the wrong shape", lambda: kernels.flash_attn_func(*bshd(), learnable_sink=torch.zeros(3)), ValueError, "learnable_sink must have shape (2,)"),
 ]
 
 

@@ -468,3 +468,35 @@ def test_vit_mlp_layer_norms_and_attention(device, launches):
     pixels = dict(pixel_values=torch.randn(2, 3, 16, 16, device=device))
     patch_and_check(transformers.ViTForImageClassification(config).to(device), hf.apply_kernels, pixels, launches,
                     {"attn_implementation='sdpa'": 1, "transformers.ViTMLP": 2, "nn.LayerNorm": 5})
+
+
+def test_gpt_oss_attention_sinks(device, launches):
+    """gpt-oss (learnable sinks per head passed as ``s_aux``, which transformers' 'sdpa' cannot run, so
+    it runs 'eager'): patch switches it to our attention, whose kernel takes the sinks; logits and every
+    gradient, the sinks' included, equal eager's; greedy generation is token-identical; unpatch
+    restores 'eager'."""
+    torch.manual_seed(0)
+    config = transformers.GptOssConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
+                                       num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=32,
+                                       pad_token_id=0, eos_token_id=0, bos_token_id=0)
+    model = transformers.GptOssForCausalLM(config).to(device).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(getattr(module, "sinks", None), nn.Parameter):
+                module.sinks.normal_(0.0, 1.0)
+    assert model.config._attn_implementation == "eager"
+    ref = copy.deepcopy(model)
+    report = hf.apply_kernels(model)
+    assert model.config._attn_implementation == hf.ATTENTION_NAME and "attention sinks (s_aux)" in str(report)
+    with launches("attention_fwd", 2), launches("attention_bwd_dq", 2):
+        compare(model, ref, tokens(device))
+    sinks = model.model.layers[0].self_attn.sinks
+    assert sinks.grad is not None and sinks.grad.abs().sum() > 0
+    inputs = tokens(device, batch=2, seqlen=5)
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with launches("attention_fwd", 2 * 4):
+        out = model.generate(**inputs, **kwargs)
+    assert torch.equal(out, ref.generate(**inputs, **kwargs))
+    unpatch(model)
+    assert model.config._attn_implementation == "eager"

@@ -170,6 +170,7 @@ def _record_launches() -> list[Launch]:
             out, lse = attention.attention_forward(q, k, v, scale=0.1, **kw, stats=stats)
             if backward:
                 kw.pop("num_splits", None)
+                kw.pop("sinks", None)  # the backward kernels read the sinks through the logsumexp
                 attention.attention_backward(out, q, k, v, out, lse, **kw, scale=0.1, stats=stats, dmask=dmask)
 
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
@@ -186,6 +187,15 @@ def _record_launches() -> list[Launch]:
                 kv = torch.empty(4, 4, 1024, head_dim, dtype=dtype, **meta)
                 attn(f"attention {name} d={head_dim} all-modifiers", q, kv, kv, window=(256, 0), softcap=30.0,
                      alibi_slopes=torch.empty(16, dtype=torch.float32, **meta), attn_mask=mask, dropout_p=0.1)
+                if head_dim <= 128 and dtype == torch.float16:  # serving: pages of 64 rows, left padding, sinks
+                    pool = torch.empty(512, 8, 64, head_dim, dtype=dtype, **meta)
+                    attn(f"attention {name} d={head_dim} paged-sinks decode", q[:, :, :4], pool, pool, backward=False,
+                         bottom_right=True, window=(-1, 0), seqused_k=torch.empty(4, dtype=torch.int32, **meta),
+                         num_splits=4, block_table=torch.empty(4, 128, dtype=torch.int32, **meta),
+                         leftpad=torch.empty(4, dtype=torch.int32, **meta),
+                         sinks=torch.empty(16, dtype=torch.float32, **meta))
+                    attn(f"attention {name} d={head_dim} sinks causal", q, q, q, window=(-1, 0),
+                         sinks=torch.empty(16, dtype=torch.float32, **meta))
                 if head_dim <= 128:  # a learned bias (T5): its gradient written by the dQ kernel
                     attn(f"attention {name} d={head_dim} learned-bias", q, q, q, attn_mask=mask,
                          dmask=torch.empty(4, 16, 1024, 1024, dtype=dtype, **meta))

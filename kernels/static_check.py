@@ -194,6 +194,9 @@ def _record_launches() -> list[Launch]:
                          num_splits=4, block_table=torch.empty(4, 128, dtype=torch.int32, **meta),
                          leftpad=torch.empty(4, dtype=torch.int32, **meta),
                          sinks=torch.empty(16, dtype=torch.float32, **meta))
+                    attn(f"attention {name} d={head_dim} paged decode", q[:, :, :4], pool, pool, backward=False,
+                         bottom_right=True, window=(-1, 0), seqused_k=torch.empty(4, dtype=torch.int32, **meta),
+                         num_splits=4, block_table=torch.empty(4, 128, dtype=torch.int32, **meta))
                     attn(f"attention {name} d={head_dim} sinks causal", q, q, q, window=(-1, 0),
                          sinks=torch.empty(16, dtype=torch.float32, **meta))
                 if head_dim <= 128:  # a learned bias (T5): its gradient written by the dQ kernel

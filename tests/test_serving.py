@@ -56,6 +56,8 @@ KVCACHE_CASES = [  # (page_size, paged, leftpad, rotary, interleaved, causal, ex
     (7, True, False, True, True, True, dict(window_size=(6, 0), softcap=5.0)),
     (16, False, True, True, False, True, dict(num_splits=3)),
     (8, True, True, False, False, True, dict(num_splits=3, alibi=True)),
+    (32, True, False, True, False, True, {}),  # pages a multiple of the key tile: one lookup per tile
+    (64, True, False, False, True, False, dict(num_splits=3, window_size=(20, 3))),
 ]
 
 
@@ -110,7 +112,7 @@ def test_kvcache_paged_leftpad_rotary_against_unpaged_reference(device, launches
 
 
 @settings(max_examples=12, deadline=None)
-@given(page_size=st.integers(1, 20), lengths=st.lists(st.integers(1, 45), min_size=1, max_size=3),
+@given(page_size=st.one_of(st.integers(1, 20), st.sampled_from([32, 64])), lengths=st.lists(st.integers(1, 45), min_size=1, max_size=3),
        causal=st.booleans(), splits=st.sampled_from([0, 1, 2]), seed=st.integers(0, 2**16))
 def test_property_paged_equals_unpaged(page_size, lengths, causal, splits, seed):
     """The same cache contents paged (any page size, shuffled pages) and unpaged give the same output."""

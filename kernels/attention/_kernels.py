@@ -208,7 +208,7 @@ def _attn_fwd_kernel(
     VARLEN: tl.constexpr, HAS_SEQUSED_K: tl.constexpr, HAS_KV_BATCH_IDX: tl.constexpr, NUM_SPLITS: tl.constexpr,
     SPLIT_WALK: tl.constexpr, FOLD: tl.constexpr, EVEN_D: tl.constexpr, FIXED_OFFSETS: tl.constexpr,
     TMA: tl.constexpr, PERSISTENT: tl.constexpr, ROW_STATS: tl.constexpr,
-    HAS_SINKS: tl.constexpr, PAGED: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
+    HAS_SINKS: tl.constexpr, PAGED: tl.constexpr, PAGE_TILES: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -231,7 +231,7 @@ def _attn_fwd_kernel(
                 sbt_b, page_size,
                 BOTTOM_RIGHT, HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, DROPOUT, VARLEN, HAS_SEQUSED_K,
                 HAS_KV_BATCH_IDX, NUM_SPLITS, SPLIT_WALK, FOLD, EVEN_D, FIXED_OFFSETS, TMA, ROW_STATS,
-                HAS_SINKS, PAGED, HAS_LEFTPAD,
+                HAS_SINKS, PAGED, PAGE_TILES, HAS_LEFTPAD,
                 BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, UPCAST, PRECISION)
     else:
         _attn_fwd_tile(
@@ -246,7 +246,7 @@ def _attn_fwd_kernel(
             sbt_b, page_size,
             BOTTOM_RIGHT, HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, DROPOUT, VARLEN, HAS_SEQUSED_K,
             HAS_KV_BATCH_IDX, NUM_SPLITS, SPLIT_WALK, FOLD, EVEN_D, FIXED_OFFSETS, TMA, ROW_STATS,
-            HAS_SINKS, PAGED, HAS_LEFTPAD,
+            HAS_SINKS, PAGED, PAGE_TILES, HAS_LEFTPAD,
             BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, UPCAST, PRECISION)
 
 
@@ -271,7 +271,7 @@ def _attn_fwd_tile(
     VARLEN: tl.constexpr, HAS_SEQUSED_K: tl.constexpr, HAS_KV_BATCH_IDX: tl.constexpr, NUM_SPLITS: tl.constexpr,
     SPLIT_WALK: tl.constexpr, FOLD: tl.constexpr, EVEN_D: tl.constexpr, FIXED_OFFSETS: tl.constexpr,
     TMA: tl.constexpr, ROW_STATS: tl.constexpr,
-    HAS_SINKS: tl.constexpr, PAGED: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
+    HAS_SINKS: tl.constexpr, PAGED: tl.constexpr, PAGE_TILES: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -341,7 +341,12 @@ def _attn_fwd_tile(
         for start_n in range(start, stop, BLOCK_N):
             cols = start_n + offs_n
             col_ok = cols < seqlen_k
-            if PAGED:
+            if PAGE_TILES:  # the tile lies in one page: one table lookup, then contiguous rows
+                page = tl.load(BLOCK_TABLE + start_n // page_size).to(tl.int64)
+                slot = (start_n % page_size).to(tl.int64)
+                k_rows = page * sk_b + slot * sk_n + offs_n * sk_n
+                v_rows = page * sv_b + slot * sv_n + offs_n * sv_n
+            elif PAGED:
                 k_rows, v_rows = _paged_rows(BLOCK_TABLE, page_first + cols, col_ok, page_size, sk_b, sk_n, sv_b, sv_n)
             if TMA:
                 kt = tl.trans(k_desc.load([start_n, 0]))

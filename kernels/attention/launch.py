@@ -189,6 +189,8 @@ def attention_forward(q, k, v, *, scale: float, bottom_right: bool = False, wind
                 **pb["flags"], HAS_SEQUSED_K=seqused_k is not None, HAS_KV_BATCH_IDX=kv_batch_idx is not None,
                 NUM_SPLITS=splits, ROW_STATS=stats is not None, HAS_SINKS=sinks is not None,
                 PAGED=block_table is not None, HAS_LEFTPAD=leftpad is not None, BLOCK_D=block_d, BLOCK_DV=block_dv,
+                # Pages a multiple of the key tile (and no left padding): a tile never straddles two pages.
+                PAGE_TILES=block_table is not None and leftpad is None and page_args[1] % cfg["BLOCK_N"] == 0,
                 **cfg,
                 **dot_flags(q.dtype),
                 # Only 128-key tiles keep their offsets in registers: it saves ~23 instructions per step there

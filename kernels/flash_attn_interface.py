@@ -255,10 +255,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     _check_cu_seqlens(op, "cu_seqlens_k", cu_seqlens_k, total_k, int(max_seqlen_k), q.device)
     if block_table is not None:
         _check_block_table(op, block_table, cu_seqlens_k.numel() - 1, k, v, q.device)
-        lengths = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
-        if lengths.numel() and int(lengths.max()) > block_table.shape[1] * k.shape[1]:
-            raise InputValueError(f"{op}: a sequence of {int(lengths.max())} keys needs more than the block_table's "
-                                  f"{block_table.shape[1]} pages of {k.shape[1]}")
+        _check_pages(op, block_table, cu_seqlens_k[1:] - cu_seqlens_k[:-1], k.shape[0], k.shape[1])
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise InputValueError(f"{op}: cu_seqlens_q and cu_seqlens_k must describe the same batch, got "
                          f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()} offsets")
@@ -319,7 +316,7 @@ def _unpage(cache, block_table, cu_seqlens_k):
 
 
 def _check_block_table(op, block_table, batch, k_cache, v_cache, device):
-    """int32 (batch, max_pages) indices into the caches' pages, each in range (one host sync)."""
+    """An int32 (batch, max_pages) table over page pools (num_pages, page_size, nheads_k, headdim)."""
     if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32:
         raise InputTypeError(f"{op}: block_table must be an int32 tensor of shape (batch, max_pages), got "
                              f"{block_table.dtype if isinstance(block_table, torch.Tensor) else type(block_table).__name__}")
@@ -331,10 +328,19 @@ def _check_block_table(op, block_table, batch, k_cache, v_cache, device):
     if k_cache.dim() != 4 or v_cache.dim() != 4 or k_cache.shape[:2] != v_cache.shape[:2]:
         raise InputValueError(f"{op}: with block_table, k and v caches must be (num_pages, page_size, nheads_k, "
                               f"headdim) with the same pages, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
-    num_pages = k_cache.shape[0]
-    if block_table.numel() and (int(block_table.min()) < 0 or int(block_table.max()) >= num_pages):
-        raise InputValueError(f"{op}: block_table holds page indices outside [0, {num_pages}): "
-                              f"{int(block_table.min())}..{int(block_table.max())}")
+
+
+def _check_pages(op, block_table, rows, num_pages, page_size):
+    """The table entries of the pages holding rows [0, rows[b]) of each sequence lie in [0, num_pages)
+    (one host sync); the others may hold anything (vLLM and transformers mark them -1): never read."""
+    pages_used = (rows.long() + page_size - 1) // page_size
+    if pages_used.numel() and int(pages_used.max()) > block_table.shape[1]:
+        raise InputValueError(f"{op}: a sequence of {int(rows.max())} rows needs more than the block_table's "
+                              f"{block_table.shape[1]} pages of {page_size}")
+    used = block_table[torch.arange(block_table.shape[1], device=block_table.device)[None, :] < pages_used[:, None]]
+    if used.numel() and (int(used.min()) < 0 or int(used.max()) >= num_pages):
+        raise InputValueError(f"{op}: block_table holds page indices outside [0, {num_pages}) where the sequences "
+                              f"have rows: {int(used.min())}..{int(used.max())}")
 
 
 def _varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, return_attn_probs,
@@ -461,6 +467,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         if batch and int((lengths + k.shape[1]).max()) > capacity:
             raise InputValueError(f"{op}: cache of {capacity} positions is too short to append {k.shape[1]} tokens "
                                   f"after cache_seqlens {lengths.tolist()}")
+    if block_table is not None:
+        rows = lengths if lengths is not None else torch.full((batch,), capacity, device=q.device)
+        _check_pages(op, block_table, rows + (0 if k is None else k.shape[1]), k_cache.shape[0], k_cache.shape[1])
     _check_options(op, q, 0.0, softcap, alibi_slopes, batch, q.shape[2])
     check_sink(op, learnable_sink, q, q.shape[2])
     window = _window(op, window_size, causal)

@@ -70,8 +70,10 @@ from .patching import (
 
 __all__ = [
     "ATTENTION_NAME",
+    "FLASH_ATTENTION_NAME",
     "register",
     "attention_forward",
+    "flash_attention_forward",
     "apply_kernels",
     "apply_kernels_to_gpt2",
     "apply_kernels_to_bert",
@@ -81,6 +83,13 @@ __all__ = [
 ATTENTION_NAME = "kernels_sdpa"
 """The ``attn_implementation`` name of our attention. It contains "sdpa" on purpose: transformers then
 accepts it only for models that declare SDPA support (``_supports_sdpa``), whose semantics we mirror."""
+
+FLASH_ATTENTION_NAME = "kernels_flash_attention_2"
+"""The ``attn_implementation`` name of our flash-attention-style attention (:func:`flash_attention_forward`):
+no 4-D masks, padding-free and packed batches, and the paged KV cache of transformers' continuous
+batching (``generate_batch``), which accepts only 'sdpa', 'paged|eager' and names holding "flash", and
+takes its block-table decode path only for names matching flash-attention 2 or 3 (on CUDA). Our functions
+have flash-attention 2's signatures."""
 
 
 def _transformers():
@@ -185,9 +194,50 @@ def register() -> str:
     transformers = _transformers()
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+    from transformers.masking_utils import flash_attention_mask
+
     transformers.AttentionInterface.register(ATTENTION_NAME, attention_forward)
     AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+    transformers.AttentionInterface.register(FLASH_ATTENTION_NAME, flash_attention_forward)
+    AttentionMaskInterface.register(FLASH_ATTENTION_NAME, flash_attention_mask)
+    _use_our_flash_functions()  # transformers' check of a flash implementation loads its functions
     return ATTENTION_NAME
+
+
+def flash_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' flash-attention interface function, running our ``flash_attn_func``,
+    ``flash_attn_varlen_func`` and ``flash_attn_with_kvcache``.
+
+    It is transformers' own ``flash_attention_forward`` (unpadding by the 2-D mask, packed sequences
+    from ``cu_seq_lens``/``position_ids``, sliding windows, soft-capping, ``s_aux`` sinks, and the paged
+    decode of continuous batching with ``block_table``, ``k_cache``, ``v_cache``) with our three
+    functions in place of flash-attention's: they take flash-attention's arguments, so transformers'
+    argument mapping applies unchanged. Registered as :data:`FLASH_ATTENTION_NAME` by :func:`register`.
+
+    Args and returns: as transformers' ``flash_attention_forward``: query ``(batch, heads, seqlen_q,
+    head_dim)``, key/value ``(batch, heads_kv, seqlen_k, head_dim)``; returns ``(out (batch, seqlen_q,
+    heads, head_dim), None)``.
+    """
+    _use_our_flash_functions()
+    return _hf_module("integrations.flash_attention").flash_attention_forward(module, query, key, value,
+                                                                             attention_mask, **kwargs)
+
+
+def _use_our_flash_functions() -> None:
+    """Point transformers' loaded flash functions (``modeling_flash_attention_utils``, which caches one
+    implementation at a time) at ours, as its own loader would for a flash-attention package."""
+    utils = _hf_module("modeling_flash_attention_utils")
+    if utils._loaded_implementation == FLASH_ATTENTION_NAME:
+        return
+    from . import flash_attn_interface as fa
+
+    utils._flash_fn, utils._flash_varlen_fn = fa.flash_attn_func, fa.flash_attn_varlen_func
+    utils._flash_with_kvcache_fn = torch.compiler.disable(fa.flash_attn_with_kvcache)
+    utils._pad_fn, utils._unpad_fn = utils._pad_input, utils._unpad_input
+    utils._process_flash_kwargs_fn = utils._lazy_define_process_function(fa.flash_attn_varlen_func)
+    utils._process_with_kvcache_kwargs_fn = utils._lazy_define_process_function(fa.flash_attn_with_kvcache)
+    utils._loaded_implementation = FLASH_ATTENTION_NAME
 
 
 def _switch_attention(model: nn.Module, report: PatchReport) -> None:
@@ -198,8 +248,11 @@ def _switch_attention(model: nn.Module, report: PatchReport) -> None:
     leave = lambda why: report.left_alone.append(PatchEntry("", what, None, why))  # noqa: E731
     if not isinstance(model, _transformers().PreTrainedModel):
         return leave("not a transformers.PreTrainedModel: no attention implementation to switch")
-    if current == ATTENTION_NAME:
+    if current in (ATTENTION_NAME, FLASH_ATTENTION_NAME):
         return leave("already uses kernels' attention")
+    if current and "flash" in current:
+        return leave(f"a flash-attention implementation: model.set_attn_implementation({FLASH_ATTENTION_NAME!r}) "
+                     "runs ours with the same contract (padding-free batches, continuous batching's paged cache)")
     eager_only = _eager_only_feature(model) if current == "eager" else None
     if current != "sdpa" and eager_only is None:
         return leave("only 'sdpa' is switched, and 'eager' for soft-capped attention (Gemma 2) or attention "

@@ -7,6 +7,7 @@ counters must show that the Triton kernels ran.
 import copy
 import subprocess
 import sys
+import types
 import warnings
 
 import pytest
@@ -14,6 +15,7 @@ import torch
 import torch.nn as nn
 
 import kernels
+from kernels.attention import attention_reference
 from kernels.patching import override_sdpa, unpatch
 from test_patching import assert_grads_match, assert_match, snapshot, assert_same_state
 
@@ -500,3 +502,55 @@ def test_gpt_oss_attention_sinks(device, launches):
     assert torch.equal(out, ref.generate(**inputs, **kwargs))
     unpatch(model)
     assert model.config._attn_implementation == "eager"
+
+
+def test_continuous_batching_generates_the_sdpa_tokens_on_our_kernels(device, launches):
+    """transformers' continuous batching (``generate_batch``) with ``hf.FLASH_ATTENTION_NAME``: prompts of
+    different lengths packed into one varlen batch per step, the KV cache in transformers' pages; greedy
+    tokens equal the 'sdpa' implementation's. (On CPU transformers reads the cache by index and calls
+    our varlen function; its block-table decode path, CUDA only, is the next test's.)"""
+    torch.manual_seed(0)
+    model = llama().to(device).eval()
+    ref = copy.deepcopy(model)
+    hf.register()
+    model.set_attn_implementation(hf.FLASH_ATTENTION_NAME)
+    prompts = [[5, 9, 12, 3], [7, 1], [2, 8, 30, 31, 40, 17, 6]]
+    config = transformers.GenerationConfig(max_new_tokens=4, do_sample=False, eos_token_id=VOCAB + 1, pad_token_id=0)
+    with launches("attention_fwd", 2 * 4):
+        out = model.generate_batch(prompts, generation_config=config, progress_bar=False)
+    assert kernels.last_path("attention") == "triton"
+    want = ref.generate_batch(prompts, generation_config=config, progress_bar=False)
+    assert sorted(out) == sorted(want)
+    for request in out:
+        assert out[request].generated_tokens == want[request].generated_tokens, request
+
+
+def test_flash_interface_paged_decode_writes_pages_and_attends(device, launches):
+    """The call transformers makes on continuous batching's decode path: one new token per sequence,
+    ``block_table``, ``k_cache``/``v_cache`` page pools and ``cu_seq_lens_k``; our flash_attn_with_kvcache
+    appends into the pages and attends, against a float64 reference on the gathered pages."""
+    torch.manual_seed(0)
+    hf.register()
+    heads, heads_k, dim, page_size, past = 4, 2, 16, 4, [5, 9, 2]
+    module = nn.Linear(dim, dim).to(device)  # an attention layer's attributes, as transformers reads them
+    module.is_causal, module.layer_idx = True, 0
+    module.config = types.SimpleNamespace(_attn_implementation=hf.FLASH_ATTENTION_NAME)
+    num_pages, max_pages = 12, 3
+    k_cache, v_cache = (torch.randn(num_pages, page_size, heads_k, dim, device=device) for _ in range(2))
+    table = torch.randperm(num_pages, device=device)[:3 * max_pages].reshape(3, max_pages).to(torch.int32)
+    cu_k = torch.tensor([0, 6, 16, 19], dtype=torch.int32, device=device)  # past + 1 new token each
+    q = torch.randn(1, heads, 3, dim, device=device)
+    k, v = (torch.randn(1, heads_k, 3, dim, device=device) for _ in range(2))
+    before = k_cache.clone(), v_cache.clone()
+    with launches("attention_fwd"):
+        out, _ = hf.flash_attention_forward(module, q, k, v, None, scaling=dim ** -0.5, block_table=table,
+                                            k_cache=k_cache, v_cache=v_cache, cu_seq_lens_q=cu_k[:4].clone(),
+                                            cu_seq_lens_k=cu_k, max_length_q=1, max_length_k=1)
+    for b, n in enumerate(past):
+        keys = before[0][table[b].long()].flatten(0, 1)[:n + 1].clone()
+        values = before[1][table[b].long()].flatten(0, 1)[:n + 1].clone()
+        keys[n], values[n] = k[0, :, b], v[0, :, b]
+        want = attention_reference(q[0, :, b:b + 1].double(), keys.transpose(0, 1).double(),
+                                   values.transpose(0, 1).double(), causal=True, bottom_right=True)
+        torch.testing.assert_close(out[0, b].double(), want[:, 0], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(k_cache[table[b].long()].flatten(0, 1)[n], k[0, :, b])

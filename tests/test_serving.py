@@ -297,3 +297,15 @@ def test_apply_rotary_emb_varlen_inplace_and_bad_input(device):
         kernels.apply_rotary_emb(torch.randn(1, 4, 2, 8, device=device), *_angles(12, 10, device))
     with pytest.raises(TypeError, match="seqlen_offsets"):
         kernels.apply_rotary_emb(torch.randn(2, 4, 2, 8, device=device), cos, sin, seqlen_offsets=[1, 2])
+
+
+def test_unused_page_table_entries_may_hold_anything(device):
+    """vLLM and transformers mark the pages a sequence does not use -1: only the used entries are checked."""
+    torch.manual_seed(0)
+    args = _kvcache_args(device)
+    table = args["block_table"]
+    padded = torch.cat([table, torch.full_like(table, -1)], dim=1)
+    want = kernels.flash_attn_with_kvcache(**{**args, "k_cache": args["k_cache"].clone(),
+                                              "v_cache": args["v_cache"].clone()})
+    got = kernels.flash_attn_with_kvcache(**{**args, "block_table": padded})
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)

@@ -74,6 +74,7 @@ __all__ = [
     "register",
     "attention_forward",
     "flash_attention_forward",
+    "set_flash_attention",
     "apply_kernels",
     "apply_kernels_to_gpt2",
     "apply_kernels_to_bert",
@@ -222,6 +223,24 @@ def flash_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
     _use_our_flash_functions()
     return _hf_module("integrations.flash_attention").flash_attention_forward(module, query, key, value,
                                                                              attention_mask, **kwargs)
+
+
+def set_flash_attention(model: nn.Module) -> str:
+    """Switch ``model`` to :data:`FLASH_ATTENTION_NAME` (e.g. before ``model.generate_batch``), also for
+    models that list the flash implementations they accept (gpt-oss lists those that take its attention
+    sinks; ours does, as ``learnable_sink``), where a plain ``set_attn_implementation`` would be redirected
+    to a Hub kernel. Returns the name."""
+    register()
+    listing = [m for m in model.modules() if isinstance(m, _transformers().PreTrainedModel)
+               and getattr(m, "_compatible_flash_implementations", None) is not None]
+    for m in listing:
+        m._compatible_flash_implementations = [*type(m)._compatible_flash_implementations, FLASH_ATTENTION_NAME]
+    try:
+        model.set_attn_implementation(FLASH_ATTENTION_NAME)
+    finally:
+        for m in listing:
+            del m._compatible_flash_implementations
+    return FLASH_ATTENTION_NAME
 
 
 def _use_our_flash_functions() -> None:

@@ -525,6 +525,31 @@ def test_continuous_batching_generates_the_sdpa_tokens_on_our_kernels(device, la
         assert out[request].generated_tokens == want[request].generated_tokens, request
 
 
+def test_continuous_batching_with_attention_sinks_and_sliding_windows(device, launches):
+    """gpt-oss under continuous batching on our flash interface (``hf.set_flash_attention``: gpt-oss
+    lists the flash implementations that take its sinks): the sinks and the sliding layers' windows go to
+    our varlen kernel; greedy tokens equal the eager implementation's ('paged|eager')."""
+    torch.manual_seed(0)
+    config = transformers.GptOssConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
+                                       num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=32,
+                                       pad_token_id=0, eos_token_id=0, bos_token_id=0)
+    model = transformers.GptOssForCausalLM(config).to(device).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(getattr(module, "sinks", None), nn.Parameter):
+                module.sinks.normal_(0.0, 1.0)
+    ref = copy.deepcopy(model)
+    assert hf.set_flash_attention(model) == model.config._attn_implementation == hf.FLASH_ATTENTION_NAME
+    prompts = [[5, 9, 12, 3, 4, 5, 6], [7, 1]]  # 7 tokens: past the window of 4
+    config = transformers.GenerationConfig(max_new_tokens=3, do_sample=False, eos_token_id=VOCAB + 1, pad_token_id=0)
+    with launches("attention_fwd", 2 * 3):
+        out = model.generate_batch(prompts, generation_config=config, progress_bar=False)
+    want = ref.generate_batch(prompts, generation_config=config, progress_bar=False)
+    for request in want:
+        assert out[request].generated_tokens == want[request].generated_tokens, request
+
+
 def test_flash_interface_paged_decode_writes_pages_and_attends(device, launches):
     """The call transformers makes on continuous batching's decode path: one new token per sequence,
     ``block_table``, ``k_cache``/``v_cache`` page pools and ``cu_seq_lens_k``; our flash_attn_with_kvcache

@@ -472,21 +472,27 @@ def test_vit_mlp_layer_norms_and_attention(device, launches):
                     {"attn_implementation='sdpa'": 1, "transformers.ViTMLP": 2, "nn.LayerNorm": 5})
 
 
+def gpt_oss():
+    """A tiny gpt-oss: attention sinks (random, not the zero init), sliding and full layers, MoE experts."""
+    config = transformers.GptOssConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
+                                       num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=32,
+                                       pad_token_id=0, eos_token_id=0, bos_token_id=0)
+    model = transformers.GptOssForCausalLM(config)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(getattr(module, "sinks", None), nn.Parameter):
+                module.sinks.normal_(0.0, 1.0)
+    return model
+
+
 def test_gpt_oss_attention_sinks(device, launches):
     """gpt-oss (learnable sinks per head passed as ``s_aux``, which transformers' 'sdpa' cannot run, so
     it runs 'eager'): patch switches it to our attention, whose kernel takes the sinks; logits and every
     gradient, the sinks' included, equal eager's; greedy generation is token-identical; unpatch
     restores 'eager'."""
     torch.manual_seed(0)
-    config = transformers.GptOssConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
-                                       num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=32,
-                                       pad_token_id=0, eos_token_id=0, bos_token_id=0)
-    model = transformers.GptOssForCausalLM(config).to(device).eval()
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(getattr(module, "sinks", None), nn.Parameter):
-                module.sinks.normal_(0.0, 1.0)
+    model = gpt_oss().to(device).eval()
     assert model.config._attn_implementation == "eager"
     ref = copy.deepcopy(model)
     report = hf.apply_kernels(model)
@@ -530,15 +536,7 @@ def test_continuous_batching_with_attention_sinks_and_sliding_windows(device, la
     lists the flash implementations that take its sinks): the sinks and the sliding layers' windows go to
     our varlen kernel; greedy tokens equal the eager implementation's ('paged|eager')."""
     torch.manual_seed(0)
-    config = transformers.GptOssConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
-                                       num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=32,
-                                       pad_token_id=0, eos_token_id=0, bos_token_id=0)
-    model = transformers.GptOssForCausalLM(config).to(device).eval()
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(getattr(module, "sinks", None), nn.Parameter):
-                module.sinks.normal_(0.0, 1.0)
+    model = gpt_oss().to(device).eval()
     ref = copy.deepcopy(model)
     assert hf.set_flash_attention(model) == model.config._attn_implementation == hf.FLASH_ATTENTION_NAME
     prompts = [[5, 9, 12, 3, 4, 5, 6], [7, 1]]  # 7 tokens: past the window of 4

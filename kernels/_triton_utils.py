@@ -66,6 +66,19 @@ def tanh(x):
     return tl.where(a < 0.5, small, tl.where(x < 0, -large, large))
 
 
+def pow2_bucket(n: int) -> int:
+    """The autotuner's bucket of a size: the next power of two, capped at 65536 (kernels.autotune)."""
+    return min(triton.next_power_of_2(max(int(n), 1)), 1 << 16)
+
+
+def persistent_programs(device, per_sm: int = 1) -> int:
+    """A persistent kernel's grid: ``per_sm`` programs per SM (H100's 132 SMs for the static check's meta
+    tensors; 3 programs in the interpreter, so the tests walk several tiles per program)."""
+    if device.type == "cuda":
+        return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
+    return 3 if dispatch.INTERPRETER else per_sm * 132
+
+
 def dot_flags(dtype: torch.dtype) -> dict:
     """The ``UPCAST``/``PRECISION`` constexprs of :func:`dot` for operands of ``dtype``.
 

@@ -46,7 +46,8 @@ import triton.language as tl
 
 from . import autotune, dispatch
 from ._triton_utils import (InputValueError, autocast_to, check_same, check_tensor, dot, dot_flags,
-                            scratch_allocator, tanh, tma_device)
+                            persistent_programs, pow2_bucket, scratch_allocator, tanh, tma_device)
+
 
 PLAIN_ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "quick_gelu")
 GATED_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh"}  # name -> the gate's activation
@@ -364,14 +365,6 @@ def _pinned() -> dict | None:
     return cfg | flags
 
 
-def _programs(device: torch.device) -> int:
-    """A persistent kernel's grid: one program per SM (H100's 132 for the static check's meta tensors;
-    3 in the interpreter, so the tests walk several tiles per program)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 3 if dispatch.INTERPRETER else 132
-
-
 def _tma_operands(*operands) -> tuple[bool, list[bool]]:
     """Whether 2-D ``operands`` qualify for tensor descriptors (:func:`tma_device`, one unit stride, the
     other stride and the start 16-byte aligned), and for each whether it is column-major."""
@@ -418,7 +411,7 @@ def matmul(a, b, bias=None, *, epilogue="none", activation="none", aux=None, sto
     def launch(cfg):
         tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
         with scratch_allocator(a.device) if cfg["TMA"] else contextlib.nullcontext():
-            _matmul_kernel[(min(tiles, _programs(a.device)) if cfg["PERSISTENT"] else tiles,)](
+            _matmul_kernel[(min(tiles, persistent_programs(a.device)) if cfg["PERSISTENT"] else tiles,)](
                 a, b, c, bias if bias is not None else c, aux_arg, b2_arg, bias2 if bias2 is not None else c, a2_arg,
                 res_arg, m, n, k,
                 a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
@@ -429,11 +422,8 @@ def matmul(a, b, bias=None, *, epilogue="none", activation="none", aux=None, sto
                 A_COLS=a_cols, B_COLS=b_cols, **cfg, **dot_flags(a.dtype),
             )
 
-    def pow2(x):
-        return min(triton.next_power_of_2(x), 1 << 16)
-
     key = (str(a.dtype), epilogue, activation, second, store_aux, residual is not None, a_cols, b_cols,
-           pow2(m), pow2(n), pow2(k))
+           pow2_bucket(m), pow2_bucket(n), pow2_bucket(k))
     launch(autotune.choose("ffn_matmul", key, found, launch, a.device, kernel=_matmul_kernel))
     dispatch.record_launch("ffn_matmul")
     return c

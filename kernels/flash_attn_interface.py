@@ -318,8 +318,8 @@ def _unpage(cache, block_table, cu_seqlens_k):
 def _check_block_table(op, block_table, batch, k_cache, v_cache, device):
     """An int32 (batch, max_pages) table over page pools (num_pages, page_size, nheads_k, headdim)."""
     if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32:
-        raise InputTypeError(f"{op}: block_table must be an int32 tensor of shape (batch, max_pages), got "
-                             f"{block_table.dtype if isinstance(block_table, torch.Tensor) else type(block_table).__name__}")
+        got = block_table.dtype if isinstance(block_table, torch.Tensor) else type(block_table).__name__
+        raise InputTypeError(f"{op}: block_table must be an int32 tensor of shape (batch, max_pages), got {got}")
     if block_table.dim() != 2 or block_table.shape[0] != batch or block_table.shape[1] == 0:
         raise InputValueError(f"{op}: block_table must have shape (batch={batch}, max_pages >= 1), got "
                               f"{tuple(block_table.shape)}")

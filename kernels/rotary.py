@@ -70,14 +70,16 @@ def _check(x, cos, sin, seqlen_offsets, cu_seqlens, max_seqlen, op="apply_rotary
         raise InputValueError(f"{op}: cos and sin must be on x's device {x.device}")
     rotary_dim = 2 * cos.shape[1]
     if rotary_dim > x.shape[-1] or rotary_dim == 0:
-        raise InputValueError(f"{op}: rotary_dim {rotary_dim} (2 x cos.shape[1]) must lie in [2, headdim = {x.shape[-1]}]")
+        raise InputValueError(f"{op}: rotary_dim {rotary_dim} (2 x cos.shape[1]) must lie in "
+                              f"[2, headdim = {x.shape[-1]}]")
     if cu_seqlens is None:
         if x.dim() != 4:
             raise InputValueError(f"{op}: x must be (batch, seqlen, nheads, headdim), got {tuple(x.shape)}")
         batch, seqlen = x.shape[0], x.shape[1]
     else:
         if x.dim() != 3:
-            raise InputValueError(f"{op}: with cu_seqlens, x must be (total_seqlen, nheads, headdim), got {tuple(x.shape)}")
+            raise InputValueError(f"{op}: with cu_seqlens, x must be (total_seqlen, nheads, headdim), got "
+                                  f"{tuple(x.shape)}")
         if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
             raise InputTypeError(f"{op}: cu_seqlens must be a 1-D torch.int32 tensor")
         if max_seqlen is None:

@@ -10,7 +10,7 @@ import torch
 import triton
 
 from .. import autotune, dispatch
-from .._triton_utils import block_size, dot_flags, scratch_allocator, tma_device
+from .._triton_utils import block_size, dot_flags, persistent_programs, pow2_bucket, scratch_allocator, tma_device
 from . import _kernels as K
 from . import configs
 from ._kernels import LOG2E
@@ -37,16 +37,6 @@ def _tma_ok(tensors, varlen: bool) -> bool:
     return True
 
 
-def _programs(device, block_d: int) -> int:
-    """A persistent forward's grid: the CTAs that fit on the device at once (two per SM at head_dim <= 64,
-    whose tiles take half the shared memory; 132-SM H100 for the static check's meta tensors; 3 in the
-    interpreter, so the tests walk several tiles per program)."""
-    per_sm = 2 if block_d <= 64 else 1
-    if device.type == "cuda":
-        return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
-    return 3 if dispatch.INTERPRETER else per_sm * 132
-
-
 def _scratch(device, tma: bool):
     """Global memory for the descriptors a TMA kernel builds on the device (Triton asks its allocator)."""
     return scratch_allocator(device) if tma else contextlib.nullcontext()
@@ -55,12 +45,9 @@ def _scratch(device, tma: bool):
 def _bucket(pb: dict, q, num_splits: int, *extra) -> tuple:
     """The problem class a tuned winner is kept for: dtype, head dims, the score modifiers and causal
     kind, and power-of-two buckets of the lengths and of the (batch x heads) programs."""
-    def pow2(n):
-        return min(triton.next_power_of_2(max(int(n), 1)), 1 << 16)
-
     flags = tuple(sorted(pb["flags"].items()))
-    return (str(q.dtype), pb["head_dim"], pb["head_dim_v"], flags, pb["group_size"] > 1, pow2(pb["seqlen_q"]),
-            pow2(pb["seqlen_k"]), pow2(pb["batch"] * pb["num_heads"]), num_splits, *extra)
+    return (str(q.dtype), pb["head_dim"], pb["head_dim_v"], flags, pb["group_size"] > 1, pow2_bucket(pb["seqlen_q"]),
+            pow2_bucket(pb["seqlen_k"]), pow2_bucket(pb["batch"] * pb["num_heads"]), num_splits, *extra)
 
 
 def _problem(q, k, v, *, scale, bottom_right, window, softcap, alibi_slopes, attn_mask, dropout_p, seed,
@@ -160,7 +147,8 @@ def attention_forward(q, k, v, *, scale: float, bottom_right: bool = False, wind
                                                        cfg["BLOCK_N"], q.device)
         grid = (m_blocks * splits, batch * num_heads)
         if cfg["PERSISTENT"]:
-            grid = (min(m_blocks * batch * num_heads, _programs(q.device, block_d)), 1)
+            # Two CTAs per SM at head_dim <= 64, whose tiles take half the shared memory.
+            grid = (min(m_blocks * batch * num_heads, persistent_programs(q.device, 2 if block_d <= 64 else 1)), 1)
         split_size = triton.cdiv(triton.cdiv(pb["seqlen_k"], splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
         if splits > 1:  # partial results in fp32, merged below
             o_dst = torch.empty((splits, batch, num_heads, seqlen_q, pb["head_dim_v"]), device=q.device,

@@ -10,6 +10,11 @@ Two pieces, both reversible with :func:`kernels.unpatch`:
   with ``is_causal``). :func:`attention_forward` mirrors transformers' ``sdpa_attention_forward``
   (integrations/sdpa_attention.py) with our kernel, using its ``enable_gqa`` instead of ``repeat_kv``.
   Load-time use: ``register()`` then ``from_pretrained(..., attn_implementation="kernels_sdpa")``.
+  Models that transformers runs eagerly for what SDPA lacks (Gemma 2's soft-capping, gpt-oss's sinks)
+  are switched too: our kernel has both. A second name, ``"kernels_flash_attention_2"``
+  (:data:`FLASH_ATTENTION_NAME`, :func:`flash_attention_forward`, :func:`set_flash_attention`), serves
+  transformers' flash-attention contract with our flash functions: padding-free and packed batches and
+  continuous batching (``generate_batch``) over its paged KV cache.
 * **Norms and MLPs** are swapped per instance, as :func:`kernels.patch` does (the class becomes a
   subclass whose forward runs our kernels; parameters and ``state_dict`` keys stay): ``LlamaRMSNorm``
   -> ``kernels.rms_norm``; ``LlamaMLP`` (gate/up/down) -> gated ``kernels.ffn``; ``GPT2MLP`` (Conv1D,

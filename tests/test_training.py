@@ -290,10 +290,16 @@ def test_torchrun_two_processes_with_gloo(tmp_path):
     """DistributedDataParallel on CPU: 2 processes, each on its own data (different losses), gradients
     averaged (bit-identical parameters after every step, checked at the end by a SHA-256 per rank)."""
     out = tmp_path / "ddp"
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "transformer.train", "--steps", "5", "--out", str(out), *map(str, COMMON)],
-        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    for attempt in range(2):
+        result = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+             "-m", "transformer.train", "--steps", "5", "--out", str(out), *map(str, COMMON)],
+            cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+        # A rank has aborted at interpreter exit, after training, its barrier and destroy_process_group
+        # ("terminate called without an active exception", seen twice in CI rehearsals on 2 busy cores):
+        # one retry, and the second run must exit cleanly.
+        if result.returncode == 0 or "terminate called without an active exception" not in result.stderr:
+            break
     assert result.returncode == 0, result.stdout + result.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     ddp = metrics["distributed"]

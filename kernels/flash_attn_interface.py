@@ -227,8 +227,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         max_seqlen_q, max_seqlen_k: the longest sequence (an upper bound is fine).
         block_table: int32 ``(batch, max_pages)``: k and v are then paged caches ``(num_pages, page_size,
             nheads_k, headdim)``, any page_size >= 1, and key j of sequence b sits at slot ``j % page_size``
-            of page ``block_table[b, j // page_size]`` (cu_seqlens_k gives the lengths only). Forward
-            only: the backward raises NotImplementedError (flash-attention's has none either).
+            of page ``block_table[b, j // page_size]`` (cu_seqlens_k gives the lengths only). Inference
+            reads the pages in the kernel; with gradients the pages are first gathered into packed keys,
+            and dK/dV reach the page pools (flash-attention's backward ignores the block table).
         Other arguments as :func:`flash_attn_func` (``return_softmax_lse``, ``learnable_sink`` included).
 
     Returns:
@@ -265,7 +266,10 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     mods = dict(scale=_scale(softmax_scale, q.shape[-1]), window=_window(op, window_size, causal),
                 softcap=float(softcap), alibi_slopes=alibi_slopes, sinks=learnable_sink)
     if block_table is not None:  # the packed keys of each sequence, gathered from its pages
-        if return_attn_probs or not dispatch.triton_available_for(q):
+        training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        if training or return_attn_probs or not dispatch.triton_available_for(q):
+            # Training gathers the pages into packed keys: the backward then runs on them and autograd
+            # scatters dK and dV back into the page pools (pages no sequence uses get 0).
             k, v = (_unpage(t, block_table, cu_seqlens_k) for t in (k, v))
         else:
             return _varlen_paged(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,

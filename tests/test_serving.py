@@ -133,8 +133,8 @@ def test_property_paged_equals_unpaged(page_size, lengths, causal, splits, seed)
 
 
 def test_varlen_over_a_paged_cache(device, launches):
-    """flash_attn_varlen_func with block_table: forward equals the packed (unpaged) keys; the backward
-    says it has none; softmax_lse as in the unpaged call."""
+    """flash_attn_varlen_func with block_table: forward equals the packed (unpaged) keys, softmax_lse
+    as in the unpaged call; gradients reach the page pools."""
     torch.manual_seed(0)
     lengths_q, lengths_k, page_size = [3, 1, 5], [9, 20, 6], 8
     cu_q = torch.tensor([0, 3, 4, 9], dtype=torch.int32, device=device)
@@ -153,10 +153,21 @@ def test_varlen_over_a_paged_cache(device, launches):
                                                     return_softmax_lse=True)
     torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(lse, want_lse, atol=1e-6, rtol=1e-6)
-    leaf = q.clone().requires_grad_()
-    out = kernels.flash_attn_varlen_func(leaf, k_pool, v_pool, cu_q, cu_k, 5, 20, block_table=table)
-    with pytest.raises(NotImplementedError, match="block_table"):
-        out.sum().backward()
+    # Training through the pages: dQ as unpaged, dK and dV land in the pages the sequences use.
+    leaves = [t.clone().requires_grad_() for t in (q, k_pool, v_pool)]
+    out = kernels.flash_attn_varlen_func(*leaves, cu_q, cu_k, 5, 20, causal=True, block_table=table)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    plain = [t.clone().requires_grad_() for t in (q, packed_k, packed_v)]
+    kernels.flash_attn_varlen_func(*plain, cu_q, cu_k, 5, 20, causal=True).backward(dout)
+    torch.testing.assert_close(leaves[0].grad, plain[0].grad, atol=1e-6, rtol=1e-6)
+    for pool_grad, packed_grad in ((leaves[1].grad, plain[1].grad), (leaves[2].grad, plain[2].grad)):
+        start = 0
+        for b, n in enumerate(lengths_k):
+            rows = pool_grad[table[b].long()].flatten(0, 1)
+            torch.testing.assert_close(rows[:n], packed_grad[start:start + n], atol=1e-6, rtol=1e-6)
+            assert rows[n:].abs().max() == 0
+            start += n
 
 
 def _kvcache_args(device, page_size=4):

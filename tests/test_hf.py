@@ -510,6 +510,11 @@ def test_gpt_oss_attention_sinks(device, launches):
     assert model.config._attn_implementation == "eager"
 
 
+def _small_cache():
+    """A few pages: transformers otherwise sizes its cache to the free memory (seconds on a CPU)."""
+    return transformers.ContinuousBatchingConfig(num_blocks=16, page_size=16, max_batch_tokens=64)
+
+
 def test_continuous_batching_generates_the_sdpa_tokens_on_our_kernels(device, launches):
     """transformers' continuous batching (``generate_batch``) with ``hf.FLASH_ATTENTION_NAME``: prompts of
     different lengths packed into one varlen batch per step, the KV cache in transformers' pages; greedy
@@ -523,9 +528,11 @@ def test_continuous_batching_generates_the_sdpa_tokens_on_our_kernels(device, la
     prompts = [[5, 9, 12, 3], [7, 1], [2, 8, 30, 31, 40, 17, 6]]
     config = transformers.GenerationConfig(max_new_tokens=4, do_sample=False, eos_token_id=VOCAB + 1, pad_token_id=0)
     with launches("attention_fwd", 2 * 4):
-        out = model.generate_batch(prompts, generation_config=config, progress_bar=False)
+        out = model.generate_batch(prompts, generation_config=config, progress_bar=False, warmup=False,
+                                   continuous_batching_config=_small_cache())
     assert kernels.last_path("attention") == "triton"
-    want = ref.generate_batch(prompts, generation_config=config, progress_bar=False)
+    want = ref.generate_batch(prompts, generation_config=config, progress_bar=False, warmup=False,
+                              continuous_batching_config=_small_cache())
     assert sorted(out) == sorted(want)
     for request in out:
         assert out[request].generated_tokens == want[request].generated_tokens, request
@@ -542,8 +549,10 @@ def test_continuous_batching_with_attention_sinks_and_sliding_windows(device, la
     prompts = [[5, 9, 12, 3, 4, 5, 6], [7, 1]]  # 7 tokens: past the window of 4
     config = transformers.GenerationConfig(max_new_tokens=3, do_sample=False, eos_token_id=VOCAB + 1, pad_token_id=0)
     with launches("attention_fwd", 2 * 3):
-        out = model.generate_batch(prompts, generation_config=config, progress_bar=False)
-    want = ref.generate_batch(prompts, generation_config=config, progress_bar=False)
+        out = model.generate_batch(prompts, generation_config=config, progress_bar=False, warmup=False,
+                                   continuous_batching_config=_small_cache())
+    want = ref.generate_batch(prompts, generation_config=config, progress_bar=False, warmup=False,
+                              continuous_batching_config=_small_cache())
     for request in want:
         assert out[request].generated_tokens == want[request].generated_tokens, request
 

@@ -63,6 +63,19 @@ def compare(model, ref, inputs):
     assert_grads_match(model, ref)
 
 
+def assert_same_greedy(model, ref, inputs, launches, new_tokens=4):
+    """Greedy generation of the patched model (our attention launched each step of each of 2 layers)
+    gives the unpatched model's tokens and, step by step, its scores."""
+    kwargs = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=0, output_scores=True,
+                  return_dict_in_generate=True)
+    with launches("attention_fwd", 2 * new_tokens):
+        out = model.generate(**inputs, **kwargs)
+    out_ref = ref.generate(**inputs, **kwargs)
+    assert torch.equal(out.sequences, out_ref.sequences)
+    for step, (s, s_ref) in enumerate(zip(out.scores, out_ref.scores)):
+        assert_match(s, s_ref, f"scores of step {step}")
+
+
 def patch_and_check(model, apply, inputs, launches, expect_replaced):
     """apply kernels, compare with the unpatched copy, prove the kernels ran, unpatch and check it restores."""
     torch.manual_seed(0)
@@ -114,13 +127,7 @@ def test_generate_with_kv_cache(device, launches):
     hf.apply_kernels(model)
     inputs = tokens(device, batch=2, seqlen=5)
     inputs["attention_mask"][0, :2] = 0  # left padding, as generation pads
-    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
-    with launches("attention_fwd", 2 * 4):
-        out = model.generate(**inputs, **kwargs)
-    out_ref = ref.generate(**inputs, **kwargs)
-    assert torch.equal(out.sequences, out_ref.sequences)
-    for step, (s, s_ref) in enumerate(zip(out.scores, out_ref.scores)):
-        assert_match(s, s_ref, f"scores of step {step}")
+    assert_same_greedy(model, ref, inputs, launches)
 
 
 def test_applying_twice_changes_nothing_more(device):
@@ -373,13 +380,7 @@ def test_gemma2_soft_capped_sliding_attention_norms_and_mlps(device, launches):
     assert kernels.last_path("attention") == "triton"
     inputs = tokens(device, batch=2, seqlen=6)
     inputs["attention_mask"][0, :2] = 0  # left padding: a sliding layer's window moves past the prompt
-    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
-    with launches("attention_fwd", 2 * 4):
-        out = model.generate(**inputs, **kwargs)
-    out_ref = ref.generate(**inputs, **kwargs)
-    assert torch.equal(out.sequences, out_ref.sequences)
-    for step, (s, s_ref) in enumerate(zip(out.scores, out_ref.scores)):
-        assert_match(s, s_ref, f"scores of step {step}")
+    assert_same_greedy(model, ref, inputs, launches)
     unpatch(model)
     assert model.config._attn_implementation == "eager" and "_supports_sdpa" not in vars(model)
     assert all(type(m) is type(r) for m, r in zip(model.modules(), ref.modules()))

@@ -145,6 +145,17 @@ def test_sequential_mlp(device, launches, act, dropout, bias):
     assert kernels.last_path("ffn") == "triton"
 
 
+def assert_training_runs_the_original(model, ref, x):
+    """In training mode with dropout p > 0 the patched model runs the original forward: no FFN kernel
+    launch, and bit-for-bit the unpatched output for the same seed."""
+    before = kernels.launch_count("ffn_matmul")
+    torch.manual_seed(1)
+    y = model(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(y, ref(x), rtol=0, atol=0)
+    assert kernels.launch_count("ffn_matmul") == before
+
+
 class _TorchvisionMLPBlock(nn.Sequential):
     """torchvision's ``MLPBlock`` (``torchvision.models.vision_transformer``), restated: an ``nn.Sequential``
     subclass of Linear, GELU, Dropout, Linear, Dropout built by ``torchvision.ops.misc.MLP`` with no
@@ -167,12 +178,7 @@ def test_torchvision_style_mlp_block(device, launches):
         y, y_ref = run_both(model, ref, x)
     assert_match(y, y_ref)
     model.train(), ref.train()
-    before = kernels.launch_count("ffn_matmul")
-    torch.manual_seed(1)
-    y = model(x)
-    torch.manual_seed(1)
-    torch.testing.assert_close(y, ref(x), rtol=0, atol=0)
-    assert kernels.launch_count("ffn_matmul") == before
+    assert_training_runs_the_original(model, ref, x)
     unpatch(model)
     assert type(model) is _TorchvisionMLPBlock
 
@@ -185,12 +191,7 @@ def test_mlp_dropout_in_training_runs_the_original(device, launches):
     model, ref, report = patched_copy(mlp.to(device))
     assert "training mode the original forward runs" in report.replaced[0].reason
     x = torch.randn(4, 16, device=device)
-    before = kernels.launch_count("ffn_matmul")
-    torch.manual_seed(1)
-    y = model(x)
-    torch.manual_seed(1)
-    torch.testing.assert_close(y, ref(x), rtol=0, atol=0)
-    assert kernels.launch_count("ffn_matmul") == before
+    assert_training_runs_the_original(model, ref, x)
     model.eval(), ref.eval()
     with launches("ffn_matmul", 2):
         assert_match(model(x), ref(x))

@@ -4,7 +4,7 @@ For head_dim 64 and 128, causal and not, over sequence lengths (on GPU doubling 
 memory runs out; small on CPU), each backend's forward and backward time, peak memory, FLOPs and
 achieved TFLOP/s with the share of the matmul rate this run measured on the device:
 
-* ours: ``kernels.scaled_dot_product_attention`` (the Triton kernels; timed only on CUDA, since on a
+* ours: ``transformer_kernels.scaled_dot_product_attention`` (the Triton kernels; timed only on CUDA, since on a
   CPU they run in Triton's interpreter);
 * every ``torch.nn.functional.scaled_dot_product_attention`` backend that exists here (math,
   efficient, flash, cuDNN), each forced with ``torch.nn.attention.sdpa_kernel``;
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-import kernels
+import transformer_kernels as tk
 
 from .measure import device_limits, is_oom, peak_memory, sync, time_fn
 
@@ -90,7 +90,7 @@ def backends(device: str) -> dict:
 
     found = {}
     if device == "cuda":
-        found["ours (Triton)"] = (lambda q, k, v, c: kernels.scaled_dot_product_attention(q, k, v, is_causal=c), None)
+        found["ours (Triton)"] = (lambda q, k, v, c: tk.scaled_dot_product_attention(q, k, v, is_causal=c), None)
     else:
         found["ours (Triton)"] = (None, "not timed: no CUDA device (on a CPU the kernels run in Triton's "
                                         "interpreter, so a timing would not be the kernel's)")

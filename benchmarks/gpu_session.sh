@@ -11,7 +11,8 @@
 # and each step has a time limit: device time is too scarce to stop early or to hang.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+# the library from the clone as transformer_kernels (kernels/transformer_kernels), the suite as benchmarks
+export PYTHONPATH="$PWD/kernels:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 PY=${PY:-python3}
 PHASE=${1:-check}
 shift || true

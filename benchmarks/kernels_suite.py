@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-import kernels
+import transformer_kernels as tk
 
 from .attention_cost import attention_flops
 from .measure import device_limits, is_oom, time_fn
@@ -84,7 +84,7 @@ def layer_norm_rows(cfg: Config, device: str, dtype, limits: dict) -> list[dict]
                 return lambda: norm(x, (n,), w, b).backward(dy)
 
             nbytes = 5 * m * n * x.element_size()
-            peers = {"ours (Triton)": step(kernels.layer_norm) if device == "cuda" else None,
+            peers = {"ours (Triton)": step(tk.layer_norm) if device == "cuda" else None,
                      "torch eager": step(F.layer_norm)}
             compiled = _compiled(F.layer_norm, cfg)
             if compiled is not None:
@@ -139,12 +139,12 @@ def ffn_rows(cfg: Config, device: str, dtype, limits: dict) -> list[dict]:
             flops = (3 if gated else 2) * 2 * tokens * d_model * d_ff * 3  # forward + backward (2x forward)
 
             def ours(gemm):
-                return lambda: kernels.ffn(x, w1, b1, w2, b2, activation, weight_gate=wg, gemm=gemm)
+                return lambda: tk.ffn(x, w1, b1, w2, b2, activation, weight_gate=wg, gemm=gemm)
 
             eager = _eager_ffn(activation)
             variants = {"ours (fused Triton GEMMs)": ours("triton") if device == "cuda" else None,
                         "ours (cuBLAS + fused elementwise)": ours("torch") if device == "cuda" else None,
-                        "ours, recompute": (lambda: kernels.ffn(x, w1, b1, w2, b2, activation, weight_gate=wg,
+                        "ours, recompute": (lambda: tk.ffn(x, w1, b1, w2, b2, activation, weight_gate=wg,
                                                                 recompute=True)) if device == "cuda" else None,
                         "torch eager": lambda: eager(x, w1, b1, w2, b2, wg)}
             compiled = _compiled(eager, cfg)
@@ -171,7 +171,7 @@ def attention_rows(cfg: Config, device: str, dtype, limits: dict) -> list[dict]:
         dout = torch.randn_like(q)
         flops = 3.5 * attention_flops(batch, heads, seqlen, head_dim, causal)  # forward + 2.5x backward
         sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
-        variants = {"ours (Triton)": (lambda q, k, v: kernels.scaled_dot_product_attention(q, k, v, is_causal=causal))
+        variants = {"ours (Triton)": (lambda q, k, v: tk.scaled_dot_product_attention(q, k, v, is_causal=causal))
                     if device == "cuda" else None,
                     "torch SDPA (default backend)": sdpa}
         compiled = _compiled(sdpa, cfg)

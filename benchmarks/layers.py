@@ -5,7 +5,7 @@ count and stack them the same way:
 
 * :class:`SelfAttention` - multi-head self-attention (Sec. 3.2.2): q/k/v/out projections around
   scaled dot-product attention (Sec. 3.2.1). The SDPA function is a parameter, so the same weights
-  run with torch's SDPA or with ``kernels.scaled_dot_product_attention``.
+  run with torch's SDPA or with ``transformer_kernels.scaled_dot_product_attention``.
 * :class:`AttentionCore` - the attention alone, without the projections (the n^2 d term).
 * :class:`RestrictedSelfAttention` - self-attention restricted to a neighbourhood of size ``r``
   around each position (Table 1's last row, Sec. 4).

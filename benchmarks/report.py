@@ -338,8 +338,8 @@ def methods_markdown(results: dict) -> str:
         f"recurrences forward over n at d = {', '.join(map(str, cfg['crossover_d']))} for the crossover. "
         f"{timing}. Tokens/s = batch·n / median. GFLOP/s (forward only) = batch × counted FLOPs / median. Time "
         "exponents are least-squares slopes of log median time on log n and on log d. "
-        f"On this device `kernels.scaled_dot_product_attention` took the `{probe['last_path']}` path "
-        "(`kernels.last_path`). Restricted self-attention is counted, not timed.",
+        f"On this device `transformer_kernels.scaled_dot_product_attention` took the `{probe['last_path']}` path "
+        "(`transformer_kernels.last_path`). Restricted self-attention is counted, not timed.",
         f"- **Crossover n\***: by FLOPs, the recurrence unrolled cell by cell is counted once over n = 1 … "
         f"{results['crossover']['max_ratio']}·d on the `meta` device (shapes only, nothing computed), reading the "
         "running count after every time step, and the attention layer's count (also on `meta`) is bisected over n "

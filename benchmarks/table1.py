@@ -362,13 +362,13 @@ def timing_cells(cfg: Config) -> list[Cell]:
 
 
 def probe_kernels(device: str, dtype: torch.dtype) -> dict:
-    """Which path ``kernels.scaled_dot_product_attention`` takes on this device (kernels.last_path)."""
-    import kernels
-    from kernels import dispatch
+    """Which path ``transformer_kernels.scaled_dot_product_attention`` takes on this device (transformer_kernels.last_path)."""
+    import transformer_kernels as tk
+    from transformer_kernels import dispatch
 
     q = torch.randn(1, 1, 16, 16, device=device, dtype=dtype)
-    kernels.scaled_dot_product_attention(q, q, q)
-    return {"device": device, "dtype": str(dtype).replace("torch.", ""), "last_path": kernels.last_path("attention"),
+    tk.scaled_dot_product_attention(q, q, q)
+    return {"device": device, "dtype": str(dtype).replace("torch.", ""), "last_path": tk.last_path("attention"),
             "interpreter": bool(dispatch.INTERPRETER)}
 
 
@@ -377,10 +377,10 @@ def triton_timed(device: str, probe: dict) -> str | None:
     if device != "cuda":
         path = "the Triton interpreter" if probe["interpreter"] else f"its {probe['last_path']} path"
         return (f"not timed: no CUDA device. The Triton kernels run compiled only on CUDA; on this {device} "
-                f"kernels.scaled_dot_product_attention takes {path} (kernels.last_path), "
+                f"transformer_kernels.scaled_dot_product_attention takes {path} (transformer_kernels.last_path), "
                 "so a timing here would not be the Triton kernel's.")
     if probe["last_path"] != "triton":
-        return f"not timed: kernels.scaled_dot_product_attention took the {probe['last_path']} path on CUDA"
+        return f"not timed: transformer_kernels.scaled_dot_product_attention took the {probe['last_path']} path on CUDA"
     return None
 
 
@@ -388,10 +388,10 @@ def _call(layer: nn.Module, x: torch.Tensor, backend: str | None, mode: str) -> 
     """The call to time: the layer (with the Triton SDPA swapped in for backend "triton"), forward only
     or forward+backward (:func:`benchmarks.timing.forward_backward`)."""
     if backend == "triton":
-        import kernels
+        import transformer_kernels as tk
 
         def call(t):
-            return layer(t, sdpa=kernels.scaled_dot_product_attention)
+            return layer(t, sdpa=tk.scaled_dot_product_attention)
     else:
         call = layer
     if mode == "forward":
@@ -451,7 +451,7 @@ def measure_timing(cfg: Config, device: str, dtype: torch.dtype, flops: list[dic
 
     The whole grid is swept ``cfg.timing.rounds`` times; see :func:`_timed_row` for how rounds combine.
     """
-    import kernels
+    import transformer_kernels as tk
 
     probe = probe_kernels(device, dtype)
     skip_triton = triton_timed(device, probe)
@@ -476,7 +476,7 @@ def measure_timing(cfg: Config, device: str, dtype: torch.dtype, flops: list[dic
                 except Exception as error:  # noqa: BLE001 - a cell that fails is reported, the grid goes on
                     failed[c] = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
                 if c.backend:
-                    paths[c] = kernels.last_path("attention") if c.backend == "triton" else "torch"
+                    paths[c] = tk.last_path("attention") if c.backend == "triton" else "torch"
                 bar.update()
                 if device == "cuda":
                     torch.cuda.empty_cache()

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
+import transformer_kernels as tk
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
@@ -38,7 +38,7 @@ def _attention_inputs():
 @pytest.mark.parametrize("impl", [pytest.param("ours", marks=OURS), "torch"])
 def test_attention_forward_backward(benchmark, impl):
     q, k, v = _attention_inputs()
-    sdpa = kernels.scaled_dot_product_attention if impl == "ours" else F.scaled_dot_product_attention
+    sdpa = tk.scaled_dot_product_attention if impl == "ours" else F.scaled_dot_product_attention
     dout = torch.randn_like(q)
     benchmark(_synced(lambda: sdpa(q, k, v, is_causal=True).backward(dout)))
 
@@ -48,7 +48,7 @@ def test_layer_norm_forward_backward(benchmark, impl):
     rows, width = (8192, 4096) if DEVICE == "cuda" else (512, 1024)
     x = torch.randn(rows, width, device=DEVICE, dtype=DTYPE, requires_grad=True)
     w = torch.ones(width, device=DEVICE, dtype=DTYPE, requires_grad=True)
-    norm = kernels.layer_norm if impl == "ours" else F.layer_norm
+    norm = tk.layer_norm if impl == "ours" else F.layer_norm
     dy = torch.randn_like(x)
     benchmark(_synced(lambda: norm(x, (width,), w).backward(dy)))
 
@@ -60,7 +60,7 @@ def test_ffn_forward_backward(benchmark, impl):
     x, w1, w2 = make(tokens, d_model), make(4 * d_model, d_model), make(d_model, 4 * d_model)
     dy = torch.randn(tokens, d_model, device=DEVICE, dtype=DTYPE)
     if impl == "ours":
-        step = lambda: kernels.ffn(x, w1, None, w2, None, "gelu_tanh").backward(dy)  # noqa: E731
+        step = lambda: tk.ffn(x, w1, None, w2, None, "gelu_tanh").backward(dy)  # noqa: E731
     else:
         step = lambda: F.linear(F.gelu(F.linear(x, w1), approximate="tanh"), w2).backward(dy)  # noqa: E731
     benchmark(_synced(step))

@@ -15,8 +15,8 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # keeps Triton 3.9's def
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import kernels  # noqa: E402
-from kernels import dispatch  # noqa: E402
+import transformer_kernels as tk  # noqa: E402
+from transformer_kernels import dispatch  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -45,9 +45,9 @@ def launches():
 
     @contextlib.contextmanager
     def expect(kernel: str, at_least: int = 1):
-        before = kernels.launch_count(kernel)
+        before = tk.launch_count(kernel)
         yield
-        ran = kernels.launch_count(kernel) - before
+        ran = tk.launch_count(kernel) - before
         assert ran >= at_least, f"Triton kernel {kernel!r} launched {ran} times, expected >= {at_least}"
 
     return expect
@@ -57,10 +57,10 @@ def launches():
 def gpu_tiles(monkeypatch):
     """``gpu_tiles(arch)`` makes the attention launchers pick the candidates they ship for ``arch``
     ("sm_80" or "sm_90a"; the interpreter otherwise takes 32x32 tiles): those tiles run here, through
-    the interpreter, the default unless ``kernels.autotune.forced`` picks another candidate."""
+    the interpreter, the default unless ``transformer_kernels.autotune.forced`` picks another candidate."""
     import importlib
 
-    mod = importlib.import_module("kernels.attention.configs")  # the launchers read the configs there
+    mod = importlib.import_module("transformer_kernels.attention.configs")  # the launchers read the configs there
     originals = mod.fwd_candidates, mod.bwd_candidates
 
     def use(arch):

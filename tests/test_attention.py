@@ -1,4 +1,4 @@
-"""kernels.scaled_dot_product_attention (torch's signature and semantics) and the attention launchers.
+"""transformer_kernels.scaled_dot_product_attention (torch's signature and semantics) and the attention launchers.
 
 Every comparison follows flash-attention's standard (helpers.assert_flash_standard): the kernel's error
 against float64 is at most twice PyTorch's own same-precision error, plus a small floor.
@@ -14,8 +14,8 @@ import triton.language as tl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import kernels
-from kernels.attention import (_key_range, _query_range, _walk, attention_backward, attention_forward,
+import transformer_kernels as tk
+from transformer_kernels.attention import (_key_range, _query_range, _walk, attention_backward, attention_forward,
                                attention_reference, dropout_keep_mask)
 from helpers import check_fwd_bwd, poisoned
 
@@ -29,8 +29,8 @@ def _qkv(batch, heads, seqlen_q, seqlen_k, head_dim, dtype, device, heads_k=None
 
 def _sdpa(launches=None, **kw):
     def fn(q, k, v):
-        out = kernels.scaled_dot_product_attention(q, k, v, **kw)
-        assert kernels.last_path("attention") == "triton"
+        out = tk.scaled_dot_product_attention(q, k, v, **kw)
+        assert tk.last_path("attention") == "triton"
         return out
     return fn
 
@@ -74,8 +74,8 @@ def test_fp32_gradients_within_twice_torch_error_at_large_logits(device, modifie
     logsumexp carried its rounding at lse's magnitude (dV 2.6x at scale 2.5, 4.9x at soft-cap 50 before
     the fix); the backward now uses the forward's row max and 1 / sum (``_kernels._softmax_shift``)."""
     def ours(q, k, v):
-        out = kernels.flash_attn_func(q, k, v, causal=causal, **modifier)
-        assert kernels.last_path("attention") == "triton"
+        out = tk.flash_attn_func(q, k, v, causal=causal, **modifier)
+        assert tk.last_path("attention") == "triton"
         return out
 
     def ref(q, k, v):
@@ -111,8 +111,8 @@ def test_value_head_dim_may_differ(device, head_dim, head_dim_v):
 def test_custom_and_default_scale(device):
     qkv = _qkv(2, 1, 19, 23, 64, torch.float32, device)
     check_fwd_bwd(_sdpa(is_causal=True, scale=0.37), _ref(causal=True, scale=0.37), qkv, torch.float32)
-    torch.testing.assert_close(kernels.scaled_dot_product_attention(*qkv),
-                               kernels.scaled_dot_product_attention(*qkv, scale=1 / math.sqrt(64)))
+    torch.testing.assert_close(tk.scaled_dot_product_attention(*qkv),
+                               tk.scaled_dot_product_attention(*qkv, scale=1 / math.sqrt(64)))
 
 
 def test_non_contiguous_inputs(device):
@@ -122,7 +122,7 @@ def test_non_contiguous_inputs(device):
     k = torch.randn(batch, heads, seqlen, 2 * head_dim, device=device)[..., ::2]
     v = torch.randn(1, heads, seqlen, head_dim, device=device).expand(batch, -1, -1, -1)
     assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
-    out = kernels.scaled_dot_product_attention(q, k, v, is_causal=True)
+    out = tk.scaled_dot_product_attention(q, k, v, is_causal=True)
     ref = attention_reference(q.double(), k.double(), v.double(), causal=True)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
 
@@ -179,7 +179,7 @@ def test_fully_masked_rows_give_zero_output_and_gradient(device):
     q, k, v = (t.requires_grad_() for t in _qkv(1, 2, 9, 12, 16, torch.float32, device))
     mask = torch.ones(1, 2, 9, 12, dtype=torch.bool, device=device)
     mask[0, 0, 4] = False
-    out = kernels.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out = tk.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     out.backward(torch.randn_like(out))
     assert (out[0, 0, 4] == 0).all() and (q.grad[0, 0, 4] == 0).all()
     assert torch.isfinite(out).all() and torch.isfinite(k.grad).all() and torch.isfinite(v.grad).all()
@@ -218,7 +218,7 @@ def test_pinned_config_runs_exactly(device, monkeypatch, pin, launches):
     a GPU session may pick computes the same attention, forward and backward."""
     import json
 
-    from kernels.attention import configs
+    from transformer_kernels.attention import configs
 
     monkeypatch.setenv("KERNELS_ATTENTION_CONFIG", json.dumps(pin))
     for kind, cfg in pin.items():
@@ -237,7 +237,7 @@ def test_malformed_pin_is_a_clear_error(device, monkeypatch, value):
     monkeypatch.setenv("KERNELS_ATTENTION_CONFIG", value)
     q, k, v = _qkv(1, 1, 8, 8, 16, torch.float32, device)
     with pytest.raises(ValueError, match="KERNELS_ATTENTION_CONFIG"):
-        kernels.scaled_dot_product_attention(q, k, v)
+        tk.scaled_dot_product_attention(q, k, v)
 
 
 # --- the block walk: which blocks skip the positional mask ---------------------------------------------
@@ -315,7 +315,7 @@ def test_dropout_matches_reference_with_the_kernels_mask(device):
     p = 0.3
     q, k, v = (t.requires_grad_() for t in _qkv(2, 2, 37, 45, 32, torch.float32, device))
     torch.manual_seed(7)
-    out = kernels.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+    out = tk.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
     torch.manual_seed(7)
     seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))  # the draw the op made
     keep = dropout_keep_mask(2, 2, 37, 45, p, seed, device)
@@ -334,8 +334,8 @@ def test_dropout_statistics(device):
     keep = dropout_keep_mask(4, 4, 64, 64, p, 1234, device)
     assert abs(keep.float().mean().item() - (1 - p)) < 0.01  # 65536 draws: 4+ standard deviations
     q, k, v = _qkv(1, 1, 16, 16, 16, torch.float32, device)
-    exact = kernels.scaled_dot_product_attention(q, k, v)
-    runs = torch.stack([kernels.scaled_dot_product_attention(q, k, v, dropout_p=p) for _ in range(200)])
+    exact = tk.scaled_dot_product_attention(q, k, v)
+    runs = torch.stack([tk.scaled_dot_product_attention(q, k, v, dropout_p=p) for _ in range(200)])
     rel = ((runs.mean(0) - exact).norm() / exact.norm()).item()
     single = ((runs[0] - exact).norm() / exact.norm()).item()
     assert rel < single / 5, f"mean of 200 dropout runs is off by {rel:.3f} (one run: {single:.3f})"
@@ -344,10 +344,10 @@ def test_dropout_statistics(device):
 def test_dropout_same_seed_same_result(device):
     q, k, v = _qkv(1, 2, 20, 20, 16, torch.float32, device)
     torch.manual_seed(3)
-    a = kernels.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+    a = tk.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
     torch.manual_seed(3)
-    b = kernels.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
-    c = kernels.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+    b = tk.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+    c = tk.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -386,7 +386,7 @@ def test_torch_compile_fullgraph_no_graph_break(device):
 
     def block(x):
         q, k, v = proj(x).unflatten(-1, (3, 2, 16)).permute(2, 0, 3, 1, 4)
-        return kernels.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).flatten(2)
+        return tk.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).flatten(2)
 
     x = torch.randn(2, 9, 32, device=device)
     eager = block(x)
@@ -439,9 +439,9 @@ def test_bad_input_raises(device, make, error, match):
     """ValueError/TypeError that are also RuntimeError, as torch raises for the same input."""
     q, k, v = _qkv(2, 2, 4, 4, 16, torch.float32, device)
     with pytest.raises(error, match=match):
-        kernels.scaled_dot_product_attention(*make(q, k, v))
+        tk.scaled_dot_product_attention(*make(q, k, v))
     with pytest.raises(RuntimeError, match=match):
-        kernels.scaled_dot_product_attention(*make(q, k, v))
+        tk.scaled_dot_product_attention(*make(q, k, v))
 
 
 def test_float64_runs_torch_sdpa(device):
@@ -449,8 +449,8 @@ def test_float64_runs_torch_sdpa(device):
     q, k, v = (t.double().requires_grad_() for t in _qkv(2, 2, 5, 7, 16, torch.float32, device))
     mask = torch.rand(5, 7, device=device) > 0.3
     for kw in (dict(is_causal=True), dict(attn_mask=mask), dict(scale=0.3)):
-        out = kernels.scaled_dot_product_attention(q, k, v, **kw)
-        assert kernels.last_path("attention") == "torch" and out.dtype == torch.float64
+        out = tk.scaled_dot_product_attention(q, k, v, **kw)
+        assert tk.last_path("attention") == "torch" and out.dtype == torch.float64
         torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, **kw))
     out.sum().backward()
     assert q.grad.dtype == torch.float64
@@ -469,20 +469,20 @@ def test_bad_options_raise(device, kwargs, error, match):
     if isinstance(kwargs.get("attn_mask"), torch.Tensor):
         kwargs = {**kwargs, "attn_mask": kwargs["attn_mask"].to(device)}
     with pytest.raises(error, match=match):
-        kernels.scaled_dot_product_attention(q, k, v, **kwargs)
+        tk.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
 def test_gqa_needs_a_divisor(device):
     q, k, v = _qkv(1, 3, 4, 4, 16, torch.float32, device, heads_k=2)
     with pytest.raises(ValueError, match="multiple"):
-        kernels.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        tk.scaled_dot_product_attention(q, k, v, enable_gqa=True)
 
 
 def test_documented_fallback_warns_and_matches_torch(device):
     q, k, v = _qkv(1, 2, 5, 6, 264, torch.float32, device)
     with pytest.warns(UserWarning, match="falling back"):
-        out = kernels.scaled_dot_product_attention(q, k, v)
-    assert kernels.last_path("attention") == "torch"
+        out = tk.scaled_dot_product_attention(q, k, v)
+    assert tk.last_path("attention") == "torch"
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))
 
 
@@ -490,8 +490,8 @@ def test_documented_fallback_warns_and_matches_torch(device):
 def _check_mask_gradient(inputs, mask, dtype, **kw):
     """Kernel vs float64 reference for out, dq, dk, dv and the mask's gradient (flash standard)."""
     def fn(q, k, v, m):
-        out = kernels.scaled_dot_product_attention(q, k, v, attn_mask=m, **kw)
-        assert kernels.last_path("attention") == "triton"
+        out = tk.scaled_dot_product_attention(q, k, v, attn_mask=m, **kw)
+        assert tk.last_path("attention") == "triton"
         return out
 
     def ref(q, k, v, m):
@@ -517,7 +517,7 @@ def test_learned_mask_gradient_with_gqa_and_infinite_entries(device):
     mask = torch.randn(1, 4, 19, 23, device=device)
     mask[..., 3] = float("-inf")
     leaves = [t.clone().requires_grad_() for t in (q, k, v, mask)]
-    out = kernels.scaled_dot_product_attention(*leaves, enable_gqa=True, scale=0.7)
+    out = tk.scaled_dot_product_attention(*leaves, enable_gqa=True, scale=0.7)
     dout = torch.randn_like(out)
     out.backward(dout)
     highs = [t.detach().double().requires_grad_() for t in (q, k, v, mask)]
@@ -533,7 +533,7 @@ def test_learned_mask_gradient_compiles_without_graph_breaks(device):
     bias = torch.randn(2, 9, 11, device=device, requires_grad=True)
 
     def f(q, k, v, bias):
-        return kernels.scaled_dot_product_attention(q, k, v, attn_mask=bias).sum()
+        return tk.scaled_dot_product_attention(q, k, v, attn_mask=bias).sum()
 
     explanation = torch._dynamo.explain(f)(q, k, v, bias)
     assert explanation.graph_break_count == 0, explanation.break_reasons
@@ -549,7 +549,7 @@ def test_no_warning_on_the_triton_path(device):
     q, k, v = _qkv(1, 2, 5, 6, 16, torch.float32, device)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        kernels.scaled_dot_product_attention(q, k, v, is_causal=True)
+        tk.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
 # --- GPU only ---------------------------------------------------------------------------------------
@@ -579,8 +579,8 @@ def test_torch_causal_bias_masks(device, launches, variant, seqlen_q, seqlen_k):
     make = getattr(torch_bias, variant)
 
     def ours(q, k, v):
-        out = kernels.scaled_dot_product_attention(q, k, v, attn_mask=make(seqlen_q, seqlen_k))
-        assert kernels.last_path("attention") == "triton"
+        out = tk.scaled_dot_product_attention(q, k, v, attn_mask=make(seqlen_q, seqlen_k))
+        assert tk.last_path("attention") == "triton"
         return out
 
     def torchs(q, k, v):
@@ -590,9 +590,9 @@ def test_torch_causal_bias_masks(device, launches, variant, seqlen_q, seqlen_k):
         check_fwd_bwd(ours, torchs, _qkv(2, 2, seqlen_q, seqlen_k, 32, torch.float16, device), torch.float16)
     q, k, v = _qkv(1, 1, seqlen_q, seqlen_k, 16, torch.float32, device)
     with pytest.raises(ValueError, match="CausalBias is for"):
-        kernels.scaled_dot_product_attention(q, k, v, attn_mask=make(seqlen_q + 1, seqlen_k))
+        tk.scaled_dot_product_attention(q, k, v, attn_mask=make(seqlen_q + 1, seqlen_k))
     with pytest.raises(RuntimeError, match="not both"):
-        kernels.scaled_dot_product_attention(q, k, v, attn_mask=make(seqlen_q, seqlen_k), is_causal=True)
+        tk.scaled_dot_product_attention(q, k, v, attn_mask=make(seqlen_q, seqlen_k), is_causal=True)
 
 
 def test_sdpa_softcap_extension(device, launches):
@@ -603,9 +603,9 @@ def test_sdpa_softcap_extension(device, launches):
     with launches("attention_fwd"), launches("attention_bwd_dq"):
         check_fwd_bwd(_sdpa(attn_mask=mask, softcap=3.0, enable_gqa=True, scale=0.9),
                       _ref(attn_mask=mask, softcap=3.0, scale=0.9), (q, k, v), torch.float32)
-    out64 = kernels.scaled_dot_product_attention(*(t.double() for t in (q, k, v)), is_causal=True, softcap=3.0,
+    out64 = tk.scaled_dot_product_attention(*(t.double() for t in (q, k, v)), is_causal=True, softcap=3.0,
                                                  enable_gqa=True)
-    assert kernels.last_path("attention") == "torch"
+    assert tk.last_path("attention") == "torch"
     torch.testing.assert_close(out64, attention_reference(*(t.double() for t in (q, k, v)), causal=True, softcap=3.0))
     with pytest.raises(ValueError, match="softcap must be a float >= 0"):
-        kernels.scaled_dot_product_attention(q, k, v, enable_gqa=True, softcap=-1.0)
+        tk.scaled_dot_product_attention(q, k, v, enable_gqa=True, softcap=-1.0)

@@ -1,4 +1,4 @@
-"""kernels.autotune: the device's choice among statically verified candidates, and every candidate's
+"""transformer_kernels.autotune: the device's choice among statically verified candidates, and every candidate's
 correctness through the interpreter (issue 12, item 4).
 
 No GPU here, so the timer is replaced by one that runs each candidate for real (through the
@@ -12,13 +12,13 @@ import warnings
 import pytest
 import torch
 
-import kernels
-from kernels import autotune
-from kernels.attention import attention_reference
+import transformer_kernels as tk
+from transformer_kernels import autotune
+from transformer_kernels.attention import attention_reference
 from helpers import check_fwd_bwd
 
-configs = importlib.import_module("kernels.attention.configs")
-launch_mod = importlib.import_module("kernels.attention.launch")
+configs = importlib.import_module("transformer_kernels.attention.configs")
+launch_mod = importlib.import_module("transformer_kernels.attention.launch")
 
 
 @pytest.fixture
@@ -118,8 +118,8 @@ def _qkv(seqlen_q, seqlen_k, head_dim, device, dtype=torch.float16):
 
 
 def _sdpa(q, k, v):
-    out = kernels.scaled_dot_product_attention(q, k, v, is_causal=True)
-    assert kernels.last_path("attention") == "triton"
+    out = tk.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert tk.last_path("attention") == "triton"
     return out
 
 
@@ -141,7 +141,7 @@ def test_attention_launcher_times_every_candidate_and_runs_the_winner(device, gp
 
 
 def _arch_candidates(arch, head_dim, seqlen_q=150, heavy=False):
-    from kernels import dispatch
+    from transformer_kernels import dispatch
     saved, dispatch.INTERPRETER = dispatch.INTERPRETER, False
     try:
         fwd = configs.fwd_candidates(head_dim, torch.float16, seqlen_q, heavy, arch)
@@ -192,7 +192,7 @@ def test_tma_candidate_on_packed_batches_and_a_kv_cache(device, gpu_tiles, tma_r
     q, k, v = (torch.randn(sum(lens), 2, 64, dtype=torch.float16, device=device) for _ in range(3))
     for index in (1, 2):
         with autotune.forced(index):
-            packed = kernels.flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens), causal=True)
+            packed = tk.flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens), causal=True)
         assert len(tma_runs) == index
         for b, n in enumerate(lens):
             s = slice(int(cu[b]), int(cu[b + 1]))
@@ -206,7 +206,7 @@ def test_tma_candidate_on_packed_batches_and_a_kv_cache(device, gpu_tiles, tma_r
         k_cache[b, :n], v_cache[b, :n] = torch.randn(2, n, 2, 64, dtype=torch.float16, device=device)
     qd = torch.randn(2, 1, 2, 64, dtype=torch.float16, device=device)
     with autotune.forced(1):
-        out = kernels.flash_attn_with_kvcache(qd, k_cache, v_cache, cache_seqlens=torch.tensor(
+        out = tk.flash_attn_with_kvcache(qd, k_cache, v_cache, cache_seqlens=torch.tensor(
             lengths, dtype=torch.int32, device=device), num_splits=1)
     assert len(tma_runs) == 3
     for b, n in enumerate(lengths):
@@ -228,14 +228,14 @@ def test_tma_is_dropped_for_unaligned_strides(device, gpu_tiles, tma_runs):
 
 
 # --- the FFN's matmul candidates ----------------------------------------------------------------------
-ffn_mod = importlib.import_module("kernels.ffn")
+ffn_mod = importlib.import_module("transformer_kernels.ffn")
 
 
 @pytest.fixture
 def ffn_sm90(monkeypatch):
     """The FFN launcher offers its sm_90a candidates here (the interpreter otherwise has one), and
     counts the launches that built tensor descriptors."""
-    from kernels import dispatch
+    from transformer_kernels import dispatch
     real = ffn_mod.candidates
 
     def on_hopper(dtype, epilogue, second, arch, residual=False):
@@ -287,7 +287,7 @@ def test_candidates_agree_with_the_default_under_every_modifier(device, gpu_tile
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         torch.manual_seed(0)
         with autotune.forced(index):
-            out = kernels.flash_attn_func(*leaves, **kw)
+            out = tk.flash_attn_func(*leaves, **kw)
             out.backward(torch.ones_like(out))
         results.append([out, *(t.grad for t in leaves)])
     assert len(tma_runs) >= 4  # TMA forward and backward, persistent forward

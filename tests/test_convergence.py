@@ -1,6 +1,6 @@
 """Convergence with and without the kernels, in the style of Liger-Kernel's mini-model tests
 (test/convergence/ in github.com/linkedin/Liger-Kernel): a tiny model trained for 30 AdamW steps twice
-from the same initial weights on the same data -- once unpatched, once with ``kernels.hf.apply_kernels``
+from the same initial weights on the same data -- once unpatched, once with ``transformer_kernels.hf.apply_kernels``
 -- must produce the same loss at every step, end with the same weights, and learn (the loss falls).
 
 Tolerances (fp32; the kernels compute true fp32 and differ from torch only in summation order):
@@ -13,10 +13,10 @@ would run torch's code anyway, see test_hf.py).
 import pytest
 import torch
 
-import kernels
+import transformer_kernels as tk
 
 transformers = pytest.importorskip("transformers")
-from kernels import hf  # noqa: E402
+from transformer_kernels import hf  # noqa: E402
 
 STEPS = 30
 BATCHES, BATCH, SEQLEN, VOCAB = 4, 2, 16, 64  # one layer, 32 tokens a step: ~0.8 s a step interpreted
@@ -63,9 +63,9 @@ def test_losses_agree_step_by_step(device, build):
     data = [torch.randint(0, VOCAB, (BATCH, SEQLEN), generator=generator).to(device) for _ in range(BATCHES)]
 
     expected = train(baseline, data)
-    before = kernels.launch_counts()
+    before = tk.launch_counts()
     actual = train(patched, data)
-    ran = {k: v - before.get(k, 0) for k, v in kernels.launch_counts().items()}
+    ran = {k: v - before.get(k, 0) for k, v in tk.launch_counts().items()}
     for kernel in ("attention_fwd", "attention_bwd_dq", "layer_norm_fwd", "layer_norm_bwd", "ffn_matmul"):
         assert ran.get(kernel, 0) >= STEPS, f"{kernel} launched {ran.get(kernel, 0)} times in {STEPS} steps"
 

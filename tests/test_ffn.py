@@ -1,11 +1,11 @@
-"""The FFN family (kernels/ffn.py) against a float64 reference, forward and backward."""
+"""The FFN family (kernels/transformer_kernels/ffn.py) against a float64 reference, forward and backward."""
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
-from kernels.ffn import ACTIVATIONS, GATED_ACTIVATIONS, ffn_reference, matmul
+import transformer_kernels as tk
+from transformer_kernels.ffn import ACTIVATIONS, GATED_ACTIVATIONS, ffn_reference, matmul
 from helpers import assert_close, poisoned
 
 
@@ -24,8 +24,8 @@ def _check(x, params, activation, dtype, residual=None, **kw):
     w1, b1, w2, b2, wg, bg = params
     tensors = (x, w1, b1, w2, b2, wg, bg, residual)
     leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in tensors]
-    y = kernels.ffn(*leaves[:5], activation, weight_gate=leaves[5], bias_gate=leaves[6], residual=leaves[7], **kw)
-    assert kernels.last_path("ffn") == "triton"
+    y = tk.ffn(*leaves[:5], activation, weight_gate=leaves[5], bias_gate=leaves[6], residual=leaves[7], **kw)
+    assert tk.last_path("ffn") == "triton"
     dy = torch.randn_like(y)
     y.backward(dy)
     refs = [t.detach().double().requires_grad_() if t is not None else None for t in tensors]
@@ -76,7 +76,7 @@ def test_recompute_matches_and_saves_activation_memory(device, activation, gemm)
         total = []
         leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, *params)]
         with torch.autograd.graph.saved_tensors_hooks(lambda t: total.append(t.numel()) or t, lambda t: t):
-            kernels.ffn(*leaves[:5], activation, weight_gate=leaves[5], bias_gate=leaves[6], recompute=recompute,
+            tk.ffn(*leaves[:5], activation, weight_gate=leaves[5], bias_gate=leaves[6], recompute=recompute,
                         gemm=gemm)
         return sum(total)
 
@@ -108,11 +108,11 @@ def test_transposed_weights_like_gpt2_conv1d(device):
 
 def test_modules(device):
     """FFN: two nn.Linear named like nn.TransformerEncoderLayer's; GatedFFN: Llama's MLP names and formula."""
-    ffn = kernels.FFN(32, 64, activation="gelu").to(device)
+    ffn = tk.FFN(32, 64, activation="gelu").to(device)
     assert set(ffn.state_dict()) == {"linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias"}
     x = torch.randn(5, 32, device=device)
     torch.testing.assert_close(ffn(x), ffn.linear2(F.gelu(ffn.linear1(x))), rtol=1e-5, atol=1e-5)
-    gated = kernels.GatedFFN(32, 64, activation="swiglu").to(device)
+    gated = tk.GatedFFN(32, 64, activation="swiglu").to(device)
     assert set(gated.state_dict()) == {"gate_proj.weight", "up_proj.weight", "down_proj.weight"}
     want = gated.down_proj(F.silu(gated.gate_proj(x)) * gated.up_proj(x))
     torch.testing.assert_close(gated(x), want, rtol=1e-5, atol=1e-5)
@@ -121,7 +121,7 @@ def test_modules(device):
 
 def test_only_needed_gradients(device):
     """Frozen weights get no gradient and cost no product."""
-    ffn = kernels.FFN(16, 32).to(device)
+    ffn = tk.FFN(16, 32).to(device)
     ffn.requires_grad_(False)
     x = torch.randn(4, 16, device=device, requires_grad=True)
     ffn(x).sum().backward()
@@ -141,7 +141,7 @@ def test_matmul_epilogues_write_every_element(device):
 
 
 def test_torch_compile_fullgraph(device):
-    ffn = kernels.GatedFFN(16, 32).to(device)
+    ffn = tk.GatedFFN(16, 32).to(device)
     x = torch.randn(3, 16, device=device, requires_grad=True)
     eager = ffn(x)
     compiled = torch.compile(ffn, fullgraph=True)(x)
@@ -169,16 +169,16 @@ def test_bad_input_raises(device, kwargs, error, match):
     wg = kwargs["wg"](w1) if "wg" in kwargs else None
     residual = kwargs["residual"](x) if "residual" in kwargs else None
     with pytest.raises(error, match=match):
-        kernels.ffn(kwargs.get("x", ident)(x), kwargs.get("w1", ident)(w1), kwargs.get("b1", ident)(b1),
+        tk.ffn(kwargs.get("x", ident)(x), kwargs.get("w1", ident)(w1), kwargs.get("b1", ident)(b1),
                     kwargs.get("w2", ident)(w2), b2, activation=kwargs.get("activation", "relu"), weight_gate=wg,
                     residual=residual, gemm=kwargs.get("gemm", "auto"))
 
 
 def test_module_rejects_the_other_family():
     with pytest.raises(ValueError, match="GatedFFN"):
-        kernels.FFN(8, 16, activation="swiglu")
+        tk.FFN(8, 16, activation="swiglu")
     with pytest.raises(ValueError, match="swiglu"):
-        kernels.GatedFFN(8, 16, activation="relu")
+        tk.GatedFFN(8, 16, activation="relu")
 
 
 @pytest.mark.gpu
@@ -193,18 +193,18 @@ def test_gpu_large(dtype, activation, gemm):
 def test_nn_linear_chain_equivalence(device):
     l1, l2 = nn.Linear(16, 48).to(device), nn.Linear(48, 16).to(device)
     x = torch.randn(7, 16, device=device)
-    torch.testing.assert_close(kernels.ffn(x, l1.weight, l1.bias, l2.weight, l2.bias, "silu"), l2(F.silu(l1(x))),
+    torch.testing.assert_close(tk.ffn(x, l1.weight, l1.bias, l2.weight, l2.bias, "silu"), l2(F.silu(l1(x))),
                                rtol=1e-5, atol=1e-5)
 
 
 def test_autocast_casts_fp32_parameters(device):
     """Under torch.autocast an FFN with fp32 weights runs in the autocast dtype, like F.linear."""
-    ffn = kernels.GatedFFN(16, 32).to(device)
+    ffn = tk.GatedFFN(16, 32).to(device)
     x = torch.randn(4, 16, device=device, requires_grad=True)
     with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16):
         y = ffn(x)
         want = ffn.down_proj(F.silu(ffn.gate_proj(x)) * ffn.up_proj(x))
-    assert y.dtype == torch.bfloat16 and kernels.last_path("ffn") == "triton"
+    assert y.dtype == torch.bfloat16 and tk.last_path("ffn") == "triton"
     assert ((y.float() - want.float()).norm() / want.float().norm()).item() < 2e-2
     y.float().sum().backward()
     assert ffn.gate_proj.weight.grad.dtype == torch.float32

@@ -1,9 +1,9 @@
-"""kernels.flash_attn_* (flash-attention's signatures and semantics) on the Triton kernels."""
+"""transformer_kernels.flash_attn_* (flash-attention's signatures and semantics) on the Triton kernels."""
 import pytest
 import torch
 
-import kernels
-from kernels.attention import attention_reference
+import transformer_kernels as tk
+from transformer_kernels.attention import attention_reference
 from helpers import check_fwd_bwd
 
 
@@ -15,8 +15,8 @@ def _bshd(batch, seqlen_q, seqlen_k, heads, heads_k, head_dim, dtype, device):
 
 def _flash(**kw):
     def fn(q, k, v):
-        out = kernels.flash_attn_func(q, k, v, **kw)
-        assert kernels.last_path("attention") == "triton"
+        out = tk.flash_attn_func(q, k, v, **kw)
+        assert tk.last_path("attention") == "triton"
         return out
     return fn
 
@@ -45,24 +45,24 @@ def test_causal_is_bottom_right_aligned(device):
     for seqlen_q, seqlen_k, visible in ((2, 5, [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]),
                                         (5, 2, [[0, 0], [0, 0], [0, 0], [1, 0], [1, 1]])):
         q, k, v = _bshd(1, seqlen_q, seqlen_k, 1, 1, 16, torch.float32, device)
-        base = kernels.flash_attn_func(q, k, v, causal=True)
+        base = tk.flash_attn_func(q, k, v, causal=True)
         for j in range(seqlen_k):
             v2 = v.clone()
             v2[0, j] += 1.0
-            moved = (kernels.flash_attn_func(q, k, v2, causal=True) - base).abs().amax(dim=(0, 2, 3)) > 0
+            moved = (tk.flash_attn_func(q, k, v2, causal=True) - base).abs().amax(dim=(0, 2, 3)) > 0
             assert moved.tolist() == [bool(row[j]) for row in visible]
         assert (base[0, [r for r, row in enumerate(visible) if not any(row)]] == 0).all()
 
 
 def test_sdpa_is_top_left_aligned(device):
-    """The same picture for kernels.scaled_dot_product_attention: torch's top-left triangle."""
+    """The same picture for transformer_kernels.scaled_dot_product_attention: torch's top-left triangle."""
     q, k, v = (torch.randn(1, 1, s, 16, device=device) for s in (2, 5, 5))
-    base = kernels.scaled_dot_product_attention(q, k, v, is_causal=True)
+    base = tk.scaled_dot_product_attention(q, k, v, is_causal=True)
     seen = []
     for j in range(5):
         v2 = v.clone()
         v2[0, 0, j] += 1.0
-        seen.append(((kernels.scaled_dot_product_attention(q, k, v2, is_causal=True) - base).abs().amax(-1) > 0)[0, 0])
+        seen.append(((tk.scaled_dot_product_attention(q, k, v2, is_causal=True) - base).abs().amax(-1) > 0)[0, 0])
     assert torch.stack(seen, dim=1).int().tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0]]
 
 
@@ -84,7 +84,7 @@ def test_window_skips_blocks_outside_it(device):
     with torch.no_grad():
         k[:, :192] = float("nan")
         v[:, :192] = float("nan")
-    out = kernels.flash_attn_func(q, k, v, causal=True, window_size=(left, 0))
+    out = tk.flash_attn_func(q, k, v, causal=True, window_size=(left, 0))
     out.sum().backward()
     assert torch.isfinite(out).all() and torch.isfinite(q.grad).all()
     assert (k.grad[:, :192] == 0).all() and (v.grad[:, :192] == 0).all()
@@ -120,7 +120,7 @@ def test_dropout_and_attn_probs(device):
     probabilities, rescaled by 1/(1-p), times V; about p of the visible entries are dropped."""
     p = 0.3
     q, k, v = _bshd(2, 37, 41, 4, 2, 32, torch.float32, device)
-    out, lse, s_dmask = kernels.flash_attn_func(q, k, v, dropout_p=p, causal=True, return_attn_probs=True)
+    out, lse, s_dmask = tk.flash_attn_func(q, k, v, dropout_p=p, causal=True, return_attn_probs=True)
     assert s_dmask.shape == (2, 4, 37, 41) and lse.shape == (2, 4, 37)
     kept = s_dmask.clamp_min(0) / (1 - p)
     want = (kept.double() @ v.transpose(1, 2).repeat_interleave(2, dim=1).double()).transpose(1, 2)
@@ -151,7 +151,7 @@ def test_varlen_equals_each_sequence_alone(device, causal, window):
     q, k, v, cu_q, cu_k = _packed(lens_q, lens_k, 4, 2, 32, torch.float32, device)
 
     def packed(q, k, v):
-        return kernels.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal,
+        return tk.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal,
                                               window_size=window)
 
     def one_by_one(q, k, v):
@@ -169,14 +169,14 @@ def test_varlen_equals_padded_batch_with_key_padding_mask(device):
     result on its real tokens (and the packed batch spends nothing on padding)."""
     lens = [7, 19, 12]
     q, k, v, cu, _ = _packed(lens, lens, 2, 2, 16, torch.float32, device)
-    packed = kernels.flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens))
+    packed = tk.flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens))
     padded = torch.zeros(3, 2, max(lens), 16, device=device)
     qp, kp, vp = padded.clone(), padded.clone(), padded.clone()
     for b, n in enumerate(lens):
         for src, dst in ((q, qp), (k, kp), (v, vp)):
             dst[b, :, :n] = src[cu[b]:cu[b + 1]].transpose(0, 1)
     key_padding = (torch.arange(max(lens), device=device)[None, :] < torch.tensor(lens, device=device)[:, None])
-    out = kernels.scaled_dot_product_attention(qp, kp, vp, attn_mask=key_padding[:, None, None, :])
+    out = tk.scaled_dot_product_attention(qp, kp, vp, attn_mask=key_padding[:, None, None, :])
     for b, n in enumerate(lens):
         torch.testing.assert_close(out[b, :, :n].transpose(0, 1), packed[cu[b]:cu[b + 1]], rtol=1e-5, atol=1e-5)
 
@@ -184,15 +184,15 @@ def test_varlen_equals_padded_batch_with_key_padding_mask(device):
 def test_varlen_lse_layout_and_packed_variants(device):
     lens = [3, 8]
     q, k, v, cu, _ = _packed(lens, lens, 2, 2, 16, torch.float32, device)
-    out, lse, s_dmask = kernels.flash_attn_varlen_func(q, k, v, cu, cu, 8, 8, return_attn_probs=True)
+    out, lse, s_dmask = tk.flash_attn_varlen_func(q, k, v, cu, cu, 8, 8, return_attn_probs=True)
     assert lse.shape == (2, 11) and s_dmask.shape == (2, 2, 8, 8)
     qkv = torch.stack([q, k, v], dim=1)
-    torch.testing.assert_close(kernels.flash_attn_varlen_qkvpacked_func(qkv, cu, 8), out)
-    torch.testing.assert_close(kernels.flash_attn_varlen_kvpacked_func(q, torch.stack([k, v], 1), cu, cu, 8, 8), out)
+    torch.testing.assert_close(tk.flash_attn_varlen_qkvpacked_func(qkv, cu, 8), out)
+    torch.testing.assert_close(tk.flash_attn_varlen_kvpacked_func(q, torch.stack([k, v], 1), cu, cu, 8, 8), out)
     qd, kd, vd = _bshd(2, 9, 9, 2, 2, 16, torch.float32, device)
-    dense = kernels.flash_attn_func(qd, kd, vd, causal=True)
-    torch.testing.assert_close(kernels.flash_attn_qkvpacked_func(torch.stack([qd, kd, vd], 2), causal=True), dense)
-    torch.testing.assert_close(kernels.flash_attn_kvpacked_func(qd, torch.stack([kd, vd], 2), causal=True), dense)
+    dense = tk.flash_attn_func(qd, kd, vd, causal=True)
+    torch.testing.assert_close(tk.flash_attn_qkvpacked_func(torch.stack([qd, kd, vd], 2), causal=True), dense)
+    torch.testing.assert_close(tk.flash_attn_kvpacked_func(qd, torch.stack([kd, vd], 2), causal=True), dense)
 
 
 # --- KV cache and decoding --------------------------------------------------------------------------
@@ -208,10 +208,10 @@ def test_kvcache_appends_and_attends(device, num_splits, seqlen_new):
     v_new = torch.randn(batch, seqlen_new, heads_k, head_dim, device=device)
     cache_seqlens = torch.tensor([10, 0, 90], dtype=torch.int32, device=device)
     rows = torch.tensor([3, 0, 1], dtype=torch.int32, device=device)
-    out, lse = kernels.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=cache_seqlens,
+    out, lse = tk.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=cache_seqlens,
                                                cache_batch_idx=rows, causal=True, num_splits=num_splits,
                                                return_softmax_lse=True)
-    assert kernels.last_path("attention") == "triton"
+    assert tk.last_path("attention") == "triton"
     for b in range(batch):
         row, n = int(rows[b]), int(cache_seqlens[b])
         keys = torch.cat([before_k[row, :n], k_new[b]])
@@ -226,10 +226,10 @@ def test_kvcache_appends_and_attends(device, num_splits, seqlen_new):
 def test_kvcache_split_keys_agree_with_one_pass(device, launches):
     q = torch.randn(1, 1, 8, 64, device=device)
     k_cache, v_cache = torch.randn(1, 500, 2, 64, device=device), torch.randn(1, 500, 2, 64, device=device)
-    one = kernels.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=450, num_splits=1,
+    one = tk.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=450, num_splits=1,
                                          window_size=(200, 0), softcap=10.0, return_softmax_lse=True)
     with launches("attention_combine"):
-        split = kernels.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=450, num_splits=5,
+        split = tk.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=450, num_splits=5,
                                                window_size=(200, 0), softcap=10.0, return_softmax_lse=True)
     for a, b in zip(one, split):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -237,7 +237,7 @@ def test_kvcache_split_keys_agree_with_one_pass(device, launches):
 
 def test_kvcache_has_no_backward(device):
     q = torch.randn(1, 1, 2, 16, device=device, requires_grad=True)
-    out = kernels.flash_attn_with_kvcache(q, torch.randn(1, 8, 2, 16, device=device),
+    out = tk.flash_attn_with_kvcache(q, torch.randn(1, 8, 2, 16, device=device),
                                          torch.randn(1, 8, 2, 16, device=device), cache_seqlens=5)
     with pytest.raises(NotImplementedError, match="no backward"):
         out.sum().backward()
@@ -254,10 +254,10 @@ def test_serving_arguments_are_checked(device):
                                  (dict(block_table=torch.zeros(1, 1, dtype=torch.int64, device=device)), TypeError,
                                   "block_table")):
         with pytest.raises(error, match=match):
-            kernels.flash_attn_with_kvcache(q, k, v, **kwargs)
+            tk.flash_attn_with_kvcache(q, k, v, **kwargs)
     cu = torch.tensor([0, 2], dtype=torch.int32, device=device)
     with pytest.raises(ValueError, match="block_table"):
-        kernels.flash_attn_varlen_func(q[0], k[0][None], v[0][None], cu, cu, 2, 2, block_table=cu)
+        tk.flash_attn_varlen_func(q[0], k[0][None], v[0][None], cu, cu, 2, 2, block_table=cu)
 
 
 @pytest.mark.parametrize("cu_q,max_q,error,match", [
@@ -272,27 +272,27 @@ def test_cu_seqlens_are_checked(device, cu_q, max_q, error, match):
     cu = torch.tensor(cu_q, dtype=torch.int32, device=device)
     cu_k = torch.tensor([0, 3, 5], dtype=torch.int32, device=device)
     if error is None:
-        kernels.flash_attn_varlen_func(q, k, v, cu, cu_k, max_q, 3)
+        tk.flash_attn_varlen_func(q, k, v, cu, cu_k, max_q, 3)
         return
     with pytest.raises(error, match=match):
-        kernels.flash_attn_varlen_func(q, k, v, cu, cu_k, max_q, 3)
+        tk.flash_attn_varlen_func(q, k, v, cu, cu_k, max_q, 3)
 
 
 @pytest.mark.parametrize("call,error,match", [
-    (lambda q, k, v, d: kernels.flash_attn_varlen_func(q[0], k[0], v[0], torch.tensor([0, 2], device=d),
+    (lambda q, k, v, d: tk.flash_attn_varlen_func(q[0], k[0], v[0], torch.tensor([0, 2], device=d),
                                                        torch.tensor([0, 2], device=d), 2, 2), TypeError, "int32"),
-    (lambda q, k, v, d: kernels.flash_attn_func(q, k, v, window_size=(-2, 0)), ValueError, "window_size"),
-    (lambda q, k, v, d: kernels.flash_attn_func(q, k, v, window_size=4), TypeError, "window_size"),
-    (lambda q, k, v, d: kernels.flash_attn_func(q, k, v, softcap=-1.0), ValueError, "softcap"),
-    (lambda q, k, v, d: kernels.flash_attn_func(q, k, v, alibi_slopes=torch.ones(3, device=d)), ValueError, "alibi"),
-    (lambda q, k, v, d: kernels.flash_attn_func(q, k, v, alibi_slopes=torch.ones(2, device=d).half()), TypeError,
+    (lambda q, k, v, d: tk.flash_attn_func(q, k, v, window_size=(-2, 0)), ValueError, "window_size"),
+    (lambda q, k, v, d: tk.flash_attn_func(q, k, v, window_size=4), TypeError, "window_size"),
+    (lambda q, k, v, d: tk.flash_attn_func(q, k, v, softcap=-1.0), ValueError, "softcap"),
+    (lambda q, k, v, d: tk.flash_attn_func(q, k, v, alibi_slopes=torch.ones(3, device=d)), ValueError, "alibi"),
+    (lambda q, k, v, d: tk.flash_attn_func(q, k, v, alibi_slopes=torch.ones(2, device=d).half()), TypeError,
      "float32"),
-    (lambda q, k, v, d: kernels.flash_attn_func(q, k[:, :, :1].expand(-1, -1, 3, -1), v[:, :, :1].expand(-1, -1, 3, -1)),
+    (lambda q, k, v, d: tk.flash_attn_func(q, k[:, :, :1].expand(-1, -1, 3, -1), v[:, :, :1].expand(-1, -1, 3, -1)),
      ValueError, "multiple"),
-    (lambda q, k, v, d: kernels.flash_attn_func(q[0], k[0], v[0]), ValueError, "batch, seqlen"),
-    (lambda q, k, v, d: kernels.flash_attn_with_kvcache(q, k, v, k, v), ValueError, "cache_seqlens"),
-    (lambda q, k, v, d: kernels.flash_attn_with_kvcache(q, k, v, k, v, cache_seqlens=6), ValueError, "too short"),
-    (lambda q, k, v, d: kernels.flash_attn_with_kvcache(q, k, v, cache_seqlens=torch.tensor([1], device=d)),
+    (lambda q, k, v, d: tk.flash_attn_func(q[0], k[0], v[0]), ValueError, "batch, seqlen"),
+    (lambda q, k, v, d: tk.flash_attn_with_kvcache(q, k, v, k, v), ValueError, "cache_seqlens"),
+    (lambda q, k, v, d: tk.flash_attn_with_kvcache(q, k, v, k, v, cache_seqlens=6), ValueError, "too short"),
+    (lambda q, k, v, d: tk.flash_attn_with_kvcache(q, k, v, cache_seqlens=torch.tensor([1], device=d)),
      TypeError, "cache_seqlens"),
 ])
 def test_bad_input_raises(device, call, error, match):
@@ -317,6 +317,6 @@ def test_gpu_decode_long_cache():
     q = torch.randn(1, 1, 16, 128, device="cuda", dtype=torch.bfloat16)
     k_cache = torch.randn(1, 65536, 2, 128, device="cuda", dtype=torch.bfloat16)
     v_cache = torch.randn_like(k_cache)
-    out = kernels.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=60000, causal=True)
+    out = tk.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=60000, causal=True)
     ref = _ref(causal=True)(q.float(), k_cache[:, :60000].float(), v_cache[:, :60000].float())
     assert ((out.float() - ref).norm() / ref.norm()).item() < 2e-2

@@ -15,11 +15,11 @@ import triton.language as tl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import kernels
-from kernels._triton_utils import tanh as kernel_tanh
-from kernels.attention import attention_reference
-from kernels.ffn import ACTIVATIONS, GATED_ACTIVATIONS, ffn_reference
-from kernels.layer_norm import norm_reference
+import transformer_kernels as tk
+from transformer_kernels._triton_utils import tanh as kernel_tanh
+from transformer_kernels.attention import attention_reference
+from transformer_kernels.ffn import ACTIVATIONS, GATED_ACTIVATIONS, ffn_reference
+from transformer_kernels.layer_norm import norm_reference
 
 
 def r(*shape, **kw):
@@ -39,54 +39,54 @@ CU = torch.tensor([0, 2, 5], dtype=torch.int32)
 
 BAD_INPUT = [
     # (class of bad input, call, error, the message must contain)
-    ("integer dtype", lambda: kernels.scaled_dot_product_attention(*(t.long() for t in qkv())), TypeError, "query has dtype torch.int64"),
-    ("integer dtype", lambda: kernels.layer_norm(torch.ones(3, 4, dtype=torch.int32), 4), TypeError, "input has dtype torch.int32"),
-    ("integer dtype", lambda: kernels.ffn(torch.ones(3, 4, dtype=torch.int64), r(8, 4), None, r(4, 8), None), TypeError, "input has dtype"),
-    ("float64 (not supported)", lambda: kernels.flash_attn_func(*(t.double() for t in bshd())), TypeError, "float16, bfloat16 and float32"),
-    ("mixed dtypes", lambda: kernels.scaled_dot_product_attention(qkv()[0], *(t.half() for t in qkv()[1:])), TypeError, "key has dtype torch.float16 but query has torch.float32"),
-    ("mixed dtypes", lambda: kernels.ffn(r(3, 4), r(8, 4).half(), None, r(4, 8), None), TypeError, "weight1"),
-    ("mixed dtypes", lambda: kernels.add_layer_norm(r(3, 4), r(3, 4).half(), 4), TypeError, "residual"),
-    ("not a tensor", lambda: kernels.scaled_dot_product_attention([[1.0]], *qkv()[1:]), TypeError, "must be a torch.Tensor"),
-    ("not a tensor", lambda: kernels.layer_norm(3.0, 4), TypeError, "must be a torch.Tensor"),
-    ("mixed devices", lambda: kernels.scaled_dot_product_attention(*qkv()[:2], qkv()[2].to("meta")), ValueError, "value is on meta"),
-    ("mixed devices", lambda: kernels.layer_norm(r(3, 4), 4, META), ValueError, "weight is on meta"),
-    ("mixed devices", lambda: kernels.ffn(r(3, 4), r(8, 4), None, r(4, 8).to("meta"), None), ValueError, "weight2 is on meta"),
-    ("wrong rank", lambda: kernels.scaled_dot_product_attention(r(16), r(16), r(16)), ValueError, "at least 2 dims"),
-    ("wrong rank", lambda: kernels.flash_attn_func(r(5, 2, 16), r(5, 2, 16), r(5, 2, 16)), ValueError, "(batch, seqlen, nheads, headdim)"),
-    ("wrong rank", lambda: kernels.ffn(r(3, 4), r(8), None, r(4, 8), None), ValueError, "weight1 (d_ff, d_model)"),
-    ("mismatched batch", lambda: kernels.scaled_dot_product_attention(qkv()[0], *(t[:1] for t in qkv()[1:])), ValueError, "batch dims"),
-    ("mismatched head_dim", lambda: kernels.scaled_dot_product_attention(qkv(d=16)[0], *qkv(d=8)[1:]), ValueError, "same head_dim"),
-    ("mismatched heads", lambda: kernels.scaled_dot_product_attention(qkv(h=4)[0], *qkv(h=3)[1:], enable_gqa=True), ValueError, "multiple"),
-    ("GQA without enable_gqa", lambda: kernels.scaled_dot_product_attention(qkv(h=4)[0], *qkv(h=2)[1:]), ValueError, "enable_gqa"),
-    ("GQA heads not a divisor", lambda: kernels.flash_attn_func(bshd(h=3)[0], *bshd(h=2)[1:]), ValueError, "multiple"),
-    ("mask of the wrong shape", lambda: kernels.scaled_dot_product_attention(*qkv(), attn_mask=torch.ones(3, 6, dtype=torch.bool)), ValueError, "does not broadcast"),
-    ("mask of the wrong dtype", lambda: kernels.scaled_dot_product_attention(*qkv(), attn_mask=torch.ones(5, 6, dtype=torch.int32)), TypeError, "attn_mask must be bool"),
-    ("mask with is_causal", lambda: kernels.scaled_dot_product_attention(*qkv(), attn_mask=torch.ones(5, 6, dtype=torch.bool), is_causal=True), ValueError, "not both"),
-    ("negative window", lambda: kernels.flash_attn_func(*bshd(), window_size=(-2, 3)), ValueError, "window_size entries must be >= -1"),
-    ("window not a pair", lambda: kernels.flash_attn_func(*bshd(), window_size=(1, 2, 3)), TypeError, "window_size must be a pair"),
-    ("unsupported head_dim", lambda: kernels.flash_attn_func(*(torch.randn(1, 2, 1, 264) for _ in range(3))), ValueError, "supported: 1..256"),
-    ("cu_seqlens not int32", lambda: kernels.flash_attn_varlen_func(r(5, 2, 8), r(5, 2, 8), r(5, 2, 8), CU.long(), CU, 3, 3), TypeError, "cu_seqlens_q must be a 1-D torch.int32"),
-    ("cu_seqlens not increasing", lambda: kernels.flash_attn_varlen_func(r(5, 2, 8), r(5, 2, 8), r(5, 2, 8), torch.tensor([0, 3, 2], dtype=torch.int32), CU, 3, 3), ValueError, "never decrease"),
-    ("cu_seqlens beyond the tokens", lambda: kernels.flash_attn_varlen_func(r(5, 2, 8), r(5, 2, 8), r(5, 2, 8), torch.tensor([0, 3, 9], dtype=torch.int32), CU, 6, 3), ValueError, "end at most at 5"),
-    ("max_seqlen too small", lambda: kernels.flash_attn_varlen_func(r(5, 2, 8), r(5, 2, 8), r(5, 2, 8), CU, CU, 2, 3), ValueError, "exceeds max_seqlen"),
-    ("eps <= 0", lambda: kernels.layer_norm(r(3, 4), 4, eps=0.0), ValueError, "eps must be a positive"),
-    ("eps <= 0", lambda: kernels.add_rms_norm(r(3, 4), r(3, 4), 4, eps=-1.0), ValueError, "eps must be a positive"),
-    ("weight of the wrong shape", lambda: kernels.layer_norm(r(3, 4), 4, r(5)), ValueError, "weight must have shape [4]"),
-    ("weight of the wrong shape", lambda: kernels.ffn(r(3, 4), r(8, 5), None, r(4, 8), None), ValueError, "weight1"),
-    ("bias of the wrong shape", lambda: kernels.ffn(r(3, 4), r(8, 4), r(7), r(4, 8), None), ValueError, "bias1 must have shape (8,)"),
-    ("normalized_shape mismatch", lambda: kernels.layer_norm(r(3, 4), 5), ValueError, "normalized_shape [5] does not match"),
-    ("dropout_p outside [0, 1]", lambda: kernels.scaled_dot_product_attention(*qkv(), dropout_p=1.5), ValueError, "dropout_p must be"),
-    ("dropout_p outside [0, 1]", lambda: kernels.add_layer_norm(r(3, 4), r(3, 4), 4, dropout_p=-0.1), ValueError, "dropout_p must be"),
-    ("unknown activation", lambda: kernels.ffn(r(3, 4), r(8, 4), None, r(4, 8), None, "tanh"), ValueError, "activation must be one of"),
-    ("gate missing / not allowed", lambda: kernels.ffn(r(3, 4), r(8, 4), None, r(4, 8), None, "swiglu"), ValueError, "needs weight_gate"),
-    ("softcap < 0", lambda: kernels.flash_attn_func(*bshd(), softcap=-1.0), ValueError, "softcap must be >= 0"),
-    ("ALiBi slopes of the wrong shape", lambda: kernels.flash_attn_func(*bshd(), alibi_slopes=torch.ones(3)), ValueError, "alibi_slopes must have shape (2,) or (2, 2)"),
-    ("KV cache too short", lambda: kernels.flash_attn_with_kvcache(r(1, 1, 2, 8), r(1, 4, 2, 8), r(1, 4, 2, 8), r(1, 2, 2, 8), r(1, 2, 2, 8), cache_seqlens=3), ValueError, "too short"),
-    ("cache_seqlens not int32", lambda: kernels.flash_attn_with_kvcache(r(1, 1, 2, 8), r(1, 4, 2, 8), r(1, 4, 2, 8), cache_seqlens=torch.tensor([2])), TypeError, "cache_seqlens must be"),
-    ("block_table not int32 (batch, pages)", lambda: kernels.flash_attn_with_kvcache(r(1, 1, 2, 8), r(1, 4, 2, 8), r(1, 4, 2, 8), block_table=CU), ValueError, "block_table must have shape"),
-    ("page index out of range", lambda: kernels.flash_attn_with_kvcache(r(1, 1, 2, 8), r(2, 4, 2, 8), r(2, 4, 2, 8), block_table=torch.tensor([[0, 2]], dtype=torch.int32)), ValueError, "block_table holds page indices outside [0, 2)"),
-    ("rotary tables too short", lambda: kernels.apply_rotary_emb(r(1, 9, 2, 8), r(8, 4), r(8, 4)), ValueError, "rotary tables of 8 positions are too short"),
-    ("learnable sink of the wrong shape", lambda: kernels.flash_attn_func(*bshd(), learnable_sink=torch.zeros(3)), ValueError, "learnable_sink must have shape (2,)"),
+    ("integer dtype", lambda: tk.scaled_dot_product_attention(*(t.long() for t in qkv())), TypeError, "query has dtype torch.int64"),
+    ("integer dtype", lambda: tk.layer_norm(torch.ones(3, 4, dtype=torch.int32), 4), TypeError, "input has dtype torch.int32"),
+    ("integer dtype", lambda: tk.ffn(torch.ones(3, 4, dtype=torch.int64), r(8, 4), None, r(4, 8), None), TypeError, "input has dtype"),
+    ("float64 (not supported)", lambda: tk.flash_attn_func(*(t.double() for t in bshd())), TypeError, "float16, bfloat16 and float32"),
+    ("mixed dtypes", lambda: tk.scaled_dot_product_attention(qkv()[0], *(t.half() for t in qkv()[1:])), TypeError, "key has dtype torch.float16 but query has torch.float32"),
+    ("mixed dtypes", lambda: tk.ffn(r(3, 4), r(8, 4).half(), None, r(4, 8), None), TypeError, "weight1"),
+    ("mixed dtypes", lambda: tk.add_layer_norm(r(3, 4), r(3, 4).half(), 4), TypeError, "residual"),
+    ("not a tensor", lambda: tk.scaled_dot_product_attention([[1.0]], *qkv()[1:]), TypeError, "must be a torch.Tensor"),
+    ("not a tensor", lambda: tk.layer_norm(3.0, 4), TypeError, "must be a torch.Tensor"),
+    ("mixed devices", lambda: tk.scaled_dot_product_attention(*qkv()[:2], qkv()[2].to("meta")), ValueError, "value is on meta"),
+    ("mixed devices", lambda: tk.layer_norm(r(3, 4), 4, META), ValueError, "weight is on meta"),
+    ("mixed devices", lambda: tk.ffn(r(3, 4), r(8, 4), None, r(4, 8).to("meta"), None), ValueError, "weight2 is on meta"),
+    ("wrong rank", lambda: tk.scaled_dot_product_attention(r(16), r(16), r(16)), ValueError, "at least 2 dims"),
+    ("wrong rank", lambda: tk.flash_attn_func(r(5, 2, 16), r(5, 2, 16), r(5, 2, 16)), ValueError, "(batch, seqlen, nheads, headdim)"),
+    ("wrong rank", lambda: tk.ffn(r(3, 4), r(8), None, r(4, 8), None), ValueError, "weight1 (d_ff, d_model)"),
+    ("mismatched batch", lambda: tk.scaled_dot_product_attention(qkv()[0], *(t[:1] for t in qkv()[1:])), ValueError, "batch dims"),
+    ("mismatched head_dim", lambda: tk.scaled_dot_product_attention(qkv(d=16)[0], *qkv(d=8)[1:]), ValueError, "same head_dim"),
+    ("mismatched heads", lambda: tk.scaled_dot_product_attention(qkv(h=4)[0], *qkv(h=3)[1:], enable_gqa=True), ValueError, "multiple"),
+    ("GQA without enable_gqa", lambda: tk.scaled_dot_product_attention(qkv(h=4)[0], *qkv(h=2)[1:]), ValueError, "enable_gqa"),
+    ("GQA heads not a divisor", lambda: tk.flash_attn_func(bshd(h=3)[0], *bshd(h=2)[1:]), ValueError, "multiple"),
+    ("mask of the wrong shape", lambda: tk.scaled_dot_product_attention(*qkv(), attn_mask=torch.ones(3, 6, dtype=torch.bool)), ValueError, "does not broadcast"),
+    ("mask of the wrong dtype", lambda: tk.scaled_dot_product_attention(*qkv(), attn_mask=torch.ones(5, 6, dtype=torch.int32)), TypeError, "attn_mask must be bool"),
+    ("mask with is_causal", lambda: tk.scaled_dot_product_attention(*qkv(), attn_mask=torch.ones(5, 6, dtype=torch.bool), is_causal=True), ValueError, "not both"),
+    ("negative window", lambda: tk.flash_attn_func(*bshd(), window_size=(-2, 3)), ValueError, "window_size entries must be >= -1"),
+    ("window not a pair", lambda: tk.flash_attn_func(*bshd(), window_size=(1, 2, 3)), TypeError, "window_size must be a pair"),
+    ("unsupported head_dim", lambda: tk.flash_attn_func(*(torch.randn(1, 2, 1, 264) for _ in range(3))), ValueError, "supported: 1..256"),
+    ("cu_seqlens not int32", lambda: tk.flash_attn_varlen_func(r(5, 2, 8), r(5, 2, 8), r(5, 2, 8), CU.long(), CU, 3, 3), TypeError, "cu_seqlens_q must be a 1-D torch.int32"),
+    ("cu_seqlens not increasing", lambda: tk.flash_attn_varlen_func(r(5, 2, 8), r(5, 2, 8), r(5, 2, 8), torch.tensor([0, 3, 2], dtype=torch.int32), CU, 3, 3), ValueError, "never decrease"),
+    ("cu_seqlens beyond the tokens", lambda: tk.flash_attn_varlen_func(r(5, 2, 8), r(5, 2, 8), r(5, 2, 8), torch.tensor([0, 3, 9], dtype=torch.int32), CU, 6, 3), ValueError, "end at most at 5"),
+    ("max_seqlen too small", lambda: tk.flash_attn_varlen_func(r(5, 2, 8), r(5, 2, 8), r(5, 2, 8), CU, CU, 2, 3), ValueError, "exceeds max_seqlen"),
+    ("eps <= 0", lambda: tk.layer_norm(r(3, 4), 4, eps=0.0), ValueError, "eps must be a positive"),
+    ("eps <= 0", lambda: tk.add_rms_norm(r(3, 4), r(3, 4), 4, eps=-1.0), ValueError, "eps must be a positive"),
+    ("weight of the wrong shape", lambda: tk.layer_norm(r(3, 4), 4, r(5)), ValueError, "weight must have shape [4]"),
+    ("weight of the wrong shape", lambda: tk.ffn(r(3, 4), r(8, 5), None, r(4, 8), None), ValueError, "weight1"),
+    ("bias of the wrong shape", lambda: tk.ffn(r(3, 4), r(8, 4), r(7), r(4, 8), None), ValueError, "bias1 must have shape (8,)"),
+    ("normalized_shape mismatch", lambda: tk.layer_norm(r(3, 4), 5), ValueError, "normalized_shape [5] does not match"),
+    ("dropout_p outside [0, 1]", lambda: tk.scaled_dot_product_attention(*qkv(), dropout_p=1.5), ValueError, "dropout_p must be"),
+    ("dropout_p outside [0, 1]", lambda: tk.add_layer_norm(r(3, 4), r(3, 4), 4, dropout_p=-0.1), ValueError, "dropout_p must be"),
+    ("unknown activation", lambda: tk.ffn(r(3, 4), r(8, 4), None, r(4, 8), None, "tanh"), ValueError, "activation must be one of"),
+    ("gate missing / not allowed", lambda: tk.ffn(r(3, 4), r(8, 4), None, r(4, 8), None, "swiglu"), ValueError, "needs weight_gate"),
+    ("softcap < 0", lambda: tk.flash_attn_func(*bshd(), softcap=-1.0), ValueError, "softcap must be >= 0"),
+    ("ALiBi slopes of the wrong shape", lambda: tk.flash_attn_func(*bshd(), alibi_slopes=torch.ones(3)), ValueError, "alibi_slopes must have shape (2,) or (2, 2)"),
+    ("KV cache too short", lambda: tk.flash_attn_with_kvcache(r(1, 1, 2, 8), r(1, 4, 2, 8), r(1, 4, 2, 8), r(1, 2, 2, 8), r(1, 2, 2, 8), cache_seqlens=3), ValueError, "too short"),
+    ("cache_seqlens not int32", lambda: tk.flash_attn_with_kvcache(r(1, 1, 2, 8), r(1, 4, 2, 8), r(1, 4, 2, 8), cache_seqlens=torch.tensor([2])), TypeError, "cache_seqlens must be"),
+    ("block_table not int32 (batch, pages)", lambda: tk.flash_attn_with_kvcache(r(1, 1, 2, 8), r(1, 4, 2, 8), r(1, 4, 2, 8), block_table=CU), ValueError, "block_table must have shape"),
+    ("page index out of range", lambda: tk.flash_attn_with_kvcache(r(1, 1, 2, 8), r(2, 4, 2, 8), r(2, 4, 2, 8), block_table=torch.tensor([[0, 2]], dtype=torch.int32)), ValueError, "block_table holds page indices outside [0, 2)"),
+    ("rotary tables too short", lambda: tk.apply_rotary_emb(r(1, 9, 2, 8), r(8, 4), r(8, 4)), ValueError, "rotary tables of 8 positions are too short"),
+    ("learnable sink of the wrong shape", lambda: tk.flash_attn_func(*bshd(), learnable_sink=torch.zeros(3)), ValueError, "learnable_sink must have shape (2,)"),
 ]
 
 
@@ -106,13 +106,13 @@ def test_float64_runs_the_torch_path(device):
     x, res = torch.randn(3, 5, 8, dtype=torch.float64, device=device), torch.randn(3, 5, 8, dtype=torch.float64,
                                                                                  device=device)
     w, b = torch.randn(8, dtype=torch.float64, device=device), torch.randn(8, dtype=torch.float64, device=device)
-    torch.testing.assert_close(kernels.layer_norm(x, (8,), w, b), F.layer_norm(x, (8,), w, b))
-    assert kernels.last_path("layer_norm") == "torch"
-    torch.testing.assert_close(kernels.rms_norm(x, (8,), w, eps=1e-6), F.rms_norm(x, (8,), w, eps=1e-6))
-    torch.testing.assert_close(kernels.add_layer_norm(x, res, (8,), w, b), F.layer_norm(x + res, (8,), w, b))
+    torch.testing.assert_close(tk.layer_norm(x, (8,), w, b), F.layer_norm(x, (8,), w, b))
+    assert tk.last_path("layer_norm") == "torch"
+    torch.testing.assert_close(tk.rms_norm(x, (8,), w, eps=1e-6), F.rms_norm(x, (8,), w, eps=1e-6))
+    torch.testing.assert_close(tk.add_layer_norm(x, res, (8,), w, b), F.layer_norm(x + res, (8,), w, b))
     w1, w2 = torch.randn(16, 8, dtype=torch.float64, device=device), torch.randn(8, 16, dtype=torch.float64, device=device)
-    torch.testing.assert_close(kernels.ffn(x, w1, None, w2, None, "gelu"), F.linear(F.gelu(F.linear(x, w1)), w2))
-    assert kernels.last_path("ffn") == "torch"
+    torch.testing.assert_close(tk.ffn(x, w1, None, w2, None, "gelu"), F.linear(F.gelu(F.linear(x, w1)), w2))
+    assert tk.last_path("ffn") == "torch"
 
 
 # --- edge shapes --------------------------------------------------------------------------------------
@@ -123,7 +123,7 @@ def test_attention_edge_shapes(device, shape):
     reference (0 output and gradient where no key exists), forward and backward."""
     b, h, lq, lk, d = shape
     q, k, v = (r(b, h, n, d, device=device, requires_grad=True) for n in (lq, lk, lk))
-    out = kernels.scaled_dot_product_attention(q, k, v, is_causal=lq == lk)
+    out = tk.scaled_dot_product_attention(q, k, v, is_causal=lq == lk)
     out.backward(torch.ones_like(out))
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     ref = attention_reference(q64, k64, v64, causal=lq == lk)
@@ -139,23 +139,23 @@ def test_overlapping_and_offset_views(device):
     q = base[1:, 1:3, 3:20]                        # storage offset, non-contiguous
     k = r(1, 1, 23, 32, device=device).expand(2, 2, 23, 32)  # overlapping
     v = base[:2, :2, 5:28]
-    torch.testing.assert_close(kernels.scaled_dot_product_attention(q, k, v),
+    torch.testing.assert_close(tk.scaled_dot_product_attention(q, k, v),
                                attention_reference(q.double(), k.double(), v.double()).float(), rtol=1e-4, atol=1e-5)
     x = base[2, 1, 5:, :]                          # offset rows
     w = r(1, device=device).expand(32)             # a stride-0 weight
-    torch.testing.assert_close(kernels.layer_norm(x, 32, w), norm_reference(x, 32, w), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tk.layer_norm(x, 32, w), norm_reference(x, 32, w), rtol=1e-5, atol=1e-5)
     w1 = r(64, 32, device=device)[::2]             # strided weight rows
     w2 = r(32, 64, device=device).t().contiguous().t()
-    torch.testing.assert_close(kernels.ffn(x, w1, None, w2[:, :32], None), ffn_reference(x, w1, None, w2[:, :32], None),
+    torch.testing.assert_close(tk.ffn(x, w1, None, w2[:, :32], None), ffn_reference(x, w1, None, w2[:, :32], None),
                                rtol=1e-4, atol=1e-5)
 
 
 def test_empty_inputs_to_norms_and_ffn(device):
-    assert kernels.layer_norm(r(0, 8, device=device), 8).shape == (0, 8)
-    assert kernels.layer_norm(r(3, 0, device=device), 0).shape == (3, 0)
+    assert tk.layer_norm(r(0, 8, device=device), 8).shape == (0, 8)
+    assert tk.layer_norm(r(3, 0, device=device), 0).shape == (3, 0)
     x = r(0, 8, device=device, requires_grad=True)
     w1 = r(16, 8, device=device, requires_grad=True)
-    kernels.ffn(x, w1, None, r(8, 16, device=device), None).sum().backward()
+    tk.ffn(x, w1, None, r(8, 16, device=device), None).sum().backward()
     assert x.grad.shape == (0, 8) and (w1.grad == 0).all()
 
 
@@ -168,16 +168,16 @@ def test_nan_and_inf_propagate_like_torch(device):
     q, k, v = qkv(1, 2, 8, 8, 16)
     q[0, 0, 3, 2] = float("nan")
     k[0, 1, 5, 0] = float("inf")
-    ours = kernels.scaled_dot_product_attention(q.to(device), k.to(device), v.to(device)).cpu()
+    ours = tk.scaled_dot_product_attention(q.to(device), k.to(device), v.to(device)).cpu()
     with sdpa_kernel(SDPBackend.MATH):
         torch_out = F.scaled_dot_product_attention(q, k, v)
     assert torch.isnan(ours).any() and torch.equal(torch.isnan(ours), torch.isnan(torch_out))
     x = r(4, 16)
     x[1, 3] = float("nan")
     x[2, 0] = float("inf")
-    assert torch.equal(torch.isnan(kernels.layer_norm(x.to(device), 16).cpu()), torch.isnan(F.layer_norm(x, (16,))))
+    assert torch.equal(torch.isnan(tk.layer_norm(x.to(device), 16).cpu()), torch.isnan(F.layer_norm(x, (16,))))
     w1, w2 = r(24, 16), r(16, 24)
-    assert torch.equal(torch.isfinite(kernels.ffn(x.to(device), w1.to(device), None, w2.to(device), None).cpu()),
+    assert torch.equal(torch.isfinite(tk.ffn(x.to(device), w1.to(device), None, w2.to(device), None).cpu()),
                        torch.isfinite(F.linear(F.relu(F.linear(x, w1)), w2)))
 
 
@@ -185,7 +185,7 @@ def test_fp16_large_logits_do_not_overflow(device):
     """Scores of magnitude ~1e4 in fp16 inputs: the kernel keeps them in fp32 and stays exact-ish."""
     q, k, v = qkv(1, 2, 33, 33, 16, dtype=torch.float16)
     q, k = q * 25, k * 25  # |q.k| / sqrt(16) up to ~1e4
-    out = kernels.scaled_dot_product_attention(q.to(device), k.to(device), v.to(device), is_causal=True).cpu()
+    out = tk.scaled_dot_product_attention(q.to(device), k.to(device), v.to(device), is_causal=True).cpu()
     ref = attention_reference(q.double(), k.double(), v.double(), causal=True)
     assert torch.isfinite(out).all()
     assert ((out.double() - ref).norm() / ref.norm()).item() < 5e-3
@@ -194,7 +194,7 @@ def test_fp16_large_logits_do_not_overflow(device):
 def test_layer_norm_of_a_constant_row_is_finite(device):
     x = torch.full((3, 16), 7.0, device=device, requires_grad=True)
     b = r(16, device=device)
-    y = kernels.layer_norm(x, 16, None, b)
+    y = tk.layer_norm(x, 16, None, b)
     y.backward(r(3, 16, device=device))
     torch.testing.assert_close(y, b.expand(3, 16))
     assert torch.isfinite(x.grad).all()
@@ -227,7 +227,7 @@ def test_fuzz_attention(device, launches, b, hk, g, lq, lk, d, mode, seed):
         mask = torch.randn(1, hk * g, lq, lk, generator=gen)
     with launches("attention_fwd"), launches("attention_bwd_dq"):  # Triton ran, not a fallback
         leaves = [t.to(device).requires_grad_() for t in (q, k, v)]
-        out = kernels.scaled_dot_product_attention(*leaves, attn_mask=None if mask is None else mask.to(device),
+        out = tk.scaled_dot_product_attention(*leaves, attn_mask=None if mask is None else mask.to(device),
                                                    is_causal=mode == "causal", enable_gqa=True)
         dout = torch.randn(out.shape, generator=gen)
         out.backward(dout.to(device))
@@ -253,12 +253,12 @@ def test_fuzz_norms(device, launches, rows, cols, kind, affine, residual, prenor
         leaves = [t.to(device).requires_grad_() if t is not None else None for t in tensors]
         is_rms = kind == "rms"
         if residual:
-            fn = kernels.add_rms_norm if is_rms else kernels.add_layer_norm
+            fn = tk.add_rms_norm if is_rms else tk.add_layer_norm
             args = (leaves[0], leaves[1], cols, leaves[2]) + (() if is_rms else (leaves[3],))
             out = fn(*args, eps=1e-5, prenorm=prenorm)
         else:
-            out = (kernels.rms_norm(leaves[0], cols, leaves[2], eps=1e-5) if is_rms
-                   else kernels.layer_norm(leaves[0], cols, leaves[2], leaves[3]))
+            out = (tk.rms_norm(leaves[0], cols, leaves[2], eps=1e-5) if is_rms
+                   else tk.layer_norm(leaves[0], cols, leaves[2], leaves[3]))
         outs = out if isinstance(out, tuple) else (out,)
         grads = [torch.randn(o.shape, generator=gen) for o in outs]
         sum((o * gr.to(device)).sum() for o, gr in zip(outs, grads)).backward()
@@ -293,7 +293,7 @@ def test_fuzz_ffn(device, launches, tokens, d_model, d_ff, activation, bias, res
                make(d_ff) if (gated and bias) else None, make(tokens, d_model) if residual else None]
     with launches("ffn_matmul"):
         leaves = [t.to(device).requires_grad_() if t is not None else None for t in tensors]
-        out = kernels.ffn(*leaves[:5], activation, weight_gate=leaves[5], bias_gate=leaves[6], residual=leaves[7],
+        out = tk.ffn(*leaves[:5], activation, weight_gate=leaves[5], bias_gate=leaves[6], residual=leaves[7],
                           recompute=recompute)
         dy = torch.randn(out.shape, generator=gen)
         out.backward(dy.to(device))

@@ -1,4 +1,4 @@
-"""kernels.hf: our attention, norms and MLPs in Hugging Face GPT-2, BERT and Llama models.
+"""transformer_kernels.hf: our attention, norms and MLPs in Hugging Face GPT-2, BERT and Llama models.
 
 Models are built from tiny local configs (nothing is downloaded). Each test runs the patched model
 beside an unpatched deep copy: logits and every parameter gradient must match (fp32), and the launch
@@ -14,13 +14,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-import kernels
-from kernels.attention import attention_reference
-from kernels.patching import override_sdpa, unpatch
+import transformer_kernels as tk
+from transformer_kernels.attention import attention_reference
+from transformer_kernels.patching import override_sdpa, unpatch
 from test_patching import assert_grads_match, assert_match, snapshot, assert_same_state
 
 transformers = pytest.importorskip("transformers")
-from kernels import hf  # noqa: E402
+from transformer_kernels import hf  # noqa: E402
 
 VOCAB = 64
 
@@ -199,7 +199,7 @@ def test_dropout_in_training_reproduces_the_unpatched_model(device):
     logits = model(**inputs).logits
     torch.manual_seed(1)
     assert_match(logits, ref(**inputs).logits)
-    assert kernels.last_path("layer_norm") == "triton" and kernels.last_path("ffn") == "triton"
+    assert tk.last_path("layer_norm") == "triton" and tk.last_path("ffn") == "triton"
 
 
 def test_override_sdpa_reaches_the_sdpa_attention(device, launches):
@@ -222,13 +222,13 @@ def test_registered_name_works_with_set_attn_implementation(device):
     inputs = tokens(device, padded=True)
     with torch.no_grad():
         assert_match(model(**inputs).logits, ref(**inputs).logits)
-    assert kernels.last_path("attention") == "triton"
+    assert tk.last_path("attention") == "triton"
 
 
 def test_imports_without_transformers():
     code = ("import sys; sys.modules['transformers'] = None\n"
-            "import kernels, kernels.hf, kernels.patching\n"
-            "try:\n    kernels.hf.apply_kernels(kernels.LayerNorm(4))\n"
+            "import transformer_kernels, transformer_kernels.hf, transformer_kernels.patching\n"
+            "try:\n    transformer_kernels.hf.apply_kernels(transformer_kernels.LayerNorm(4))\n"
             "except ImportError as e:\n    print('ImportError', e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -288,12 +288,12 @@ def test_patched_models_pickle_and_load_in_a_fresh_process(device, tmp_path):
         assert implementation == hf.ATTENTION_NAME and loaded.split(",") == names
 
 
-@pytest.mark.parametrize("imports", ["import kernels, transformers", "import transformers, kernels"])
+@pytest.mark.parametrize("imports", ["import transformer_kernels, transformers", "import transformers, transformer_kernels"])
 def test_attention_is_registered_in_either_import_order(imports):
     """attn_implementation="kernels_sdpa" needs no register() call, whichever of kernels and
-    transformers is imported first; import kernels alone does not import transformers."""
+    transformers is imported first; import transformer_kernels alone does not import transformers."""
     code = ("import sys\n"
-            "import kernels\n"
+            "import transformer_kernels\n"
             "assert ('transformers' in sys.modules) == " + str(imports.startswith("import transformers")) + "\n"
             f"{imports}\n"
             "config = transformers.LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32,"
@@ -322,7 +322,7 @@ def phi3():
 
 
 def test_gpt_neox_mlp(device, launches):
-    """GPTNeoXMLP (dense_h_to_4h, GELU, dense_4h_to_h) as one kernels.ffn call; logits and gradients
+    """GPTNeoXMLP (dense_h_to_4h, GELU, dense_4h_to_h) as one transformer_kernels.ffn call; logits and gradients
     equal the unpatched model's."""
     torch.manual_seed(0)
     patch_and_check(gpt_neox().to(device), hf.apply_kernels, tokens(device, padded=True), launches,
@@ -330,7 +330,7 @@ def test_gpt_neox_mlp(device, launches):
 
 
 def test_phi3_fused_gate_up_mlp(device, launches):
-    """Phi3MLP's fused gate_up_proj as one gated kernels.ffn call on the weight's two row halves (the
+    """Phi3MLP's fused gate_up_proj as one gated transformer_kernels.ffn call on the weight's two row halves (the
     gradient reaches the fused weight); logits and gradients equal the unpatched model's."""
     torch.manual_seed(0)
     patch_and_check(phi3().to(device), hf.apply_kernels, tokens(device, padded=True), launches,
@@ -352,7 +352,7 @@ def _gemma(version, **overrides):
 
 
 def test_gemma_rms_norm_and_mlp(device, launches):
-    """GemmaRMSNorm's ``x * (1 + w)`` computed in fp32 runs kernels.rms_norm with the weight 1 + w; Gemma's
+    """GemmaRMSNorm's ``x * (1 + w)`` computed in fp32 runs transformer_kernels.rms_norm with the weight 1 + w; Gemma's
     MLP (Llama's code) the gated FFN; logits and gradients (the norm weights' included) equal the
     unpatched model's."""
     torch.manual_seed(0)
@@ -377,7 +377,7 @@ def test_gemma2_soft_capped_sliding_attention_norms_and_mlps(device, launches):
     with launches("attention_fwd", 2), launches("attention_bwd_dq", 2), launches("layer_norm_fwd"), \
             launches("ffn_matmul", 4):
         compare(model, ref, tokens(device, padded=True))
-    assert kernels.last_path("attention") == "triton"
+    assert tk.last_path("attention") == "triton"
     inputs = tokens(device, batch=2, seqlen=6)
     inputs["attention_mask"][0, :2] = 0  # left padding: a sliding layer's window moves past the prompt
     assert_same_greedy(model, ref, inputs, launches)
@@ -388,7 +388,7 @@ def test_gemma2_soft_capped_sliding_attention_norms_and_mlps(device, launches):
 
 
 def test_clip_quick_gelu_mlp(device, launches):
-    """CLIP's text MLP (fc1, quick_gelu = x sigmoid(1.702 x), fc2) runs kernels.ffn("quick_gelu"); the
+    """CLIP's text MLP (fc1, quick_gelu = x sigmoid(1.702 x), fc2) runs transformer_kernels.ffn("quick_gelu"); the
     patched text model's hidden states and gradients equal the unpatched one's."""
     torch.manual_seed(0)
     config = transformers.CLIPTextConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -423,8 +423,8 @@ def t5(feed_forward_proj="relu"):
 
 @pytest.mark.parametrize("feed_forward_proj", ["relu", "gated-gelu"])
 def test_t5_norms_feed_forward_and_attention_with_learned_bias(device, launches, feed_forward_proj):
-    """T5's RMS T5LayerNorm runs kernels.rms_norm; T5DenseActDense (ReLU) and T5DenseGatedActDense
-    (GeGLU, tanh form) run kernels.ffn; its attention (self, causal self with padding, cross) runs our
+    """T5's RMS T5LayerNorm runs transformer_kernels.rms_norm; T5DenseActDense (ReLU) and T5DenseGatedActDense
+    (GeGLU, tanh form) run transformer_kernels.ffn; its attention (self, causal self with padding, cross) runs our
     kernel with the learned relative position bias as an additive mask, whose gradient the dQ kernel
     writes: logits and every gradient, the bias table's included, equal the unpatched model's."""
     torch.manual_seed(0)
@@ -463,7 +463,7 @@ def test_t5_trains_under_fullgraph_compile(device, launches):
 
 
 def test_vit_mlp_layer_norms_and_attention(device, launches):
-    """ViT (image inputs): ViTMLP, proven to run CLIPMLP's code, on kernels.ffn('gelu'); its LayerNorms and
+    """ViT (image inputs): ViTMLP, proven to run CLIPMLP's code, on transformer_kernels.ffn('gelu'); its LayerNorms and
     attention on ours; logits and gradients equal the unpatched model's; unpatch restores it exactly."""
     torch.manual_seed(0)
     config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
@@ -531,7 +531,7 @@ def test_continuous_batching_generates_the_sdpa_tokens_on_our_kernels(device, la
     with launches("attention_fwd", 2 * 4):
         out = model.generate_batch(prompts, generation_config=config, progress_bar=False, warmup=False,
                                    continuous_batching_config=_small_cache())
-    assert kernels.last_path("attention") == "triton"
+    assert tk.last_path("attention") == "triton"
     want = ref.generate_batch(prompts, generation_config=config, progress_bar=False, warmup=False,
                               continuous_batching_config=_small_cache())
     assert sorted(out) == sorted(want)

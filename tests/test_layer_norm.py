@@ -1,4 +1,4 @@
-"""LayerNorm / RMSNorm and the fused Add & Norm (kernels/layer_norm.py) against a float64 reference.
+"""LayerNorm / RMSNorm and the fused Add & Norm (kernels/transformer_kernels/layer_norm.py) against a float64 reference.
 
 Widths cover both kernel paths: rows that fit one program (several rows per program when narrow)
 and wide rows that loop over column chunks (under the interpreter the single-pass limit is 64).
@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-import kernels
-from kernels.layer_norm import MAX_SINGLE_PASS_N, norm_backward, norm_forward, norm_reference
+import transformer_kernels as tk
+from transformer_kernels.layer_norm import MAX_SINGLE_PASS_N, norm_backward, norm_forward, norm_reference
 from helpers import assert_close, poisoned
 
 WIDTHS = [(1, 7), (37, 48), (70, 16), (5, 130), (3, 300)]
@@ -45,12 +45,12 @@ def test_matches_reference(device, launches, kind, rows, cols, dtype):
     eps = torch.finfo(dtype).eps if is_rms else 1e-5
     with launches("layer_norm_fwd"), launches("layer_norm_bwd"):
         if is_rms:
-            _run(lambda x, w: kernels.rms_norm(x, cols, w), lambda x, w: norm_reference(x, cols, w, eps=eps, is_rms=True),
+            _run(lambda x, w: tk.rms_norm(x, cols, w), lambda x, w: norm_reference(x, cols, w, eps=eps, is_rms=True),
                  (x, w), dtype)
         else:
-            _run(lambda x, w, b: kernels.layer_norm(x, cols, w, b), lambda x, w, b: norm_reference(x, cols, w, b),
+            _run(lambda x, w, b: tk.layer_norm(x, cols, w, b), lambda x, w, b: norm_reference(x, cols, w, b),
                  (x, w, b), dtype)
-    assert kernels.last_path("layer_norm") == "triton"
+    assert tk.last_path("layer_norm") == "triton"
 
 
 @pytest.mark.parametrize("affine", ["none", "weight", "both"])
@@ -59,14 +59,14 @@ def test_without_affine_parameters(device, affine, cols):
     x = torch.randn(3, 5, cols, device=device)
     w = torch.randn(cols, device=device) if affine != "none" else None
     b = torch.randn(cols, device=device) if affine == "both" else None
-    _run(lambda x, w, b: kernels.layer_norm(x, cols, w, b), lambda x, w, b: norm_reference(x, cols, w, b),
+    _run(lambda x, w, b: tk.layer_norm(x, cols, w, b), lambda x, w, b: norm_reference(x, cols, w, b),
          (x, w, b), torch.float32)
 
 
 def test_multi_dim_normalized_shape_and_strided_input(device):
     x = torch.randn(4, 20, 3, device=device).transpose(1, 2)  # (4, 3, 20), not contiguous
     w, b = torch.randn(3, 20, device=device), torch.randn(3, 20, device=device)
-    (y,) = _run(lambda x, w, b: kernels.layer_norm(x, (3, 20), w, b), lambda x, w, b: norm_reference(x, (3, 20), w, b),
+    (y,) = _run(lambda x, w, b: tk.layer_norm(x, (3, 20), w, b), lambda x, w, b: norm_reference(x, (3, 20), w, b),
                 (x, w, b), torch.float32)
     assert y.shape == x.shape
 
@@ -76,7 +76,7 @@ def test_fp32_weights_with_half_activations(device, dtype):
     x = torch.randn(9, 64, dtype=dtype, device=device)
     w, b = torch.randn(64, device=device), torch.randn(64, device=device)
     leaves = [t.clone().requires_grad_() for t in (x, w, b)]
-    y = kernels.layer_norm(leaves[0], 64, leaves[1], leaves[2])
+    y = tk.layer_norm(leaves[0], 64, leaves[1], leaves[2])
     y.sum().backward()
     assert y.dtype == dtype and leaves[1].grad.dtype == torch.float32
     assert_close(y, norm_reference(x.double(), 64, w.double(), b.double()), dtype)
@@ -96,8 +96,8 @@ def test_add_and_norm(device, cols, prenorm, kind):
 
     def fused(x, res, w, b):
         if is_rms:
-            return kernels.add_rms_norm(x, res, cols, w, eps=eps, prenorm=prenorm)
-        return kernels.add_layer_norm(x, res, cols, w, b, eps=eps, prenorm=prenorm)
+            return tk.add_rms_norm(x, res, cols, w, eps=eps, prenorm=prenorm)
+        return tk.add_layer_norm(x, res, cols, w, b, eps=eps, prenorm=prenorm)
 
     def ref(x, res, w, b):
         y, z = norm_reference(x, cols, w, b, eps, is_rms=is_rms, residual=res, return_residual=True)
@@ -113,7 +113,7 @@ def test_add_and_norm_dropout_matches_reference_with_its_mask(device, cols):
     x, res = torch.randn(16, cols, device=device), torch.randn(16, cols, device=device)
     w, b = torch.randn(cols, device=device), torch.randn(cols, device=device)
     leaves = [t.clone().requires_grad_() for t in (x, res, w, b)]
-    y, z = kernels.add_layer_norm(*leaves[:2], cols, *leaves[2:], dropout_p=p, prenorm=True)
+    y, z = tk.add_layer_norm(*leaves[:2], cols, *leaves[2:], dropout_p=p, prenorm=True)
     keep = (z - res) != 0
     assert abs(keep.float().mean().item() - (1 - p)) < 0.06
     dy = torch.randn_like(y)
@@ -129,10 +129,10 @@ def test_add_and_norm_dropout_matches_reference_with_its_mask(device, cols):
 def test_dropout_statistics_and_seed(device):
     x, res = torch.randn(32, 64, device=device), torch.zeros(32, 64, device=device)
     torch.manual_seed(5)
-    _, z1 = kernels.add_layer_norm(x, res, 64, dropout_p=0.25, prenorm=True)
+    _, z1 = tk.add_layer_norm(x, res, 64, dropout_p=0.25, prenorm=True)
     torch.manual_seed(5)
-    _, z2 = kernels.add_layer_norm(x, res, 64, dropout_p=0.25, prenorm=True)
-    _, z3 = kernels.add_layer_norm(x, res, 64, dropout_p=0.25, prenorm=True)
+    _, z2 = tk.add_layer_norm(x, res, 64, dropout_p=0.25, prenorm=True)
+    _, z3 = tk.add_layer_norm(x, res, 64, dropout_p=0.25, prenorm=True)
     assert torch.equal(z1, z2) and not torch.equal(z1, z3)
     assert abs((z1 != 0).float().mean().item() - 0.75) < 0.04  # 2048 draws: ~4 standard deviations
     torch.testing.assert_close(z1[z1 != 0], (x / 0.75)[z1 != 0])
@@ -155,8 +155,8 @@ def test_every_output_element_written_and_inputs_untouched(device, cols):
 
 
 def test_modules_load_torch_state_dicts_and_fuse(device):
-    for ours, theirs in ((kernels.LayerNorm(48, eps=1e-6), nn.LayerNorm(48, eps=1e-6)),
-                         (kernels.RMSNorm(48, eps=1e-6), nn.RMSNorm(48, eps=1e-6))):
+    for ours, theirs in ((tk.LayerNorm(48, eps=1e-6), nn.LayerNorm(48, eps=1e-6)),
+                         (tk.RMSNorm(48, eps=1e-6), nn.RMSNorm(48, eps=1e-6))):
         with torch.no_grad():
             for p in theirs.parameters():
                 p.normal_()
@@ -168,14 +168,14 @@ def test_modules_load_torch_state_dicts_and_fuse(device):
         torch.testing.assert_close(ours(x, res), theirs(x + res), rtol=1e-5, atol=1e-5)
         y, z = ours(x, res, prenorm=True)
         torch.testing.assert_close(z, x + res)
-        assert kernels.last_path("layer_norm") == "triton"
+        assert tk.last_path("layer_norm") == "triton"
 
 
 def test_torch_compile_fullgraph(device):
-    ln = kernels.LayerNorm(32).to(device)
+    ln = tk.LayerNorm(32).to(device)
 
     def block(x, res):
-        return ln(x, res) + kernels.rms_norm(x, 32)
+        return ln(x, res) + tk.rms_norm(x, 32)
 
     x, res = torch.randn(4, 32, device=device, requires_grad=True), torch.randn(4, 32, device=device)
     eager = block(x, res)
@@ -187,16 +187,16 @@ def test_torch_compile_fullgraph(device):
 
 # --- bad input --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("call,error,match", [
-    (lambda x, w: kernels.layer_norm(x, 24, w), ValueError, "normalized_shape"),
-    (lambda x, w: kernels.layer_norm(x, 32, w[:5]), ValueError, "weight must have shape"),
-    (lambda x, w: kernels.layer_norm(x.long(), 32), TypeError, "dtype"),
-    (lambda x, w: kernels.layer_norm(x, 32, eps=0.0), ValueError, "eps"),
-    (lambda x, w: kernels.layer_norm(x, 32, eps=-1e-5), ValueError, "eps"),
-    (lambda x, w: kernels.layer_norm(x, "32"), TypeError, "normalized_shape"),
-    (lambda x, w: kernels.add_layer_norm(x, x[:1], 32), ValueError, "residual"),
-    (lambda x, w: kernels.add_layer_norm(x, x.half(), 32), TypeError, "must match"),
-    (lambda x, w: kernels.add_layer_norm(x, x, 32, dropout_p=2.0), ValueError, "dropout_p"),
-    (lambda x, w: kernels.rms_norm(x, 32, w, eps=0.0), ValueError, "eps"),
+    (lambda x, w: tk.layer_norm(x, 24, w), ValueError, "normalized_shape"),
+    (lambda x, w: tk.layer_norm(x, 32, w[:5]), ValueError, "weight must have shape"),
+    (lambda x, w: tk.layer_norm(x.long(), 32), TypeError, "dtype"),
+    (lambda x, w: tk.layer_norm(x, 32, eps=0.0), ValueError, "eps"),
+    (lambda x, w: tk.layer_norm(x, 32, eps=-1e-5), ValueError, "eps"),
+    (lambda x, w: tk.layer_norm(x, "32"), TypeError, "normalized_shape"),
+    (lambda x, w: tk.add_layer_norm(x, x[:1], 32), ValueError, "residual"),
+    (lambda x, w: tk.add_layer_norm(x, x.half(), 32), TypeError, "must match"),
+    (lambda x, w: tk.add_layer_norm(x, x, 32, dropout_p=2.0), ValueError, "dropout_p"),
+    (lambda x, w: tk.rms_norm(x, 32, w, eps=0.0), ValueError, "eps"),
 ])
 def test_bad_input_raises(device, call, error, match):
     x, w = torch.randn(3, 32, device=device), torch.randn(32, device=device)
@@ -210,6 +210,6 @@ def test_bad_input_raises(device, call, error, match):
 def test_gpu_large(dtype, cols):
     x, res = torch.randn(1024, cols, dtype=dtype, device="cuda"), torch.randn(1024, cols, dtype=dtype, device="cuda")
     w, b = torch.randn(cols, dtype=dtype, device="cuda"), torch.randn(cols, dtype=dtype, device="cuda")
-    _run(lambda x, res, w, b: kernels.add_layer_norm(x, res, cols, w, b, prenorm=True),
+    _run(lambda x, res, w, b: tk.add_layer_norm(x, res, cols, w, b, prenorm=True),
          lambda x, res, w, b: norm_reference(x, cols, w, b, residual=res, return_residual=True),
          (x, res, w, b), dtype)

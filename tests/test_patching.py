@@ -1,4 +1,4 @@
-"""kernels.patch / kernels.unpatch on torch.nn modules, and kernels.override_sdpa.
+"""transformer_kernels.patch / transformer_kernels.unpatch on torch.nn modules, and transformer_kernels.override_sdpa.
 
 Every test runs a patched model beside an unpatched deep copy on the same inputs and compares outputs
 and all gradients (fp32, relative error), and proves the Triton kernels ran (launch counters).
@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
-from kernels.patching import PatchReport, override_sdpa, patch, unpatch
+import transformer_kernels as tk
+from transformer_kernels.patching import PatchReport, override_sdpa, patch, unpatch
 
 RTOL = 1e-4  # fp32: kernels and torch differ only in summation order
 
@@ -91,7 +91,7 @@ def test_layer_norm(device, launches, kwargs):
         for p in ln.parameters():
             p.normal_()
     model, ref, report = patched_copy(nn.Sequential(ln))
-    assert report.paths() == ["0"] and isinstance(model[0], kernels.LayerNorm) and isinstance(model[0], nn.LayerNorm)
+    assert report.paths() == ["0"] and isinstance(model[0], tk.LayerNorm) and isinstance(model[0], nn.LayerNorm)
     shape = kwargs["normalized_shape"]
     x = torch.randn(2, 5, *((shape,) if isinstance(shape, int) else shape), device=device)
     with launches("layer_norm_fwd"), launches("layer_norm_bwd"):
@@ -100,11 +100,11 @@ def test_layer_norm(device, launches, kwargs):
 
 
 def test_rms_norm(device, launches):
-    if not hasattr(kernels, "rms_norm"):
-        pytest.skip("kernels.rms_norm not in this version")
+    if not hasattr(tk, "rms_norm"):
+        pytest.skip("transformer_kernels.rms_norm not in this version")
     torch.manual_seed(0)
     model, ref, report = patched_copy(nn.Sequential(nn.RMSNorm(16), nn.RMSNorm(16, eps=1e-3)).to(device))
-    assert report.paths() == ["0", "1"] and isinstance(model[0], kernels.RMSNorm)
+    assert report.paths() == ["0", "1"] and isinstance(model[0], tk.RMSNorm)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_()
@@ -121,9 +121,9 @@ def test_float64_runs_the_original(device):
     model, ref, report = patched_copy(nn.Sequential(nn.LayerNorm(8), mlp, layer).double().to(device))
     assert len(report.replaced) == 6
     x = torch.randn(2, 4, 8, dtype=torch.float64, device=device)
-    before = kernels.launch_counts()
+    before = tk.launch_counts()
     torch.testing.assert_close(model(x), ref(x))
-    assert kernels.launch_counts() == before
+    assert tk.launch_counts() == before
 
 
 # --------------------------------------------------------------------------------------------------
@@ -142,18 +142,18 @@ def test_sequential_mlp(device, launches, act, dropout, bias):
     with launches("ffn_matmul", 2):
         y, y_ref = run_both(model, ref, torch.randn(2, 7, 16, device=device))
     assert_match(y, y_ref)
-    assert kernels.last_path("ffn") == "triton"
+    assert tk.last_path("ffn") == "triton"
 
 
 def assert_training_runs_the_original(model, ref, x):
     """In training mode with dropout p > 0 the patched model runs the original forward: no FFN kernel
     launch, and bit-for-bit the unpatched output for the same seed."""
-    before = kernels.launch_count("ffn_matmul")
+    before = tk.launch_count("ffn_matmul")
     torch.manual_seed(1)
     y = model(x)
     torch.manual_seed(1)
     torch.testing.assert_close(y, ref(x), rtol=0, atol=0)
-    assert kernels.launch_count("ffn_matmul") == before
+    assert tk.launch_count("ffn_matmul") == before
 
 
 class _TorchvisionMLPBlock(nn.Sequential):
@@ -168,7 +168,7 @@ class _TorchvisionMLPBlock(nn.Sequential):
 
 
 def test_torchvision_style_mlp_block(device, launches):
-    """Linear-GELU-Dropout-Linear-Dropout in an nn.Sequential subclass: one kernels.ffn call in eval;
+    """Linear-GELU-Dropout-Linear-Dropout in an nn.Sequential subclass: one transformer_kernels.ffn call in eval;
     in training with p > 0 the original forward runs (the same random numbers as unpatched)."""
     torch.manual_seed(0)
     model, ref, report = patched_copy(_TorchvisionMLPBlock(16, 40, 0.1).to(device).eval())
@@ -285,10 +285,10 @@ def test_multihead_attention_need_weights_runs_the_original(device):
     model, ref, report = patched_copy(nn.MultiheadAttention(16, 2, batch_first=True, device=device))
     assert "need_weights=True" in report.replaced[0].reason
     x = torch.randn(2, 5, 16, device=device)
-    before = kernels.launch_count("attention_fwd")
+    before = tk.launch_count("attention_fwd")
     out, weights = model(x, x, x)
     out_ref, weights_ref = ref(x, x, x)
-    assert kernels.launch_count("attention_fwd") == before
+    assert tk.launch_count("attention_fwd") == before
     torch.testing.assert_close(out, out_ref, rtol=0, atol=0)
     torch.testing.assert_close(weights, weights_ref, rtol=0, atol=0)
 
@@ -305,7 +305,7 @@ def test_encoder_layer(device, launches, norm_first, batch_first, activation):
                                        norm_first=norm_first, device=device)
     model, ref, report = patched_copy(layer)
     assert set(report.paths()) == {"", "self_attn", "norm1", "norm2"}, str(report)
-    assert f"kernels.ffn('{activation}')" in report.replaced[0].reason
+    assert f"transformer_kernels.ffn('{activation}')" in report.replaced[0].reason
     src = torch.randn(2, 6, 16, device=device) if batch_first else torch.randn(6, 2, 16, device=device)
     pad = torch.zeros(2, 6, dtype=torch.bool, device=device)
     pad[1, 4:] = True
@@ -374,7 +374,7 @@ def test_dropout_in_training_reproduces_the_unpatched_model(device):
     assert_match(y, y_ref)
     y.sum().backward(), y_ref.sum().backward()
     assert_grads_match(model, ref)
-    assert kernels.last_path("layer_norm") == "triton"
+    assert tk.last_path("layer_norm") == "triton"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -448,12 +448,12 @@ def test_unpatch_restores_classes_and_state_exactly(device):
 
 
 def test_public_names():
-    import kernels.hf
-    import kernels.patching
+    import transformer_kernels.hf
+    import transformer_kernels.patching
 
     for name in ("patch", "unpatch", "override_sdpa", "PatchReport", "PatchEntry"):
-        assert getattr(kernels, name, None) is getattr(kernels.patching, name), f"kernels.{name} is not exported"
-    assert kernels.hf.apply_kernels and "patch" in kernels.__all__
+        assert getattr(tk, name, None) is getattr(tk.patching, name), f"kernels.{name} is not exported"
+    assert tk.hf.apply_kernels and "patch" in tk.__all__
 
 
 def test_options_and_inplace(device):
@@ -561,10 +561,10 @@ def test_override_sdpa_gqa_and_dropout(device, launches):
     with launches("attention_fwd"), override_sdpa():
         got = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     assert_match(got, torch_sdpa(q, k, v, is_causal=True, enable_gqa=True))
-    before = kernels.launch_count("attention_fwd")
+    before = tk.launch_count("attention_fwd")
     torch.manual_seed(5)
     with override_sdpa():  # dropout: torch's own, so the random draws are torch's
         dropped = F.scaled_dot_product_attention(q, q, q, dropout_p=0.5)
     torch.manual_seed(5)
     torch.testing.assert_close(dropped, torch_sdpa(q, q, q, dropout_p=0.5), rtol=0, atol=0)
-    assert kernels.launch_count("attention_fwd") == before
+    assert tk.launch_count("attention_fwd") == before

@@ -10,8 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import kernels
-from kernels.attention import attention_reference
+import transformer_kernels as tk
+from transformer_kernels.attention import attention_reference
 from helpers import check_fwd_bwd
 
 
@@ -84,11 +84,11 @@ def test_kvcache_paged_leftpad_rotary_against_unpaged_reference(device, launches
     else:
         k_cache, v_cache, table = k_rows.clone(), v_rows.clone(), None
     with launches("attention_fwd"):
-        out, lse = kernels.flash_attn_with_kvcache(
+        out, lse = tk.flash_attn_with_kvcache(
             q, k_cache, v_cache, k_new, v_new, rotary_cos=cos, rotary_sin=sin, cache_seqlens=lengths,
             cache_leftpad=pads, block_table=table, causal=causal, rotary_interleaved=interleaved,
             alibi_slopes=alibi, return_softmax_lse=True, **kw)
-    assert kernels.last_path("attention") == "triton"
+    assert tk.last_path("attention") == "triton"
     window = kw.get("window_size", (-1, -1))
     for b in range(batch):
         first, end = (int(pads[b]) if leftpad else 0), int(lengths[b])
@@ -125,9 +125,9 @@ def test_property_paged_equals_unpaged(page_size, lengths, causal, splits, seed)
     v_pool = torch.empty_like(k_pool)
     v_pool[table.flatten().long()] = torch.nn.functional.pad(
         v_rows, (0, 0, 0, 0, 0, table.shape[1] * page_size - rows)).reshape(-1, page_size, 2, 16)
-    paged = kernels.flash_attn_with_kvcache(q, k_pool, v_pool, cache_seqlens=cache_seqlens, block_table=table,
+    paged = tk.flash_attn_with_kvcache(q, k_pool, v_pool, cache_seqlens=cache_seqlens, block_table=table,
                                             causal=causal, num_splits=splits)
-    plain = kernels.flash_attn_with_kvcache(q, k_rows, v_rows, cache_seqlens=cache_seqlens, causal=causal,
+    plain = tk.flash_attn_with_kvcache(q, k_rows, v_rows, cache_seqlens=cache_seqlens, causal=causal,
                                             num_splits=splits)
     torch.testing.assert_close(paged, plain, atol=1e-6, rtol=1e-6)
 
@@ -147,19 +147,19 @@ def test_varlen_over_a_paged_cache(device, launches):
     packed_k = torch.cat([k_rows[b, :n] for b, n in enumerate(lengths_k)])
     packed_v = torch.cat([v_rows[b, :n] for b, n in enumerate(lengths_k)])
     with launches("attention_fwd"):
-        out, lse = kernels.flash_attn_varlen_func(q, k_pool, v_pool, cu_q, cu_k, 5, 20, causal=True,
+        out, lse = tk.flash_attn_varlen_func(q, k_pool, v_pool, cu_q, cu_k, 5, 20, causal=True,
                                                   block_table=table, return_softmax_lse=True)
-    want, want_lse = kernels.flash_attn_varlen_func(q, packed_k, packed_v, cu_q, cu_k, 5, 20, causal=True,
+    want, want_lse = tk.flash_attn_varlen_func(q, packed_k, packed_v, cu_q, cu_k, 5, 20, causal=True,
                                                     return_softmax_lse=True)
     torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(lse, want_lse, atol=1e-6, rtol=1e-6)
     # Training through the pages: dQ as unpaged, dK and dV land in the pages the sequences use.
     leaves = [t.clone().requires_grad_() for t in (q, k_pool, v_pool)]
-    out = kernels.flash_attn_varlen_func(*leaves, cu_q, cu_k, 5, 20, causal=True, block_table=table)
+    out = tk.flash_attn_varlen_func(*leaves, cu_q, cu_k, 5, 20, causal=True, block_table=table)
     dout = torch.randn_like(out)
     out.backward(dout)
     plain = [t.clone().requires_grad_() for t in (q, packed_k, packed_v)]
-    kernels.flash_attn_varlen_func(*plain, cu_q, cu_k, 5, 20, causal=True).backward(dout)
+    tk.flash_attn_varlen_func(*plain, cu_q, cu_k, 5, 20, causal=True).backward(dout)
     torch.testing.assert_close(leaves[0].grad, plain[0].grad, atol=1e-6, rtol=1e-6)
     for pool_grad, packed_grad in ((leaves[1].grad, plain[1].grad), (leaves[2].grad, plain[2].grad)):
         start = 0
@@ -211,7 +211,7 @@ def test_bad_serving_input_is_refused_before_the_cache_changes(device, case, cha
     args.update(change(args))
     before = args["k_cache"].clone(), args["v_cache"].clone()
     with pytest.raises(error, match=match):
-        kernels.flash_attn_with_kvcache(**args)
+        tk.flash_attn_with_kvcache(**args)
     assert torch.equal(args["k_cache"], before[0]) and torch.equal(args["v_cache"], before[1])
 
 
@@ -227,8 +227,8 @@ def test_learnable_sink_forward_and_backward(device, launches, causal, dtype):
     sink = torch.randn(4, device=device, dtype=dtype)
 
     def ours(q, k, v, sink):
-        out = kernels.flash_attn_func(q, k, v, causal=causal, learnable_sink=sink)
-        assert kernels.last_path("attention") == "triton"
+        out = tk.flash_attn_func(q, k, v, causal=causal, learnable_sink=sink)
+        assert tk.last_path("attention") == "triton"
         return out
 
     def ref(q, k, v, sink):
@@ -237,7 +237,7 @@ def test_learnable_sink_forward_and_backward(device, launches, causal, dtype):
 
     with launches("attention_fwd"), launches("attention_bwd_dq"):
         check_fwd_bwd(ours, ref, (q, k, v, sink), dtype, names=("dq", "dk", "dv", "dsink"))
-    _, lse = kernels.flash_attn_func(q, k, v, causal=causal, learnable_sink=sink, return_softmax_lse=True)
+    _, lse = tk.flash_attn_func(q, k, v, causal=causal, learnable_sink=sink, return_softmax_lse=True)
     _, _, ref_lse = attention_reference(*(t.double().transpose(1, 2) for t in (q, k, v)), causal=causal,
                                         bottom_right=True, sinks=sink.double(), return_probs=True)
     torch.testing.assert_close(lse.double(), ref_lse, atol=2e-3, rtol=1e-3)
@@ -249,19 +249,19 @@ def test_learnable_sink_in_sdpa_varlen_and_split_decoding(device):
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 4, 9, 16, device=device) for _ in range(3))
     sink = torch.randn(4, device=device)
-    check_fwd_bwd(lambda q, k, v, s: kernels.scaled_dot_product_attention(q, k, v, is_causal=True, learnable_sink=s),
+    check_fwd_bwd(lambda q, k, v, s: tk.scaled_dot_product_attention(q, k, v, is_causal=True, learnable_sink=s),
                   lambda q, k, v, s: attention_reference(q, k, v, causal=True, sinks=s), (q, k, v, sink),
                   torch.float32, names=("dq", "dk", "dv", "dsink"))
     cu = torch.tensor([0, 4, 9], dtype=torch.int32, device=device)
     flat = [t[0].transpose(0, 1) for t in (q, k, v)]  # (9, 4, 16), two sequences of 4 and 5
-    out = kernels.flash_attn_varlen_func(*flat, cu, cu, 5, 5, causal=True, learnable_sink=sink)
+    out = tk.flash_attn_varlen_func(*flat, cu, cu, 5, 5, causal=True, learnable_sink=sink)
     for a, b in ((0, 4), (4, 9)):
         want = attention_reference(*(t[a:b].transpose(0, 1).double() for t in flat), causal=True,
                                    sinks=sink.double())
         torch.testing.assert_close(out[a:b].double(), want.transpose(0, 1), atol=2e-5, rtol=1e-4)
     k_cache, v_cache = (torch.randn(1, 80, 2, 16, device=device) for _ in range(2))
     qd = torch.randn(1, 1, 4, 16, device=device)
-    split = kernels.flash_attn_with_kvcache(qd, k_cache, v_cache, num_splits=4, learnable_sink=sink)
+    split = tk.flash_attn_with_kvcache(qd, k_cache, v_cache, num_splits=4, learnable_sink=sink)
     want = attention_reference(*(t[0].transpose(0, 1).double() for t in (qd, k_cache, v_cache)), sinks=sink.double())
     torch.testing.assert_close(split[0].double(), want.transpose(0, 1), atol=2e-5, rtol=1e-4)
 
@@ -277,8 +277,8 @@ def test_apply_rotary_emb_forward_and_backward(device, launches, interleaved, of
     seqlen_offsets = {"none": 0, "int": 4, "tensor": torch.tensor([2, 9], dtype=torch.int32, device=device)}[offsets]
 
     def ours(x):
-        out = kernels.apply_rotary_emb(x, cos, sin, interleaved=interleaved, seqlen_offsets=seqlen_offsets)
-        assert kernels.last_path("rotary") == "triton"
+        out = tk.apply_rotary_emb(x, cos, sin, interleaved=interleaved, seqlen_offsets=seqlen_offsets)
+        assert tk.last_path("rotary") == "triton"
         return out
 
     def ref(x):
@@ -299,15 +299,15 @@ def test_apply_rotary_emb_varlen_inplace_and_bad_input(device):
     want = torch.cat([_rotate(x[0:4], cos, sin, torch.arange(4, device=device) + 1, False),
                       _rotate(x[4:9], cos, sin, torch.arange(5, device=device) + 1, False)])
     y = x.clone()
-    out = kernels.apply_rotary_emb(y, cos, sin, inplace=True, seqlen_offsets=1, cu_seqlens=cu, max_seqlen=5)
+    out = tk.apply_rotary_emb(y, cos, sin, inplace=True, seqlen_offsets=1, cu_seqlens=cu, max_seqlen=5)
     assert out.data_ptr() == y.data_ptr()
     torch.testing.assert_close(y.double(), want, atol=1e-6, rtol=1e-6)
     with pytest.raises(ValueError, match="rotary tables of 12 positions are too short"):
-        kernels.apply_rotary_emb(torch.randn(1, 13, 2, 8, device=device), cos, sin)
+        tk.apply_rotary_emb(torch.randn(1, 13, 2, 8, device=device), cos, sin)
     with pytest.raises(ValueError, match="rotary_dim 10"):
-        kernels.apply_rotary_emb(torch.randn(1, 4, 2, 8, device=device), *_angles(12, 10, device))
+        tk.apply_rotary_emb(torch.randn(1, 4, 2, 8, device=device), *_angles(12, 10, device))
     with pytest.raises(TypeError, match="seqlen_offsets"):
-        kernels.apply_rotary_emb(torch.randn(2, 4, 2, 8, device=device), cos, sin, seqlen_offsets=[1, 2])
+        tk.apply_rotary_emb(torch.randn(2, 4, 2, 8, device=device), cos, sin, seqlen_offsets=[1, 2])
 
 
 def test_unused_page_table_entries_may_hold_anything(device):
@@ -316,7 +316,7 @@ def test_unused_page_table_entries_may_hold_anything(device):
     args = _kvcache_args(device)
     table = args["block_table"]
     padded = torch.cat([table, torch.full_like(table, -1)], dim=1)
-    want = kernels.flash_attn_with_kvcache(**{**args, "k_cache": args["k_cache"].clone(),
+    want = tk.flash_attn_with_kvcache(**{**args, "k_cache": args["k_cache"].clone(),
                                               "v_cache": args["v_cache"].clone()})
-    got = kernels.flash_attn_with_kvcache(**{**args, "block_table": padded})
+    got = tk.flash_attn_with_kvcache(**{**args, "block_table": padded})
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)

@@ -1,9 +1,9 @@
-"""GPU health from a CPU (kernels/static_check.py): shipped configs compile for sm_80 and sm_90a without
+"""GPU health from a CPU (kernels/transformer_kernels/static_check.py): shipped configs compile for sm_80 and sm_90a without
 register spills, the matmul-bearing kernels use tensor-core instructions in half precision, and the
-steady-state loops (kernels/static_model.py) waste no tensor-core work and keep Hopper's MMAs async.
+steady-state loops (kernels/transformer_kernels/static_model.py) waste no tensor-core work and keep Hopper's MMAs async.
 
 The default suite checks the representative subset ``static_check.QUICK_CASES`` (every kernel, both
-archs); ``STATIC_CHECK_FULL=1`` checks every shipped config, as ``python -m kernels.static_check`` does.
+archs); ``STATIC_CHECK_FULL=1`` checks every shipped config, as ``python -m transformer_kernels.static_check`` does.
 Compiles are cached on a hash of the kernel source, so a warm run takes seconds. No wall-clock limit:
 on a machine whose cores are shared the cold compile is slow, never wrong."""
 import fcntl
@@ -23,7 +23,7 @@ ATTENTION = {"_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"}
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory):
     env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(ROOT), "TRITON_DEFAULT_FP_FUSION": "1"}
-    cmd = [sys.executable, "-m", "kernels.static_check", "--json"] + ([] if FULL else ["--quick"])
+    cmd = [sys.executable, "-m", "transformer_kernels.static_check", "--json"] + ([] if FULL else ["--quick"])
     # xdist may put these tests on several workers: one compiles, the others wait and read its cache.
     lock = tmp_path_factory.getbasetemp().parent / "static_check.lock"
     with open(lock, "w") as f:

@@ -25,7 +25,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
+import transformer_kernels as tk
 from transformer import Transformer, TransformerConfig, TransformerLM, train
 from transformer.checkpoint import load_checkpoint
 from transformer.data import (
@@ -315,13 +315,13 @@ def test_torchrun_two_processes_with_gloo(tmp_path):
 
 def test_triton_backend_smoke(tmp_path, device):
     """Two steps on the Triton kernels (interpreted on a CPU): the CLI runs them, forward and backward."""
-    before = {k: kernels.launch_count(k) for k in ("attention_fwd", "attention_bwd_dq", "layer_norm_fwd", "ffn_matmul")}
+    before = {k: tk.launch_count(k) for k in ("attention_fwd", "attention_bwd_dq", "layer_norm_fwd", "ffn_matmul")}
     summary = run_cli("--model", "lm", "--preset", "tiny", "--backend", "triton", "--device", device,
                       "--steps", 2, "--batch-size", 2, "--seq-len", 8, "--warmup", 2,
                       "--max-corpus-bytes", 20_000, "--eval-batches", 1, out=tmp_path)
     assert summary["backend"] == "triton" and math.isfinite(summary["val"]["nll"])
     for kernel, count in before.items():
-        assert kernels.launch_count(kernel) > count, kernel
+        assert tk.launch_count(kernel) > count, kernel
     model, _ = load_checkpoint(tmp_path / "checkpoint.pt")
     assert model.backend == "triton"
 

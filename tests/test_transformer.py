@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
+import transformer_kernels as tk
 from transformer import (
     Transformer,
     TransformerConfig,
@@ -61,7 +61,7 @@ def logits_and_grads(model, inputs):
 
 
 def launches() -> dict[str, int]:
-    return {k: kernels.launch_count(k) for k in TRITON_KERNELS}
+    return {k: tk.launch_count(k) for k in TRITON_KERNELS}
 
 
 def assert_backends_match(model, inputs):
@@ -72,7 +72,7 @@ def assert_backends_match(model, inputs):
     after_triton = launches()
     for kernel in TRITON_KERNELS:
         assert after_triton[kernel] > before[kernel], f"Triton kernel {kernel} did not run"
-    assert all(kernels.last_path(op) == "triton" for op in ("attention", "layer_norm", "ffn"))
+    assert all(tk.last_path(op) == "triton" for op in ("attention", "layer_norm", "ffn"))
 
     out_torch, grads_torch = logits_and_grads(model.set_backend("torch"), inputs)
     assert launches() == after_triton, "the torch backend launched a Triton kernel"
@@ -194,10 +194,10 @@ def test_train_step_on_triton_backend_with_dropout(device):
     model = Transformer(tiny_config(dropout=0.1)).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    launched = kernels.launch_count("attention_bwd_dq")
+    launched = tk.launch_count("attention_bwd_dq")
     loss = train_step(model, copy_task_batch(2, 9, VOCAB, device=device), optimizer, label_smoothing=0.1)
     assert math.isfinite(loss) and model.training
-    assert kernels.launch_count("attention_bwd_dq") > launched
+    assert tk.launch_count("attention_bwd_dq") > launched
     assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if not n.endswith("k_proj.bias"))
 
 
@@ -302,4 +302,4 @@ def test_incremental_decoding_equals_full_recompute(backend, norm_first, device)
     steps = [model.decode(tgt[:, t:t + 1], memory, cache=cache) for t in range(6)]
     assert rel_err(torch.cat(steps, dim=1), model(src, tgt)) < 1e-5
     if backend == "triton":
-        assert kernels.last_path("attention") == "triton"
+        assert tk.last_path("attention") == "triton"

@@ -9,7 +9,7 @@ after ``max_new_tokens``.
 With ``use_cache=True`` (the default) a prefill pass fills the per-layer KV caches
 (:meth:`Transformer.init_cache`, :meth:`TransformerLM.init_cache`) and each later step feeds one token
 per row, so it costs one query row per layer: on the triton backend the attention runs the split-key
-decoding kernel ``kernels.flash_attn_with_kvcache``. ``use_cache=False`` recomputes the whole prefix at
+decoding kernel ``transformer_kernels.flash_attn_with_kvcache``. ``use_cache=False`` recomputes the whole prefix at
 every step; both give the same tokens and, within rounding, the same scores (tests/test_generate.py).
 
 Beam search follows the paper: beam size 4 and length penalty alpha = 0.6 (Vaswani et al., 2017,

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+import transformer_kernels as tk
 
 from .config import TransformerConfig, check_backend
 
@@ -59,7 +59,7 @@ class KVCache:
 
 
 class LayerNorm(nn.LayerNorm):
-    """``nn.LayerNorm`` (same parameters and state_dict) on ``kernels.layer_norm`` or ``F.layer_norm``.
+    """``nn.LayerNorm`` (same parameters and state_dict) on ``transformer_kernels.layer_norm`` or ``F.layer_norm``.
 
     Input and output ``(..., d_model)``. ``forward(x, residual, dropout_p)`` is the sub-layer connection
     ``LayerNorm(residual + Dropout(x))`` (Sec. 3.1, 5.4), one fused kernel on the triton backend; with
@@ -74,9 +74,9 @@ class LayerNorm(nn.LayerNorm):
                 prenorm: bool = False):
         if self.backend == "triton":
             if residual is None and dropout_p == 0 and not prenorm:
-                return kernels.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+                return tk.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
             residual = torch.zeros_like(x) if residual is None else residual
-            return kernels.add_layer_norm(x, residual, self.normalized_shape, self.weight, self.bias, self.eps,
+            return tk.add_layer_norm(x, residual, self.normalized_shape, self.weight, self.bias, self.eps,
                                           dropout_p=dropout_p, prenorm=prenorm)
         x = F.dropout(x, dropout_p) if dropout_p > 0 else x
         x = x if residual is None else residual + x
@@ -87,10 +87,10 @@ class LayerNorm(nn.LayerNorm):
         return f"{super().extra_repr()}, backend={self.backend!r}"
 
 
-class FeedForward(kernels.FFN):
+class FeedForward(tk.FFN):
     """Position-wise feed-forward network ``act(x W1^T + b1) W2^T + b2`` (Sec. 3.3, eq. 2).
 
-    Parameters ``linear1`` (d_model -> d_ff) and ``linear2`` (d_ff -> d_model), as ``kernels.FFN`` and
+    Parameters ``linear1`` (d_model -> d_ff) and ``linear2`` (d_ff -> d_model), as ``transformer_kernels.FFN`` and
     ``nn.TransformerEncoderLayer``. Input and output ``(..., d_model)``; ``residual`` (optional) is added
     to the output (in the last product's epilogue on the triton backend). No dropout inside: the paper
     drops the sub-layer's output only (Sec. 5.4), which the enclosing layer does.
@@ -102,7 +102,7 @@ class FeedForward(kernels.FFN):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if self.backend == "triton":
-            return super().forward(x, residual)  # kernels.ffn
+            return super().forward(x, residual)  # transformer_kernels.ffn
         out = self.linear2(_TORCH_ACTIVATIONS[self.activation](self.linear1(x)))
         return out if residual is None else out + residual
 
@@ -156,7 +156,7 @@ class MultiHeadAttention(nn.Module):
         q = self._split_heads(self.q_proj(x))
         k = self._split_heads(self.k_proj(memory))
         v = self._split_heads(self.v_proj(memory))
-        sdpa = kernels.scaled_dot_product_attention if self.backend == "triton" else F.scaled_dot_product_attention
+        sdpa = tk.scaled_dot_product_attention if self.backend == "triton" else F.scaled_dot_product_attention
         out = sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
         # out: (batch, num_heads, seqlen_q, head_dim) -> (batch, seqlen_q, d_model), heads concatenated
         return self.out_proj(out.transpose(1, 2).flatten(2))
@@ -178,7 +178,7 @@ class MultiHeadAttention(nn.Module):
     def _attend_cache(self, q, cache: KVCache, *, new_k, new_v, causal: bool) -> torch.Tensor:
         """(batch, t, heads, head_dim) attention of ``q`` over the cache (plus the appended new keys)."""
         if self.backend == "triton":
-            return kernels.flash_attn_with_kvcache(q, cache.k, cache.v, new_k, new_v, cache_seqlens=cache.lengths,
+            return tk.flash_attn_with_kvcache(q, cache.k, cache.v, new_k, new_v, cache_seqlens=cache.lengths,
                                                    causal=causal)
         t = q.shape[1]
         if new_k is not None:  # append, then attend bottom-right causally over lengths + t keys

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-import kernels
+import transformer_kernels as tk
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import BYTE_VOCAB_SIZE, PRESETS, TransformerConfig
@@ -382,7 +382,7 @@ def _train(args, d: Dist) -> dict:
     run.log(f"{args.model} {args.preset}: {run.num_parameters:,} parameters, backend {backend}, "
             f"{d.world_size} x {d.device}; data {data.description}; out {out}"
             + (f"; resumed at step {step}" if step else ""))
-    if backend == "triton" and d.device.type == "cpu" and not kernels.dispatch.INTERPRETER:
+    if backend == "triton" and d.device.type == "cpu" and not tk.dispatch.INTERPRETER:
         run.log("note: on a CPU without TRITON_INTERPRET=1 the kernels run their PyTorch fallback (see README)")
     bar = _progress(args, d, step)
     while step < args.steps:

@@ -12,7 +12,7 @@ candidate is deterministic (no atomics), so the choice changes speed, never resu
 
 Nothing is timed (the default runs) when ``KERNELS_AUTOTUNE=0``, in Triton's interpreter, on a CPU
 tensor, or while a CUDA graph is being captured. A pin (``KERNELS_ATTENTION_CONFIG``) replaces the
-candidate list. ``python -m kernels.static_check`` compiles every candidate for its arch and the
+candidate list. ``python -m transformer_kernels.static_check`` compiles every candidate for its arch and the
 tests run every one through the interpreter (:func:`forced`).
 """
 

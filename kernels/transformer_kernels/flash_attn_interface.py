@@ -2,7 +2,7 @@
 
 Same names, arguments, layouts and semantics as ``flash_attn`` 2.x (``flash_attn/flash_attn_interface.py``,
 Dao-AILab/flash-attention), so ``from flash_attn import flash_attn_func`` becomes
-``from kernels import flash_attn_func``. Layout ``(batch, seqlen, nheads, headdim)``; packed batches
+``from transformer_kernels import flash_attn_func``. Layout ``(batch, seqlen, nheads, headdim)``; packed batches
 ``(total_tokens, nheads, headdim)`` with int32 ``cu_seqlens``. Differences, all documented per function:
 fp32 is accepted too (flash-attention takes fp16/bf16 only); ``deterministic`` is accepted and always
 holds (the backward never uses atomics); ``return_attn_probs`` returns exact probabilities (from a
@@ -26,7 +26,7 @@ side), the "restricted self-attention" of Vaswani et al. (2017, Table 1); key bl
 never visited.
 
 On CPU tensors without ``TRITON_INTERPRET=1`` every function runs the plain-PyTorch reference
-(``kernels.attention.attention_reference``), so code using it runs on a laptop.
+(``transformer_kernels.attention.attention_reference``), so code using it runs on a laptop.
 """
 
 from __future__ import annotations
@@ -409,7 +409,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     With ``rotary_cos``/``rotary_sin`` (only with new ``k``, as flash-attention), the new keys are
     rotated at positions ``cache_seqlens[b] - cache_leftpad[b] + t`` before they are written; the
     queries at the same positions if causal or windowed, else all at ``cache_seqlens[b] -
-    cache_leftpad[b]`` (flash-attention's rule). One fused rotary kernel per tensor (``kernels.rotary``).
+    cache_leftpad[b]`` (flash-attention's rule). One fused rotary kernel per tensor (``transformer_kernels.rotary``).
 
     Args:
         q: ``(batch, seqlen_q, nheads, headdim)``, seqlen_q usually 1..16.

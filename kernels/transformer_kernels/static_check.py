@@ -13,7 +13,7 @@ needed) and the cubin is read with the ``cuobjdump`` shipped inside the Triton w
   warpgroup waits (``WARPGROUP.DEPBAR``): HGMMA is asynchronous, and a wait after every one of them
   means the kernel serializes its MMAs (seen when a runtime branch sat in the attention backward's loop).
 
-Run ``python -m kernels.static_check`` (without ``TRITON_INTERPRET``) for a table; ``tests/test_static_check.py``
+Run ``python -m transformer_kernels.static_check`` (without ``TRITON_INTERPRET``) for a table; ``tests/test_static_check.py``
 runs it in a subprocess and fails on any spill or missing tensor-core instruction.
 """
 
@@ -44,10 +44,10 @@ from triton.runtime.jit import create_function_from_signature
 from . import autotune, static_model
 
 # The package re-exports functions named ffn and layer_norm, which shadow these modules as attributes.
-attention = importlib.import_module("kernels.attention")
-ffn = importlib.import_module("kernels.ffn")
-dispatch = importlib.import_module("kernels.dispatch")
-layer_norm = importlib.import_module("kernels.layer_norm")
+attention = importlib.import_module("transformer_kernels.attention")
+ffn = importlib.import_module("transformer_kernels.ffn")
+dispatch = importlib.import_module("transformer_kernels.dispatch")
+layer_norm = importlib.import_module("transformer_kernels.layer_norm")
 
 ARCHS = {"sm_80": GPUTarget("cuda", 80, 32), "sm_90a": GPUTarget("cuda", 90, 32)}
 _CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -77,7 +77,7 @@ class Report:
     wgmma_waits: int
     needs_mma: bool
     heavy: bool = False  # attention with a score modifier (dropout, mask, ALiBi, soft-cap)
-    # The steady-state loop (kernels/static_model.py), per warp and iteration unless said otherwise.
+    # The steady-state loop (kernels/transformer_kernels/static_model.py), per warp and iteration unless said otherwise.
     num_warps: int = 0
     shared_bytes: int = 0
     head_dim: int = 0
@@ -137,7 +137,7 @@ def _recording(module, names, sink, case):
             setattr(module, n, fn)
 
 
-# The longest candidate list a launcher offers (kernels/autotune.py); the static check compiles each.
+# The longest candidate list a launcher offers (kernels/transformer_kernels/autotune.py); the static check compiles each.
 _MAX_CANDIDATES = 5
 
 
@@ -164,7 +164,7 @@ def _record_launches() -> list[Launch]:
                     "_attn_combine_kernel", "_dropout_mask_kernel"]
 
     def attn(case, q, k, v, backward=True, dmask=None, **kw):
-        # fp32 training keeps the row stats for its backward (kernels.attention.ops.attention_op)
+        # fp32 training keeps the row stats for its backward (transformer_kernels.attention.ops.attention_op)
         stats = q.new_empty((2, *q.shape[:3]), dtype=torch.float32) if backward and q.dtype == torch.float32 else None
         with _recording(attention._kernels, attn_kernels, launches, case):
             out, lse = attention.attention_forward(q, k, v, scale=0.1, **kw, stats=stats)
@@ -285,7 +285,7 @@ def inspect_cubin(cubin: bytes, arch: str) -> tuple[dict, str]:
 
 
 def model_fields(sass: str, arch: str, kernel: str, kwargs: dict, num_warps: int) -> dict:
-    """The steady-state loop's counts and the cycle model's figures (kernels/static_model.py)."""
+    """The steady-state loop's counts and the cycle model's figures (kernels/transformer_kernels/static_model.py)."""
     stats, has_loop = static_model.steady_loop(static_model.parse_sass(sass))
     useful = static_model.useful_flops(kernel, kwargs)
     if kwargs.get("WS") and num_warps > kwargs["num_warps"]:
@@ -322,7 +322,7 @@ def _identity(launch: Launch) -> tuple:
 # head_dim 64 and 128, forward and backward), the heaviest modifiers, decoding, fp32, the norms'
 # single- and multi-pass kernels, the FFN's plain and gated matmuls and its cuBLAS route's elementwise
 # kernel. The full sweep is
-# ``python -m kernels.static_check`` (or ``STATIC_CHECK_FULL=1`` for the test).
+# ``python -m transformer_kernels.static_check`` (or ``STATIC_CHECK_FULL=1`` for the test).
 QUICK_CASES = (
     "attention bfloat16 d=128 causal", "attention float16 d=64 causal", "attention float16 d=64 all-modifiers",
     "attention float16 d=128 decode", "attention float32 d=64 causal", "attention dropout mask",

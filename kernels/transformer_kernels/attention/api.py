@@ -1,5 +1,5 @@
 """The public function with torch's signature, :func:`scaled_dot_product_attention`, and the input
-checks every attention entry point shares (``check_qkv``, also used by ``kernels/flash_attn_interface.py``)."""
+checks every attention entry point shares (``check_qkv``, also used by ``kernels/transformer_kernels/flash_attn_interface.py``)."""
 
 from __future__ import annotations
 
@@ -139,7 +139,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                                                                                1 1
                                                                                1 1
 
-    (``kernels.flash_attn_func``'s ``causal`` is bottom-right aligned instead.)
+    (``transformer_kernels.flash_attn_func``'s ``causal`` is bottom-right aligned instead.)
 
     Args:
         query: ``(..., num_heads, seqlen_q, head_dim)``, float16, bfloat16 or float32, any strides.
@@ -172,16 +172,16 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         TypeError: non-tensors, unsupported or mixed dtypes, a mask that is neither bool nor float.
         ValueError: mismatched shapes, devices or head counts; a mask that does not broadcast; attn_mask
         together with is_causal; dropout_p outside [0, 1]; softcap < 0.
-        Both are also ``RuntimeError`` (:class:`kernels.InputValueError`, :class:`kernels.InputTypeError`),
+        Both are also ``RuntimeError`` (:class:`transformer_kernels.InputValueError`, :class:`transformer_kernels.InputTypeError`),
         as torch raises for the same input.
 
-    float64 inputs run torch's SDPA (``kernels.last_path("attention") == "torch"``).
+    float64 inputs run torch's SDPA (``transformer_kernels.last_path("attention") == "torch"``).
 
     Under ``torch.autocast``, query, key and value are cast to its dtype first, as torch's SDPA does.
 
     Where it runs: Triton on CUDA (and on CPU under ``TRITON_INTERPRET=1``); otherwise PyTorch. Two
     documented fallbacks to ``F.scaled_dot_product_attention``, with a warning and
-    ``kernels.last_path("attention") == "torch"``: head_dim above 256 and a mask whose seqlen_q x
+    ``transformer_kernels.last_path("attention") == "torch"``: head_dim above 256 and a mask whose seqlen_q x
     seqlen_k plane spans 2^31 elements or more.
     """
     op = "scaled_dot_product_attention"

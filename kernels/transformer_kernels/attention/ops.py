@@ -143,7 +143,7 @@ def attention_op(q, k, v, *, scale, bottom_right=False, window=(-1, -1), softcap
                  max_seqlen_k=0, seqused_k=None, kv_batch_idx=None, num_splits=1, sinks=None, block_table=None,
                  leftpad=None):
     """Differentiable, compile-safe attention on 4-D views (see :func:`attention_forward` for the
-    arguments). Returns ``(out, logsumexp, seed)``. Counted as a Triton call by :func:`kernels.last_path`."""
+    arguments). Returns ``(out, logsumexp, seed)``. Counted as a Triton call by :func:`transformer_kernels.last_path`."""
     dispatch.record_path("attention", "triton")
     # fp32 training keeps each row's max and sum for the backward (see _kernels._softmax_shift).
     row_stats = q.dtype == torch.float32 and torch.is_grad_enabled() and (

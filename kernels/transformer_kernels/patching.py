@@ -6,16 +6,16 @@ module's *class* for a subclass whose ``forward`` runs our kernels:
 =====================================  ==========================================================
 original                               runs
 =====================================  ==========================================================
-``nn.LayerNorm`` (any config)           :func:`kernels.layer_norm` (the class becomes a
-                                        :class:`kernels.LayerNorm` subclass)
-``nn.RMSNorm``                          ``kernels.rms_norm``
-``nn.Sequential(Linear, act,            :func:`kernels.ffn`, both products and the activation
+``nn.LayerNorm`` (any config)           :func:`transformer_kernels.layer_norm` (the class becomes a
+                                        :class:`transformer_kernels.LayerNorm` subclass)
+``nn.RMSNorm``                          ``transformer_kernels.rms_norm``
+``nn.Sequential(Linear, act,            :func:`transformer_kernels.ffn`, both products and the activation
 [Dropout], Linear)``                    fused (act: ReLU, GELU, SiLU as the kernels support them)
 ``nn.MultiheadAttention``               torch's own ``F.multi_head_attention_forward`` with its
                                         scaled-dot-product step routed to
-                                        :func:`kernels.scaled_dot_product_attention`
+                                        :func:`transformer_kernels.scaled_dot_product_attention`
 ``nn.TransformerEncoderLayer`` /        the layer's non-fast path (so the patched children run)
-``nn.TransformerDecoderLayer``          with its feed-forward block fused by :func:`kernels.ffn`
+``nn.TransformerDecoderLayer``          with its feed-forward block fused by :func:`transformer_kernels.ffn`
 =====================================  ==========================================================
 
 Swapping ``__class__`` keeps the instance's ``__dict__`` -- parameters, buffers, hooks, attributes --
@@ -167,20 +167,20 @@ def dropout_draws(module) -> bool:
 
 
 # --------------------------------------------------------------------------------------------------
-# Activations: which callables are which kernels.ffn activation
+# Activations: which callables are which transformer_kernels.ffn activation
 # --------------------------------------------------------------------------------------------------
-# Extra recognizers (callable -> name or None); kernels.hf adds transformers' activation classes.
+# Extra recognizers (callable -> name or None); transformer_kernels.hf adds transformers' activation classes.
 ACTIVATION_RECOGNIZERS: list[Callable[[object], Union[str, None]]] = []
 
 
 def activation_name(act) -> str | None:
-    """The ``kernels.ffn`` activation that computes exactly what ``act`` computes, or None.
+    """The ``transformer_kernels.ffn`` activation that computes exactly what ``act`` computes, or None.
 
     Recognizes ``F.relu``/``torch.relu``/``nn.ReLU`` ("relu"), ``F.gelu``/``nn.GELU()`` ("gelu", erf
     form), ``nn.GELU(approximate="tanh")``/``functools.partial(F.gelu, approximate="tanh")``
     ("gelu_tanh"), ``F.silu``/``nn.SiLU`` ("silu"), plus what :data:`ACTIVATION_RECOGNIZERS` adds.
     A module activation with hooks is not recognized (a fused kernel would skip them). Whether the
-    ``kernels.ffn`` supports the name is a separate question (``kernels.ffn.ACTIVATIONS``).
+    ``transformer_kernels.ffn`` supports the name is a separate question (``transformer_kernels.ffn.ACTIVATIONS``).
     """
     if act is F.relu or act is torch.relu:
         return "relu"
@@ -220,7 +220,7 @@ GATED = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu_tanh"}
 
 def fused_ffn(x, weight1, bias1, act, weight2, bias2, *, dropout=None, weight_gate=None, bias_gate=None,
               gated: bool = False):
-    """``act(x W1^T + b1) W2^T + b2`` (dropout between, if given) through :func:`kernels.ffn`, or None
+    """``act(x W1^T + b1) W2^T + b2`` (dropout between, if given) through :func:`transformer_kernels.ffn`, or None
     when that cannot reproduce the original exactly right now (the caller then runs its own code).
 
     Gated (``gated=True``, Llama's MLP): ``(act(x Wg^T + bg) * (x W1^T + b1)) W2^T + b2`` with
@@ -257,7 +257,7 @@ def fused_linear_ffn(x, linear1, act, linear2, dropout=None):
 # --------------------------------------------------------------------------------------------------
 def routed_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     """``F.scaled_dot_product_attention``'s signature and semantics, running
-    :func:`kernels.scaled_dot_product_attention` where that reproduces torch exactly.
+    :func:`transformer_kernels.scaled_dot_product_attention` where that reproduces torch exactly.
 
     Runs torch's own SDPA instead when ``dropout_p > 0`` (the kernel would draw other random numbers
     than torch), for dtypes the kernel does not take (float64), nested tensors, and when query, key
@@ -286,12 +286,12 @@ def override_sdpa():
 
     Example::
 
-        with kernels.override_sdpa():
+        with transformer_kernels.override_sdpa():
             out = model(x)          # every F.scaled_dot_product_attention call inside runs ours
 
     Replaces the attribute on ``torch.nn.functional`` and restores the previous binding on exit, also
     when the body raises. Nestable (only the outermost exit restores) and usable as a decorator
-    (``@kernels.override_sdpa()``). The replacement is :func:`routed_sdpa`: torch's semantics, torch's
+    (``@transformer_kernels.override_sdpa()``). The replacement is :func:`routed_sdpa`: torch's semantics, torch's
     own SDPA where ours would differ (dropout_p > 0, nested tensors, broadcast batch dims).
 
     Scope: the binding is process-wide while the context is open (other threads see it too), and it
@@ -330,7 +330,7 @@ def _with_sdpa_routed(fn):
     (same code, defaults and other globals), or None if ``fn`` does not call it by that global name.
     This leaves ``torch.nn.functional`` itself untouched, so it is thread-safe.
 
-    The copy's globals are those of a module registered as ``kernels._routed_<module>`` in
+    The copy's globals are those of a module registered as ``transformer_kernels._routed_<module>`` in
     ``sys.modules`` (torch.compile guards on a function's globals through its module's name)."""
     if "scaled_dot_product_attention" not in fn.__code__.co_names:
         return None
@@ -354,11 +354,11 @@ _MHA_FORWARD = _with_sdpa_routed(F.multi_head_attention_forward)
 # The patched forwards (mixins; the patched class is ``type(name, (mixin, original), ...)``)
 # --------------------------------------------------------------------------------------------------
 class _LayerNormMixin(LayerNorm):
-    """``nn.LayerNorm`` on :func:`kernels.layer_norm`; a :class:`kernels.LayerNorm` subclass, so its extra
-    arguments (fused Add & Norm: ``residual``, ``dropout_p``, ``prenorm``) work as on kernels.LayerNorm."""
+    """``nn.LayerNorm`` on :func:`transformer_kernels.layer_norm`; a :class:`transformer_kernels.LayerNorm` subclass, so its extra
+    arguments (fused Add & Norm: ``residual``, ``dropout_p``, ``prenorm``) work as on transformer_kernels.LayerNorm."""
 
     def forward(self, input: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if args or kwargs:  # the kernels.LayerNorm extensions; an nn.LayerNorm is never called with them
+        if args or kwargs:  # the transformer_kernels.LayerNorm extensions; an nn.LayerNorm is never called with them
             return LayerNorm.forward(self, input, *args, **kwargs)
         x, weight, bias = cast_like_autocast("layer_norm", input.device.type, input, self.weight, self.bias)
         # weight and bias may have another float dtype than the input (as F.layer_norm's mixed types)
@@ -370,7 +370,7 @@ class _LayerNormMixin(LayerNorm):
 
 
 def add_and_norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """``norm(x + residual)``: one fused Add & Norm kernel (``kernels.add_layer_norm``) when ``norm`` is a
+    """``norm(x + residual)``: one fused Add & Norm kernel (``transformer_kernels.add_layer_norm``) when ``norm`` is a
     LayerNorm patched by :func:`patch` without hooks, ``x`` and ``residual`` have one shape and kernel
     dtype, and autocast is off; otherwise exactly that expression. (The kernel adds in fp32 before
     normalizing; torch rounds the sum to the input dtype first: equal in fp32, up to rounding in half.)"""
@@ -382,8 +382,8 @@ def add_and_norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> to
 
 
 class _RMSNormMixin:
-    """``nn.RMSNorm`` on ``kernels.rms_norm`` (same weight and eps, eps=None meaning finfo.eps); extra
-    arguments go to ``kernels.RMSNorm.forward`` (fused Add & Norm), as for the LayerNorm."""
+    """``nn.RMSNorm`` on ``transformer_kernels.rms_norm`` (same weight and eps, eps=None meaning finfo.eps); extra
+    arguments go to ``transformer_kernels.RMSNorm.forward`` (fused Add & Norm), as for the LayerNorm."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if args or kwargs:
@@ -396,7 +396,7 @@ class _RMSNormMixin:
 
 
 class _KernelsRMSNormMixin(_RMSNormMixin, RMSNorm):
-    """A patched ``nn.RMSNorm`` is also a :class:`kernels.RMSNorm`."""
+    """A patched ``nn.RMSNorm`` is also a :class:`transformer_kernels.RMSNorm`."""
 
 
 def _canonical_masks(key_padding_mask, attn_mask, dtype, names):
@@ -455,7 +455,7 @@ class _MultiheadAttentionMixin:
 
 class _FeedForwardBlockMixin:
     """``_ff_block`` of ``nn.TransformerEncoderLayer``/``DecoderLayer`` (``linear1 -> activation ->
-    dropout -> linear2``, then the layer's last dropout) with the first four fused by kernels.ffn."""
+    dropout -> linear2``, then the layer's last dropout) with the first four fused by transformer_kernels.ffn."""
 
     _kernels_fuse_ffn = True
     _kernels_ff_dropout = "dropout2"  # the dropout after the block: dropout2 (encoder), dropout3 (decoder)
@@ -500,7 +500,7 @@ class _DecoderLayerMixin(_FeedForwardBlockMixin):
 
 
 class _SequentialMLPMixin:
-    """``nn.Sequential(Linear, activation, [Dropout], Linear, [Dropout])`` as one :func:`kernels.ffn` call."""
+    """``nn.Sequential(Linear, activation, [Dropout], Linear, [Dropout])`` as one :func:`transformer_kernels.ffn` call."""
 
     def forward(self, input):
         parts = mlp_parts(self)
@@ -564,7 +564,7 @@ def patched_class(original: type, mixin: type, **attrs) -> type:
         bases = (mixin,) if issubclass(mixin, original) else (mixin, original)
         cls = type(name, bases, namespace)
         if original.__module__.startswith("torch.nn.") and name not in globals():
-            globals()[name] = cls  # importable as kernels.patching.<name>: patched models pickle
+            globals()[name] = cls  # importable as transformer_kernels.patching.<name>: patched models pickle
         _CLASSES[key] = cls
     return _CLASSES[key]
 
@@ -619,14 +619,14 @@ def _layer_norm_rule(m, opts: Options):
     if not isinstance(m, nn.LayerNorm):
         return None
     if type(m).forward is LayerNorm.forward:
-        return Leave("already a kernels.LayerNorm")
+        return Leave("already a transformer_kernels.LayerNorm")
     if type(m).forward is not nn.LayerNorm.forward:
         return Leave(f"{type(m).__name__} overrides nn.LayerNorm.forward: equivalence cannot be proven")
     if not opts.layer_norm:
         return Leave("layer_norm=False")
     if not m.eps > 0:
-        return Leave(f"eps={m.eps}: kernels.layer_norm needs eps > 0")
-    return Replace(_LayerNormMixin, "kernels.layer_norm with the same weight, bias and eps")
+        return Leave(f"eps={m.eps}: transformer_kernels.layer_norm needs eps > 0")
+    return Replace(_LayerNormMixin, "transformer_kernels.layer_norm with the same weight, bias and eps")
 
 
 def _rms_norm_rule(m, opts: Options):
@@ -636,7 +636,7 @@ def _rms_norm_rule(m, opts: Options):
         return Leave(f"{type(m).__name__} overrides nn.RMSNorm.forward: equivalence cannot be proven")
     if not opts.layer_norm:
         return Leave("layer_norm=False")
-    return Replace(_KernelsRMSNormMixin, "kernels.rms_norm with the same weight and eps")
+    return Replace(_KernelsRMSNormMixin, "transformer_kernels.rms_norm with the same weight and eps")
 
 
 def _mha_rule(m, opts: Options):
@@ -649,7 +649,7 @@ def _mha_rule(m, opts: Options):
         return Leave("attention=False")
     if _MHA_FORWARD is None:
         return Leave("this torch's F.multi_head_attention_forward does not call scaled_dot_product_attention")
-    notes = ["attention by kernels.scaled_dot_product_attention inside torch's multi_head_attention_forward",
+    notes = ["attention by transformer_kernels.scaled_dot_product_attention inside torch's multi_head_attention_forward",
              "calls with need_weights=True (the default of nn.MultiheadAttention) run the original forward"]
     if m.dropout > 0:
         notes.append(f"dropout={m.dropout}: in training mode the original forward runs")
@@ -662,11 +662,11 @@ def _ffn_note(m) -> tuple[str, tuple[str, ...], bool]:
     if name is None:
         return f"feed-forward block unfused: activation {_describe_activation(m.activation)} has no kernel", (), False
     if name not in FFN_ACTIVATIONS:
-        return f"feed-forward block unfused: the installed kernels.ffn has no {name!r}", (), False
+        return f"feed-forward block unfused: the installed transformer_kernels.ffn has no {name!r}", (), False
     if not (plain_linear(m.linear1) and plain_linear(m.linear2)):
         return "feed-forward block unfused: linear1/linear2 are not plain nn.Linear (or have hooks)", (), False
     covers = ("linear1", "dropout", "linear2") + (("activation",) if isinstance(m.activation, nn.Module) else ())
-    note = f"feed-forward block fused by kernels.ffn({name!r})"
+    note = f"feed-forward block fused by transformer_kernels.ffn({name!r})"
     if m.dropout.p > 0:
         note += f"; dropout={m.dropout.p}: in training mode the block runs unfused"
     return note, covers, True
@@ -704,8 +704,8 @@ def _sequential_rule(m, opts: Options):
     if not opts.ffn:
         return Leave("ffn=False")
     if name not in FFN_ACTIVATIONS:
-        return Leave(f"Linear-{type(act).__name__}-Linear MLP: the installed kernels.ffn has no {name!r}")
-    note = f"kernels.ffn({name!r}) with the same weights"
+        return Leave(f"Linear-{type(act).__name__}-Linear MLP: the installed transformer_kernels.ffn has no {name!r}")
+    note = f"transformer_kernels.ffn({name!r}) with the same weights"
     drop_p = max((d.p for d in (dropout, after) if d is not None), default=0.0)
     if drop_p > 0:
         note += f"; Dropout(p={drop_p}): in training mode the original forward runs"
@@ -774,7 +774,7 @@ class PatchEntry:
 
 
 class PatchReport:
-    """What :func:`patch` (or :func:`kernels.hf.apply_kernels`) replaced and what it left alone, and why.
+    """What :func:`patch` (or :func:`transformer_kernels.hf.apply_kernels`) replaced and what it left alone, and why.
 
     Attributes:
         model: the patched model (a copy when ``inplace=False``).
@@ -783,7 +783,7 @@ class PatchReport:
             knows have ``reason == NO_KERNEL`` and are summarized by type in ``str(report)``.
     """
 
-    def __init__(self, model: nn.Module, source: str = "kernels.patch"):
+    def __init__(self, model: nn.Module, source: str = "transformer_kernels.patch"):
         self.model = model
         self.source = source
         self.replaced: list[PatchEntry] = []
@@ -868,13 +868,13 @@ def patch(model: nn.Module, *, attention: bool = True, layer_norm: bool = True, 
     return apply_rules(model, TORCH_RULES, opts, PatchReport(model))
 
 
-# Functions run by unpatch(model) after the classes are restored (kernels.hf restores the attention
+# Functions run by unpatch(model) after the classes are restored (transformer_kernels.hf restores the attention
 # implementation); each returns the descriptions of what it restored.
 UNPATCH_HOOKS: list[Callable[[nn.Module], list[str]]] = []
 
 
 def unpatch(model: nn.Module) -> list[str]:
-    """Undo :func:`patch` (and :func:`kernels.hf.apply_kernels`): every patched module gets its original
+    """Undo :func:`patch` (and :func:`transformer_kernels.hf.apply_kernels`): every patched module gets its original
     class back; nothing else about it changed, so ``state_dict`` is identical to before patching.
 
     Returns:
@@ -898,7 +898,7 @@ def unpatch(model: nn.Module) -> list[str]:
 
 
 # The patched classes of torch.nn's own types exist from import on, so that pickle finds them as
-# kernels.patching.<name> when a saved patched model is loaded in a fresh process.
+# transformer_kernels.patching.<name> when a saved patched model is loaded in a fresh process.
 for _original, _mixin, _attrs in (
     (nn.LayerNorm, _LayerNormMixin, {}),
     (nn.MultiheadAttention, _MultiheadAttentionMixin, {}),

@@ -36,7 +36,7 @@ from . import dispatch
 from ._triton_utils import InputTypeError, InputValueError, check_same, check_tensor
 
 # Rows up to this many values stay in registers (one pass); wider rows loop over chunks of
-# _CHUNK_N. Both are spill-free on sm_80 and sm_90a (python -m kernels.static_check). The interpreter
+# _CHUNK_N. Both are spill-free on sm_80 and sm_90a (python -m transformer_kernels.static_check). The interpreter
 # uses small values so the tests' small rows exercise both paths.
 MAX_SINGLE_PASS_N = 64 if dispatch.INTERPRETER else 8192
 _CHUNK_N = 32 if dispatch.INTERPRETER else 4096

@@ -1,6 +1,6 @@
 """Launchers of the attention kernels on 4-D ``(batch, heads, seqlen, head_dim)`` views: they pick the
 config, allocate and launch. The kernels are looked up on the ``_kernels`` module and the configs on
-``configs`` at call time, so ``kernels.static_check`` and the tests can swap either."""
+``configs`` at call time, so ``transformer_kernels.static_check`` and the tests can swap either."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Launch configurations of the attention kernels: block sizes, warps, stages, and the key split of
-decoding. Every shipped entry is checked for spills and tensor-core use by ``python -m kernels.static_check``."""
+decoding. Every shipped entry is checked for spills and tensor-core use by ``python -m transformer_kernels.static_check``."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ _CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 
 def fwd_candidates(block_d: int, dtype: torch.dtype, seqlen_q: int, heavy: bool, arch: str = "sm_80") -> list[dict]:
     """The forward's launch candidates, the default (:func:`_config`) first; the device picks among them
-    (:func:`kernels.autotune.choose`). ``TMA`` True loads K and V through tensor descriptors (sm_90a,
+    (:func:`transformer_kernels.autotune.choose`). ``TMA`` True loads K and V through tensor descriptors (sm_90a,
     inputs with a contiguous head_dim and 16-byte aligned strides; the launcher drops it otherwise): one
     TMA instruction per tile instead of per-thread addresses and masks, and fewer registers (static
     check: d128 546 -> 513 loop instructions, 645 -> 653 in the model; d256 254 -> 206 registers, which
@@ -74,7 +74,7 @@ def fwd_candidates(block_d: int, dtype: torch.dtype, seqlen_q: int, heavy: bool,
 
 def _config(block_d: int, dtype: torch.dtype, seqlen_q: int, heavy: bool, arch: str = "sm_80") -> dict:
     """Forward block sizes and launch shape for a head_dim padded to ``block_d`` on ``arch``
-    (:func:`kernels.dispatch.target_arch`).
+    (:func:`transformer_kernels.dispatch.target_arch`).
 
     Half precision: 128 query rows per program feed the tensor cores. On sm_90a a 128x128 score tile
     over 8 warps (each warpgroup owns 64 rows) halves the per-FLOP cost of the row statistics and the
@@ -84,7 +84,7 @@ def _config(block_d: int, dtype: torch.dtype, seqlen_q: int, heavy: bool, arch: 
     score tile) takes smaller or wider-spread tiles. Decoding (seqlen_q <= 16) uses 16-row blocks so no
     program computes on padding rows. True fp32 has no tensor-core path and Triton's FMA dot holds whole
     operand rows per thread, so its tiles are small. Every entry compiles without spills for its arch
-    (``python -m kernels.static_check``). Interpreter: 32x32 blocks (16 rows when decoding), so small
+    (``python -m transformer_kernels.static_check``). Interpreter: 32x32 blocks (16 rows when decoding), so small
     test shapes cross several blocks. ``KERNELS_ATTENTION_CONFIG`` overrides all of it (:func:`_pinned`).
     """
     if (pin := _pinned("fwd")) is not None:

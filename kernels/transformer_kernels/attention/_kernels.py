@@ -1,5 +1,5 @@
 """The ``@triton.jit`` code of attention: score helpers and the forward, split-combine, backward and
-dropout-mask kernels (FlashAttention-2; see the package docstring, ``kernels/attention/__init__.py``)."""
+dropout-mask kernels (FlashAttention-2; see the package docstring, ``kernels/transformer_kernels/attention/__init__.py``)."""
 
 from __future__ import annotations
 

@@ -303,7 +303,7 @@ def _config(dtype: torch.dtype, epilogue: str, second: str) -> dict:
     epilogues that also hold a loaded pre-activation tile (act_grad, gated_grad) and the dual-product
     gated forward (two accumulators) narrow to 128x64 (x64 along K) to stay spill-free. True fp32 (no
     tensor cores) uses 64x64x16 tiles, halved along N when two accumulators or tiles are live. Every entry
-    compiles without spills for sm_80 and sm_90a (``python -m kernels.static_check``). Interpreter:
+    compiles without spills for sm_80 and sm_90a (``python -m transformer_kernels.static_check``). Interpreter:
     32^3 tiles so small test shapes still cross several tiles and every tail mask."""
     if dispatch.INTERPRETER:
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
@@ -317,7 +317,7 @@ def _config(dtype: torch.dtype, epilogue: str, second: str) -> dict:
 
 def candidates(dtype: torch.dtype, epilogue: str, second: str, arch: str = "sm_80", residual: bool = False) -> list[dict]:
     """The matmul's launch candidates, the default (:func:`_config`) first; the device picks among them
-    (:func:`kernels.autotune.choose`). On sm_90a in half precision: the default tile read through TMA
+    (:func:`transformer_kernels.autotune.choose`). On sm_90a in half precision: the default tile read through TMA
     tensor descriptors (``TMA``; the launcher drops it for operands that do not qualify), and for the
     plain products (the weight gradients, dx) a 128x256x64 TMA tile (the persistent-matmul tutorial's
     Hopper tile; spill-free only with TMA, whose loads need no per-thread addresses, and only without an

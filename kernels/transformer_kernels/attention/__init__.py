@@ -32,7 +32,7 @@ Layers, from the metal up: ``@triton.jit`` kernels -> ``attention_forward`` / ``
 (launchers on 4-D views) -> the ``kernels::attention_forward`` / ``kernels::attention_backward``
 torch.library custom ops with their autograd and fake (meta) implementations, so ``torch.compile``
 traces through them without a graph break -> ``scaled_dot_product_attention`` (torch's signature; the
-flash-attention signatures live in ``kernels/flash_attn_interface.py``). ``attention_reference`` is
+flash-attention signatures live in ``kernels/transformer_kernels/flash_attn_interface.py``). ``attention_reference`` is
 the plain PyTorch definition of all of it, used by the tests and by the CPU path.
 
 Where each part lives in this package (one file per layer, from the metal up):

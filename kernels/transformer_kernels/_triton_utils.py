@@ -67,7 +67,7 @@ def tanh(x):
 
 
 def pow2_bucket(n: int) -> int:
-    """The autotuner's bucket of a size: the next power of two, capped at 65536 (kernels.autotune)."""
+    """The autotuner's bucket of a size: the next power of two, capped at 65536 (transformer_kernels.autotune)."""
     return min(triton.next_power_of_2(max(int(n), 1)), 1 << 16)
 
 

@@ -3,6 +3,8 @@
 See README.md, "Where each call runs", for when the Triton kernels run and when the PyTorch path does;
 :func:`last_path` tells which one the last call of an op took.
 """
+__version__ = "0.2.0"
+
 from .attention import scaled_dot_product_attention
 from ._triton_utils import InputTypeError, InputValueError
 from .dispatch import last_path, launch_count, launch_counts
@@ -19,9 +21,10 @@ from .flash_attn_interface import (
 from .layer_norm import LayerNorm, RMSNorm, add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from .patching import PatchEntry, PatchReport, override_sdpa, patch, unpatch
 from .rotary import apply_rotary_emb
-from . import hf  # noqa: E402 (kernels.hf imports transformers only when its functions are called)
+from . import hf  # noqa: E402 (transformer_kernels.hf imports transformers only when its functions are called)
 
 __all__ = [
+    "__version__",
     "scaled_dot_product_attention",
     "flash_attn_func",
     "flash_attn_kvpacked_func",

@@ -20,7 +20,7 @@ from .flash_attn_interface import (
 )
 from .layer_norm import LayerNorm, RMSNorm, add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from .patching import PatchEntry, PatchReport, override_sdpa, patch, unpatch
-from .rotary import apply_rotary_emb
+from .rotary import apply_rotary_emb, apply_rotary_pos_emb
 from . import hf  # noqa: E402 (transformer_kernels.hf imports transformers only when its functions are called)
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "flash_attn_varlen_qkvpacked_func",
     "flash_attn_with_kvcache",
     "apply_rotary_emb",
+    "apply_rotary_pos_emb",
     "layer_norm",
     "rms_norm",
     "add_layer_norm",

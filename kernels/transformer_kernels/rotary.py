@@ -1,10 +1,15 @@
 """Rotary position embedding (RoPE; Su et al., 2021, "RoFormer", Sec. 3.4.2), fused: one Triton kernel
 rotates the first ``rotary_dim`` dims of every (token, head) row by its position's angles, forward and
-backward (the backward is the conjugate rotation). flash-attention's ``apply_rotary_emb``
-(``flash_attn/layers/rotary.py``) signature and semantics.
+backward (the backward is the conjugate rotation). Two signatures of the one op:
 
-kernel (:func:`_rotary_kernel`) -> launcher (:func:`rotary`) -> autograd (:class:`_ApplyRotaryEmb`) ->
-function (:func:`apply_rotary_emb`).
+* flash-attention's ``apply_rotary_emb`` (``flash_attn/layers/rotary.py``): cos/sin tables indexed by
+  position. kernel (:func:`_rotary_kernel`) -> launcher (:func:`rotary`) -> autograd
+  (:class:`_ApplyRotaryEmb`) -> function (:func:`apply_rotary_emb`).
+* transformers' ``apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)`` (``modeling_llama.py`` and the
+  ~110 modeling files copied from it): cos/sin already gathered per token, ``q * cos + rotate_half(q) * sin``.
+  kernel (:func:`_rotate_half_kernel`) -> launcher (:func:`rotate_half_embed`) -> custom op with autograd
+  (``kernels::rotate_half_embed``, so ``torch.compile`` keeps it whole) -> function
+  (:func:`apply_rotary_pos_emb`).
 """
 
 from __future__ import annotations
@@ -208,3 +213,169 @@ def apply_rotary_emb(x, cos, sin, interleaved=False, inplace=False, seqlen_offse
         rotary tables shorter than the largest position (one host sync for tensor offsets).
     """
     return _ApplyRotaryEmb.apply(x, cos, sin, interleaved, inplace, seqlen_offsets, cu_seqlens, max_seqlen)
+
+
+# --------------------------------------------------------------------------------------------------
+# transformers' form: q * cos + rotate_half(q) * sin, cos and sin gathered per token
+# --------------------------------------------------------------------------------------------------
+@triton.jit
+def _rotate_half_kernel(
+    X, OUT, COS, SIN, rows, n1, n2, half,
+    sx0, sx1, sx2, sx3, so0, so1, so2, so3, sc0, sc1, sc2, sc3, ss0, ss1, ss2, ss3,
+    CONJUGATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """``BLOCK_M`` rows (flattened dims 0-2) of a 4-d ``x``: with a = x[:half], b = x[half:],
+    out = (a cos_a - b sin_a, b cos_b + a sin_b), cos and sin broadcast to x (stride 0 where they
+    broadcast) and each half read with its own cos and sin, as transformers' formula does.
+    ``CONJUGATE`` is the transpose (the backward): sin_a -> -sin_b, sin_b -> -sin_a."""
+    r = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    i0, i1, i2 = r // (n1 * n2), (r // n2) % n1, r % n2
+    i = tl.arange(0, BLOCK_K)
+    ok = (r < rows)[:, None] & (i < half)[None, :]
+    x_row = (i0 * sx0 + i1 * sx1 + i2 * sx2)[:, None]
+    c_row = (i0 * sc0 + i1 * sc1 + i2 * sc2)[:, None]
+    s_row = (i0 * ss0 + i1 * ss1 + i2 * ss2)[:, None]
+    o_row = (i0 * so0 + i1 * so1 + i2 * so2)[:, None]
+    da, db = i[None, :], (i + half)[None, :]
+    xa = tl.load(X + x_row + da * sx3, mask=ok, other=0.0).to(tl.float32)
+    xb = tl.load(X + x_row + db * sx3, mask=ok, other=0.0).to(tl.float32)
+    ca = tl.load(COS + c_row + da * sc3, mask=ok, other=0.0).to(tl.float32)
+    cb = tl.load(COS + c_row + db * sc3, mask=ok, other=0.0).to(tl.float32)
+    sa = tl.load(SIN + s_row + da * ss3, mask=ok, other=0.0).to(tl.float32)
+    sb = tl.load(SIN + s_row + db * ss3, mask=ok, other=0.0).to(tl.float32)
+    if CONJUGATE:
+        sa, sb = -sb, -sa
+    tl.store(OUT + o_row + da * so3, (xa * ca - xb * sa).to(OUT.dtype.element_ty), mask=ok)
+    tl.store(OUT + o_row + db * so3, (xb * cb + xa * sb).to(OUT.dtype.element_ty), mask=ok)
+
+
+def rotate_half_embed(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, conjugate: bool = False) -> torch.Tensor:
+    """Launch :func:`_rotate_half_kernel` (no autograd, no checks): ``x`` 4-d with an even last dim,
+    ``cos``/``sin`` already expanded to ``x.shape``. Returns a new contiguous tensor of x's dtype."""
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    rows = x.shape[0] * x.shape[1] * x.shape[2]
+    if rows == 0 or x.shape[3] == 0:
+        return out
+    half = x.shape[3] // 2
+    block_k = triton.next_power_of_2(half)
+    block_m = max(1, min(64, 4096 // block_k))
+    _rotate_half_kernel[(triton.cdiv(rows, block_m),)](
+        x, out, cos, sin, rows, x.shape[1], x.shape[2], half, *x.stride(), *out.stride(), *cos.stride(),
+        *sin.stride(), CONJUGATE=bool(conjugate), BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4,
+    )
+    dispatch.record_launch("rotary")
+    return out
+
+
+@torch.library.custom_op("kernels::rotate_half_embed", mutates_args=())
+def _rotate_half_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, conjugate: bool) -> torch.Tensor:
+    return rotate_half_embed(x, cos, sin, conjugate)
+
+
+@_rotate_half_op.register_fake
+def _(x, cos, sin, conjugate):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def _rotate_half_setup_context(ctx, inputs, output):
+    _, cos, sin, conjugate = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.conjugate = conjugate
+
+
+def _rotate_half_backward(ctx, dout):
+    cos, sin = ctx.saved_tensors
+    return _rotate_half_op(dout, cos, sin, not ctx.conjugate), None, None, None
+
+
+torch.library.register_autograd("kernels::rotate_half_embed", _rotate_half_backward,
+                                setup_context=_rotate_half_setup_context)
+
+
+def _rotate_half(x):
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rotary_pos_emb_reference(q, k, cos, sin, unsqueeze_dim=1):
+    """transformers' ``apply_rotary_pos_emb`` in plain PyTorch (the PyTorch path; the tests' reference)."""
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def rotary_pos_emb_problem(q, k, cos, sin, unsqueeze_dim=1) -> tuple[type[Exception], str] | None:
+    """Why :func:`apply_rotary_pos_emb` cannot run these inputs on the kernel, as (the exception it
+    raises, the message), or None when it can."""
+    tensors = {"q": q, "k": k, "cos": cos, "sin": sin}
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            return InputTypeError, f"{name} must be a torch.Tensor, got {type(t).__name__}"
+        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            return InputTypeError, (f"{name} has dtype {t.dtype}; supported dtypes are float16, bfloat16 and "
+                                    "float32 (float64 runs the PyTorch path)")
+        if t.device != q.device:
+            return InputValueError, f"{name} is on {t.device} but q is on {q.device}; all tensors must be on one device"
+        if t.is_nested:
+            return InputValueError, f"{name} is a nested tensor"
+    if not isinstance(unsqueeze_dim, int) or isinstance(unsqueeze_dim, bool):
+        return InputValueError, f"unsqueeze_dim must be an int, got {unsqueeze_dim!r}"
+    if cos.shape != sin.shape:
+        return InputValueError, f"cos and sin must have one shape, got {tuple(cos.shape)} and {tuple(sin.shape)}"
+    if not -cos.dim() - 1 <= unsqueeze_dim <= cos.dim():
+        return InputValueError, f"unsqueeze_dim {unsqueeze_dim} is out of range for cos of rank {cos.dim()}"
+    table = cos.shape[:unsqueeze_dim % (cos.dim() + 1)] + (1,) + cos.shape[unsqueeze_dim % (cos.dim() + 1):]
+    for name, x in (("q", q), ("k", k)):
+        if not 1 <= x.dim() <= 4:
+            return InputValueError, f"{name} must have 1 to 4 dims, got {x.dim()}"
+        if x.shape[-1] % 2:
+            return InputValueError, f"{name}'s last dim (head_dim) must be even, got {x.shape[-1]}"
+        if len(table) > x.dim() or any(t not in (1, n) for t, n in zip(reversed(table), reversed(x.shape))):
+            return InputValueError, (f"cos.unsqueeze({unsqueeze_dim}) {tuple(table)} does not broadcast to "
+                                     f"{name}'s shape {tuple(x.shape)}")
+        if table[-1] != x.shape[-1]:
+            return InputValueError, f"cos's last dim {table[-1]} must equal {name}'s head_dim {x.shape[-1]}"
+        if torch.promote_types(torch.promote_types(x.dtype, cos.dtype), sin.dtype) != x.dtype:
+            return InputValueError, f"cos/sin ({cos.dtype}, {sin.dtype}) would promote {name} ({x.dtype}) to a wider dtype"
+    if cos.requires_grad or sin.requires_grad:
+        return InputValueError, "cos or sin requires grad (the kernel differentiates in q and k only)"
+    return None
+
+
+def _rotate(x, cos, sin):
+    lead = (None,) * (4 - x.dim())  # the kernel takes 4-d views
+    return _rotate_half_op(x[lead], cos.expand(x.shape)[lead], sin.expand(x.shape)[lead], False).view(x.shape)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+    """transformers' ``apply_rotary_pos_emb`` on one fused kernel per tensor: returns
+    ``(q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin)`` with cos and sin unsqueezed at
+    ``unsqueeze_dim`` (RoPE, Su et al., 2021, Sec. 3.4.2, in the GPT-NeoX half-split layout).
+
+    Args:
+        q, k: ``(batch, heads, seqlen, head_dim)`` for ``unsqueeze_dim=1`` (``(batch, seqlen, heads,
+            head_dim)`` for 2); up to 4 dims, head_dim even; float16, bfloat16 or float32 (float64 runs
+            the PyTorch path), any strides.
+        cos, sin: per-token tables, e.g. ``(batch, seqlen, head_dim)``, that broadcast to q and k once
+            unsqueezed; any of the three float dtypes no wider than q's. Each half of head_dim is read
+            with its own cos and sin, as transformers' formula does (no assumption that they repeat).
+        unsqueeze_dim: where cos and sin get their heads dim.
+
+    Returns:
+        ``(q_embed, k_embed)``: q's and k's shape and dtype, contiguous, computed in fp32 and rounded
+        once (transformers rounds after each product and the sum, so low-precision results differ by
+        rounding). Differentiable in q and k; cos and sin get no gradient.
+
+    Raises:
+        TypeError: non-tensors or unsupported dtypes. ValueError: shapes that do not broadcast, an odd
+        head_dim, cos/sin that would promote q or k, tensors on different devices, or cos/sin that
+        require grad (call :func:`rotary_pos_emb_reference` for those).
+    """
+    problem = rotary_pos_emb_problem(q, k, cos, sin, unsqueeze_dim)
+    if problem is not None:
+        raise problem[0](f"apply_rotary_pos_emb: {problem[1]}")
+    if not all(dispatch.triton_available_for(t) for t in (q, k, cos, sin)):
+        dispatch.record_path("rotary", "torch")
+        return rotary_pos_emb_reference(q, k, cos, sin, unsqueeze_dim)
+    dispatch.record_path("rotary", "triton")
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)

@@ -1,6 +1,7 @@
-"""Hugging Face ``transformers`` integration: our attention, norms and MLPs in GPT-2, BERT and Llama-style models.
+"""Hugging Face ``transformers`` integration: our attention, norms, MLPs and rotary embedding in its models.
 
-Two pieces, both reversible with :func:`transformer_kernels.unpatch`:
+Three pieces, one module each: ``attention`` and ``architectures`` (both reversible with
+:func:`transformer_kernels.unpatch`) and ``mapping`` (transformers' own kernel mechanism):
 
 * **Attention** goes through transformers' own extension point (``transformers.AttentionInterface``,
   https://huggingface.co/docs/transformers/en/attention_interface): :func:`register` adds
@@ -35,7 +36,13 @@ all in fp32; Gemma 1-3) has a rule of its own.
 The entry points follow Liger-Kernel's ``apply_liger_kernel_to_llama`` etc. (github.com/linkedin/
 Liger-Kernel), but patch the given model instance only, never transformers' classes.
 
-The attention is registered (:func:`register`) as soon as both ``kernels`` and ``transformers`` are
+* **transformers' kernel names** (``use_kernel_forward_from_hub("RMSNorm")``, ``"RMSNormZeroCentered"``,
+  ``"rotary_pos_emb"``) map to our layers for Hugging Face's ``kernels.kernelize``:
+  :data:`KERNEL_MAPPING`, :func:`kernelize` (one call), :func:`write_local_kernel` (a folder for
+  ``KernelConfig(..., use_local_kernel=True)``); see :mod:`transformer_kernels.hf.mapping`. It reaches
+  what transformers marks (norms, rotary), :func:`apply_kernels` the rest (MLPs, attention, nn.*).
+
+The attention is registered (:func:`register`) as soon as both ``transformer_kernels`` and ``transformers`` are
 imported, in either order (``import transformer_kernels`` does not import transformers: a hook registers right after
 transformers' own import), so ``from_pretrained(..., attn_implementation="kernels_sdpa")`` needs no
 call, and a pickled patched model finds it registered when it loads. ``import transformer_kernels.hf`` also works
@@ -58,6 +65,7 @@ from ._common import _hf_module, _transformers, same_function
 from .architectures import rules
 from .attention import (ATTENTION_NAME, FLASH_ATTENTION_NAME, _switch_attention, attention_forward,
                         flash_attention_forward, register, set_flash_attention)
+from .mapping import KERNEL_MAPPING, kernelize, write_local_kernel
 
 __all__ = [
     "ATTENTION_NAME",
@@ -70,6 +78,9 @@ __all__ = [
     "apply_kernels_to_gpt2",
     "apply_kernels_to_bert",
     "apply_kernels_to_llama",
+    "KERNEL_MAPPING",
+    "kernelize",
+    "write_local_kernel",
 ]
 
 

@@ -35,7 +35,6 @@ def _hf_module(name: str) -> types.ModuleType:
     return module
 
 
-
 _MISSING = object()
 
 
@@ -63,30 +62,40 @@ def _same_code(a: types.CodeType, b: types.CodeType, skip_doc: bool) -> bool:
     return True
 
 
-def same_function(f, g) -> bool:
+def same_function(f, g, _seen: frozenset = frozenset()) -> bool:
     """Whether functions ``f`` and ``g`` run the same code on the same globals: equal bytecode, names and
     constants (docstrings aside), no closures, equal defaults, and every global name either reads is
-    bound to the same object in both modules. This is how a "Copied from" class is proven identical."""
+    bound to the same object in both modules, or to plain functions that are themselves the same by
+    this rule (each modeling file has its own copy of helpers such as ``rotate_half``). This is how a
+    "Copied from" class or function is proven identical."""
     f, g = getattr(f, "__func__", f), getattr(g, "__func__", g)
     if f is g:
         return True
     if not (isinstance(f, types.FunctionType) and isinstance(g, types.FunctionType)):
         return False
+    if (f, g) in _seen:  # recursion: assume equal, the other names decide
+        return True
     if f.__closure__ or g.__closure__ or f.__defaults__ != g.__defaults__:
         return False
     if not _same_code(f.__code__, g.__code__, skip_doc=True):
         return False
-    return all(f.__globals__.get(n, _MISSING) is g.__globals__.get(n, _MISSING) for n in _code_names(f.__code__))
+    seen = _seen | {(f, g)}
+    for n in _code_names(f.__code__):
+        a, b = f.__globals__.get(n, _MISSING), g.__globals__.get(n, _MISSING)
+        if a is not b and not (isinstance(a, types.FunctionType) and same_function(a, b, seen)):
+            return False
+    return True
 
 
-@functools.lru_cache(maxsize=None)
 def _reference(module: str, qualname: str):
     """A reference class of transformers, e.g. ``("llama", "LlamaMLP")``."""
     return getattr(_hf_module(f"models.{module}.modeling_{module}"), qualname)
 
 
-def _forward_is(m: nn.Module, module: str, cls: str, method: str = "forward") -> bool:
-    return same_function(getattr(type(m), method, None), getattr(_reference(module, cls), method))
+def _forward_is(m: nn.Module | type, module: str, cls: str, method: str = "forward") -> bool:
+    """Whether ``m``'s (a module's or a class's) ``method`` is that of transformers' ``cls`` in ``module``."""
+    owner = m if isinstance(m, type) else type(m)
+    return same_function(getattr(owner, method, None), getattr(_reference(module, cls), method))
 
 
 def _recognize_hf_activation(act) -> str | None:

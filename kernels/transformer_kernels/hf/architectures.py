@@ -16,32 +16,47 @@ from .. import patching
 from ..patching import Leave, Options, Replace, activation_name, fused_ffn, has_hooks, kernel_can_take, plain_linear
 from ._common import _ffn_refusal, _forward_is, _hf_module
 
-class _RMSNormMixin:
-    """LlamaRMSNorm-style ``weight * (x * rsqrt(mean(x^2) + eps))`` on ``transformer_kernels.rms_norm``.
+
+def llama_rms_norm(module: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor | None:
+    """LlamaRMSNorm's ``weight * (x * rsqrt(mean(x^2) + eps))`` of ``module`` (its ``weight`` and
+    ``variance_epsilon``) on ``transformer_kernels.rms_norm``, or None when the kernel cannot take the call.
 
     Llama computes in fp32 and rounds the normalized x to the input dtype before the weight product;
     the kernel rounds once at the end (equal up to rounding). An input whose dtype differs from the
-    weight's runs the original (it promotes the output to the wider dtype, which the kernel does not).
+    weight's answers None (Llama promotes the output to the wider dtype, which the kernel does not).
     """
+    if not kernel_can_take(hidden_states, module.weight):
+        return None
+    with patching.autocast_off(hidden_states.device.type):
+        return patching.rms_norm(hidden_states, (module.weight.shape[-1],), module.weight, module.variance_epsilon)
+
+
+def gemma_rms_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """GemmaRMSNorm's ``(norm(x.float()) * (1 + weight.float())).type_as(x)`` of ``module`` (its
+    ``weight`` and ``eps``) on ``transformer_kernels.rms_norm`` with the fp32 weight ``1 + weight`` (built
+    per call, d elements; the gradient flows through it to ``weight``), or None when the kernel cannot
+    take the call. The kernel normalizes and scales in fp32 and rounds once, which is Gemma's casting
+    (Llama's rounds before the weight); Liger-Kernel calls this ``offset=1.0, casting_mode="gemma"``."""
+    if not (kernel_can_take(x) and module.weight.device == x.device):
+        return None
+    with patching.autocast_off(x.device.type):
+        return patching.rms_norm(x, (module.weight.shape[-1],), 1.0 + module.weight.float(), module.eps)
+
+
+class _RMSNormMixin:
+    """LlamaRMSNorm on :func:`llama_rms_norm`; the original forward where that answers None."""
 
     def forward(self, hidden_states):
-        if not kernel_can_take(hidden_states, self.weight):
-            return super().forward(hidden_states)
-        with patching.autocast_off(hidden_states.device.type):
-            return patching.rms_norm(hidden_states, (self.weight.shape[-1],), self.weight, self.variance_epsilon)
+        y = llama_rms_norm(self, hidden_states)
+        return super().forward(hidden_states) if y is None else y
 
 
 class _GemmaRMSNormMixin:
-    """GemmaRMSNorm ``(norm(x.float()) * (1 + weight.float())).type_as(x)`` on ``transformer_kernels.rms_norm`` with the
-    fp32 weight ``1 + weight`` (built per call, d elements; the gradient flows through it to ``weight``).
-    The kernel normalizes and scales in fp32 and rounds once, which is Gemma's casting (Llama's rounds
-    before the weight); Liger-Kernel calls this ``offset=1.0, casting_mode="gemma"``."""
+    """GemmaRMSNorm on :func:`gemma_rms_norm`; the original forward where that answers None."""
 
     def forward(self, x):
-        if not (kernel_can_take(x) and self.weight.device == x.device):
-            return super().forward(x)
-        with patching.autocast_off(x.device.type):
-            return patching.rms_norm(x, (self.weight.shape[-1],), 1.0 + self.weight.float(), self.eps)
+        y = gemma_rms_norm(self, x)
+        return super().forward(x) if y is None else y
 
 
 class _GatedMLPMixin:
@@ -170,9 +185,10 @@ _GEMMA_NORMS = (("gemma", "GemmaRMSNorm"), ("gemma2", "Gemma2RMSNorm"), ("gemma3
 
 
 def _is_gemma_norm(m) -> bool:
+    """Whether ``m``'s forward and ``_norm`` are those of Gemma's (1, 2 or 3) RMSNorm."""
     for module, cls in _GEMMA_NORMS:
         try:
-            if _forward_is(m, module, cls):
+            if _forward_is(m, module, cls) and _forward_is(m, module, cls, "_norm"):
                 return True
         except (ImportError, AttributeError):  # an older transformers without this model
             continue

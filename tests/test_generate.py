@@ -408,7 +408,7 @@ def checkpoints(tmp_path_factory):
 
 def test_cli_subprocess(checkpoints):
     """``python -m transformer.generate`` on a saved LM checkpoint prints the prompt and its continuation."""
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "PYTHONPATH": str(REPO / "kernels") + os.pathsep + str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     result = subprocess.run([sys.executable, "-m", "transformer.generate", str(checkpoints["lm"]), "--prompt", "Hi",
                              "--max-new-tokens", "6", "--top-k", "5", "--seed", "0", "--backend", "torch",
                              "--device", "cpu"], capture_output=True, text=True, env=env, cwd=REPO, timeout=600)

@@ -22,7 +22,7 @@ ATTENTION = {"_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"}
 
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory):
-    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(ROOT), "TRITON_DEFAULT_FP_FUSION": "1"}
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": os.pathsep.join([str(ROOT / "kernels"), str(ROOT)]), "TRITON_DEFAULT_FP_FUSION": "1"}
     cmd = [sys.executable, "-m", "transformer_kernels.static_check", "--json"] + ([] if FULL else ["--quick"])
     # xdist may put these tests on several workers: one compiles, the others wait and read its cache.
     lock = tmp_path_factory.getbasetemp().parent / "static_check.lock"
@@ -40,7 +40,8 @@ def test_every_checked_config_compiles_spill_free_with_tensor_cores(reports):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert {r["kernel"] for r in reports} == ATTENTION | {
         "_attn_combine_kernel", "_attn_bwd_delta_kernel", "_dropout_mask_kernel", "_norm_fwd_kernel",
-        "_norm_bwd_stats_kernel", "_norm_bwd_kernel", "_matmul_kernel", "_ffn_elementwise_kernel"}
+        "_norm_bwd_stats_kernel", "_norm_bwd_kernel", "_matmul_kernel", "_ffn_elementwise_kernel",
+        "_rotate_half_kernel"}
     assert {r["arch"] for r in reports} == {"sm_80", "sm_90a"}
     half = [r for r in reports if r["needs_mma"]]
     assert half and all(r["mma_instructions"] > 0 for r in half)

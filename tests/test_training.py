@@ -64,7 +64,7 @@ def run_cli(*args, out: Path) -> dict:
 
 
 def subprocess_env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "kernels"), str(ROOT)])}
 
 
 # ---------------------------------------------------------------------------------------------------

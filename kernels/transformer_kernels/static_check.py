@@ -48,6 +48,7 @@ attention = importlib.import_module("transformer_kernels.attention")
 ffn = importlib.import_module("transformer_kernels.ffn")
 dispatch = importlib.import_module("transformer_kernels.dispatch")
 layer_norm = importlib.import_module("transformer_kernels.layer_norm")
+rotary = importlib.import_module("transformer_kernels.rotary")
 
 ARCHS = {"sm_80": GPUTarget("cuda", 80, 32), "sm_90a": GPUTarget("cuda", 90, 32)}
 _CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -248,6 +249,16 @@ def _record_launches() -> list[Launch]:
                                                 use_torch_gemm=torch_gemm)
                     ffn.ffn_backward(y, x, w1, b1, w2, wg, bg, h, aux, activation=activation, needs=[True] * 7,
                                      use_torch_gemm=torch_gemm)
+
+    # transformers' rotary form (kernelize's rotary_pos_emb): q as transformers hands it, (b, h, s, d) viewed
+    # from (b, s, h, d); cos/sin (b, s, d) broadcast over heads; forward and the conjugate (backward)
+    for dtype in (torch.bfloat16, torch.float32):
+        for head_dim in (64, 128):
+            q = torch.empty(4, 4096, 32, head_dim, dtype=dtype, **meta).transpose(1, 2)
+            table = torch.empty(4, 1, 4096, head_dim, dtype=dtype, **meta).expand(q.shape)
+            with _recording(rotary, ["_rotate_half_kernel"], launches, f"rotate_half {str(dtype)[6:]} d={head_dim}"):
+                rotary.rotate_half_embed(q, table, table)
+                rotary.rotate_half_embed(q, table, table, conjugate=True)
     return launches
 
 
@@ -328,6 +339,7 @@ QUICK_CASES = (
     "attention float16 d=128 decode", "attention float32 d=64 causal", "attention dropout mask",
     "layer_norm float16 N=4096", f"add_layer_norm+dropout float16 N={4 * layer_norm.MAX_SINGLE_PASS_N}",
     "ffn float16 gelu triton", "ffn float16 gelu cublas+fused", "ffn bfloat16 swiglu triton",
+    "rotate_half bfloat16 d=128",
 )
 
 

@@ -320,6 +320,25 @@ def test_apply_rotary_pos_emb_against_float64(device, launches, layout):
         torch.testing.assert_close(o.double(), r, rtol=1e-5, atol=1e-5)
 
 
+def test_rotate_half_launcher_writes_every_element(device, launches):
+    """A NaN-poisoned, strided output is fully overwritten, forward and conjugate (the backward)."""
+    from helpers import poisoned
+    from transformer_kernels.rotary import rotate_half_embed
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 9, 5, 10, device=device).transpose(1, 2)
+    cos, sin = (torch.randn(3, 1, 9, 10, device=device).expand(x.shape) for _ in range(2))
+    half = lambda t: (t[..., :5], t[..., 5:])  # noqa: E731
+    (xa, xb), (ca, cb), (sa, sb) = half(x), half(cos), half(sin)
+    for conjugate, expected in ((False, torch.cat((xa * ca - xb * sa, xb * cb + xa * sb), -1)),
+                                (True, torch.cat((xa * ca + xb * sb, xb * cb - xa * sa), -1))):
+        out = poisoned((3, 9, 5, 10), torch.float32, device).transpose(1, 2)
+        with launches("rotary", 1):
+            assert rotate_half_embed(x, cos, sin, conjugate, out=out) is out
+        assert not out.isnan().any()
+        torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_apply_rotary_pos_emb_low_precision(device, dtype):
     """Half precision: fp32 inside, one rounding; within a rounding of transformers' own (bf16) result."""

@@ -249,10 +249,12 @@ def _rotate_half_kernel(
     tl.store(OUT + o_row + db * so3, (xb * cb + xa * sb).to(OUT.dtype.element_ty), mask=ok)
 
 
-def rotate_half_embed(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, conjugate: bool = False) -> torch.Tensor:
+def rotate_half_embed(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, conjugate: bool = False, *,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
     """Launch :func:`_rotate_half_kernel` (no autograd, no checks): ``x`` 4-d with an even last dim,
-    ``cos``/``sin`` already expanded to ``x.shape``. Returns a new contiguous tensor of x's dtype."""
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    ``cos``/``sin`` already expanded to ``x.shape``. Writes ``out`` (x's shape and dtype, any strides)
+    if given, else a new contiguous tensor, and returns it."""
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
     rows = x.shape[0] * x.shape[1] * x.shape[2]
     if rows == 0 or x.shape[3] == 0:
         return out

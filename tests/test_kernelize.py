@@ -30,6 +30,12 @@ from transformer_kernels import hf  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 64
+
+# transformers marks its layers for kernels only when its kernels integration is on (from 5.25, which
+# requires a kernels release in its range); older releases (the hf extra's floor, 5.23) mark nothing.
+marks_layers = pytest.mark.skipif(not transformers.utils.is_kernels_available(),
+                                  reason=f"transformers {transformers.__version__} does not mark its layers for "
+                                         "kernels (needs >= 5.25 with Hugging Face's kernels in its range)")
 TRAIN_COMPILE = Mode.TRAINING | Mode.TORCH_COMPILE
 
 
@@ -112,6 +118,7 @@ def grads_of(model, inputs, cotangent=None):
 # --------------------------------------------------------------------------------------------------
 # kernelize on real models, in each mode
 # --------------------------------------------------------------------------------------------------
+@marks_layers
 @pytest.mark.parametrize("name", list(MODELS))
 def test_inference_logits_and_greedy_generation(name, device):
     model = build(name, device).eval()
@@ -133,6 +140,7 @@ def test_inference_logits_and_greedy_generation(name, device):
         assert_match(s, s_ref, f"scores of step {step}")
 
 
+@marks_layers
 @pytest.mark.parametrize("name", list(MODELS))
 def test_training_logits_and_gradients(name, device):
     model = build(name, device).train()
@@ -147,6 +155,7 @@ def test_training_logits_and_gradients(name, device):
     assert_grads_match(model, ref)
 
 
+@marks_layers
 @pytest.mark.parametrize("name", list(MODELS))
 def test_training_under_torch_compile(name, device):
     """TRAINING | TORCH_COMPILE: dynamo sees the whole model in one graph (0 graph breaks), and the
@@ -168,6 +177,7 @@ def test_training_under_torch_compile(name, device):
     torch._dynamo.reset()
 
 
+@marks_layers
 def test_kernelize_then_our_patches_compose(device):
     """kernelize reaches the marked norms and rotary; apply_kernels adds MLPs and attention on top."""
     model = build("llama", device).eval()
@@ -194,6 +204,7 @@ def test_mapping_covers_cuda_and_cpu_with_validated_layers():
         assert hash(per_device["cuda"]) == hash(per_device["cpu"])  # kernels caches loaded layers by repository
 
 
+@marks_layers
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_zero_centered_norm_is_gemma_math(device, dtype):
     """``RMSNormZeroCentered`` (Qwen3.5's norms: Gemma's ``x * (1 + w)`` in fp32) on our rms_norm."""
@@ -258,6 +269,7 @@ def test_marked_code_we_do_not_reproduce_runs_its_own_forward(device):
     assert counting(before) == {}
 
 
+@marks_layers
 def test_calls_the_kernel_cannot_take_run_the_original(device):
     """LlamaRMSNorm with an fp32 weight and a bf16 input promotes to fp32 (the kernel does not): the
     kernelized module runs the original forward for that call."""
@@ -374,6 +386,7 @@ def test_apply_rotary_pos_emb_errors():
 # --------------------------------------------------------------------------------------------------
 # KernelConfig(use_local_kernel=True): a folder transformers and kernels load our layers from
 # --------------------------------------------------------------------------------------------------
+@marks_layers
 def test_local_kernel_folder_loads_through_kernels(device, tmp_path):
     path = hf.write_local_kernel(tmp_path / "tk-local")
     meta = json.loads((path / "build" / "torch-universal" / "metadata.json").read_text())
@@ -398,6 +411,7 @@ def test_local_kernel_folder_loads_through_kernels(device, tmp_path):
     assert (other / "keep.txt").read_text() == "mine"
 
 
+@marks_layers
 @pytest.mark.gpu
 def test_from_pretrained_with_local_kernel_config(tmp_path, launches):
     """transformers' own route (CUDA only: its KernelConfig refuses a local kernel on "cpu")."""
@@ -443,6 +457,7 @@ def _side_by_side(cwd, env):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@marks_layers
 def test_inside_the_clone_kernels_is_hugging_faces():
     """Started in the repository root (its folder first on sys.path, as `make test` and `python -m
     benchmarks` run), `import kernels` is Hugging Face's and a transformers model builds, runs and

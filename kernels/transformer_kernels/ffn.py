@@ -27,7 +27,7 @@ ReLU's derivative is read off the stored activation (h > 0), so it keeps no pre-
 work in one fused Triton kernel; ``gemm="auto"`` picks per shape by :func:`_use_torch_gemm` (the rule).
 
 Layers: ``_matmul_kernel`` / ``_ffn_elementwise_kernel`` -> ``matmul`` / ``elementwise`` (launchers) ->
-``ffn_forward`` / ``ffn_backward`` -> ``kernels::ffn_forward`` / ``kernels::ffn_backward`` custom ops ->
+``ffn_forward`` / ``ffn_backward`` -> ``transformer_kernels::ffn_forward`` / ``transformer_kernels::ffn_backward`` custom ops ->
 ``ffn`` -> ``FFN``, ``GatedFFN``. ``ffn_reference`` is the plain PyTorch definition.
 """
 
@@ -514,7 +514,7 @@ def ffn_backward(dy, x, w1, b1, w2, wg, bg, h, aux, *, activation, needs, use_to
 # --------------------------------------------------------------------------------------------------
 # Custom ops (autograd, fake implementations): torch.compile traces through them
 # --------------------------------------------------------------------------------------------------
-@torch.library.custom_op("kernels::ffn_forward", mutates_args=())
+@torch.library.custom_op("transformer_kernels::ffn_forward", mutates_args=())
 def _ffn_forward_op(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
                     b2: Optional[torch.Tensor], wg: Optional[torch.Tensor], bg: Optional[torch.Tensor],
                     residual: Optional[torch.Tensor], activation: str, recompute: bool, use_torch_gemm: bool,
@@ -535,7 +535,7 @@ def _(x, w1, b1, w2, b2, wg, bg, residual, activation, recompute, use_torch_gemm
     return x.new_empty((x.shape[0], w2.shape[0])), h, aux
 
 
-@torch.library.custom_op("kernels::ffn_backward", mutates_args=())
+@torch.library.custom_op("transformer_kernels::ffn_backward", mutates_args=())
 def _ffn_backward_op(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
                      w2: torch.Tensor, wg: Optional[torch.Tensor], bg: Optional[torch.Tensor], h: torch.Tensor,
                      aux: torch.Tensor, activation: str, needs: list[bool], use_torch_gemm: bool,
@@ -572,7 +572,7 @@ def _ffn_autograd_backward(ctx, dy, _dh, _daux):
     return dx, dw1, db1, dw2, db2, dwg, dbg, dres, None, None, None
 
 
-torch.library.register_autograd("kernels::ffn_forward", _ffn_autograd_backward, setup_context=_ffn_setup_context)
+torch.library.register_autograd("transformer_kernels::ffn_forward", _ffn_autograd_backward, setup_context=_ffn_setup_context)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ program over a (row group x column chunk) grid; wide rows first get their two ro
 separate pass. Nothing is written into the caller's tensors.
 
 Layers: ``_norm_fwd_kernel`` / ``_norm_bwd_*_kernel`` -> ``norm_forward`` / ``norm_backward``
-(launchers on (M, N) views) -> the ``kernels::norm_forward`` / ``kernels::norm_backward`` custom ops
+(launchers on (M, N) views) -> the ``transformer_kernels::norm_forward`` / ``transformer_kernels::norm_backward`` custom ops
 with autograd and fake implementations -> ``layer_norm``, ``rms_norm``, ``add_layer_norm``,
 ``add_rms_norm`` -> ``LayerNorm``, ``RMSNorm``. ``norm_reference`` is the plain PyTorch definition.
 """
@@ -319,7 +319,7 @@ def _maybe(t: torch.Tensor) -> torch.Tensor | None:
     return None if t.numel() == 0 else t
 
 
-@torch.library.custom_op("kernels::norm_forward", mutates_args=())
+@torch.library.custom_op("transformer_kernels::norm_forward", mutates_args=())
 def _norm_forward_op(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
                      bias: Optional[torch.Tensor], eps: float, is_rms: bool, dropout_p: float,
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -338,7 +338,7 @@ def _(x, residual, weight, bias, eps, is_rms, dropout_p):
     return x.new_empty((m, n)), z, mean, x.new_empty(m, dtype=torch.float32), torch.empty((), dtype=torch.int64)
 
 
-@torch.library.custom_op("kernels::norm_backward", mutates_args=())
+@torch.library.custom_op("transformer_kernels::norm_backward", mutates_args=())
 def _norm_backward_op(dy: torch.Tensor, dz_out: Optional[torch.Tensor], z: torch.Tensor, weight: Optional[torch.Tensor],
                       bias: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor, seed: torch.Tensor,
                       is_rms: bool, dropout_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -374,7 +374,7 @@ def _norm_autograd_backward(ctx, dy, dz_out, _dmean, _drstd, _dseed):
             _maybe(db) if bias is not None else None, None, None, None)
 
 
-torch.library.register_autograd("kernels::norm_forward", _norm_autograd_backward, setup_context=_norm_setup_context)
+torch.library.register_autograd("transformer_kernels::norm_forward", _norm_autograd_backward, setup_context=_norm_setup_context)
 
 
 # --------------------------------------------------------------------------------------------------

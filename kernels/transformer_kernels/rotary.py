@@ -8,7 +8,7 @@ backward (the backward is the conjugate rotation). Two signatures of the one op:
 * transformers' ``apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)`` (``modeling_llama.py`` and the
   ~110 modeling files copied from it): cos/sin already gathered per token, ``q * cos + rotate_half(q) * sin``.
   kernel (:func:`_rotate_half_kernel`) -> launcher (:func:`rotate_half_embed`) -> custom op with autograd
-  (``kernels::rotate_half_embed``, so ``torch.compile`` keeps it whole) -> function
+  (``transformer_kernels::rotate_half_embed``, so ``torch.compile`` keeps it whole) -> function
   (:func:`apply_rotary_pos_emb`).
 """
 
@@ -269,7 +269,7 @@ def rotate_half_embed(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, con
     return out
 
 
-@torch.library.custom_op("kernels::rotate_half_embed", mutates_args=())
+@torch.library.custom_op("transformer_kernels::rotate_half_embed", mutates_args=())
 def _rotate_half_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, conjugate: bool) -> torch.Tensor:
     return rotate_half_embed(x, cos, sin, conjugate)
 
@@ -290,7 +290,7 @@ def _rotate_half_backward(ctx, dout):
     return _rotate_half_op(dout, cos, sin, not ctx.conjugate), None, None, None
 
 
-torch.library.register_autograd("kernels::rotate_half_embed", _rotate_half_backward,
+torch.library.register_autograd("transformer_kernels::rotate_half_embed", _rotate_half_backward,
                                 setup_context=_rotate_half_setup_context)
 
 

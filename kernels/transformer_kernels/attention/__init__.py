@@ -29,7 +29,7 @@ Decoding (few query rows, long KV cache) splits the keys across programs (flash-
 2023) and merges the partial results by their logsumexp in ``_attn_combine_kernel``.
 
 Layers, from the metal up: ``@triton.jit`` kernels -> ``attention_forward`` / ``attention_backward``
-(launchers on 4-D views) -> the ``kernels::attention_forward`` / ``kernels::attention_backward``
+(launchers on 4-D views) -> the ``transformer_kernels::attention_forward`` / ``transformer_kernels::attention_backward``
 torch.library custom ops with their autograd and fake (meta) implementations, so ``torch.compile``
 traces through them without a graph break -> ``scaled_dot_product_attention`` (torch's signature; the
 flash-attention signatures live in ``kernels/transformer_kernels/flash_attn_interface.py``). ``attention_reference`` is

@@ -1,4 +1,4 @@
-"""The ``kernels::attention_forward`` / ``kernels::attention_backward`` torch.library custom ops, their
+"""The ``transformer_kernels::attention_forward`` / ``transformer_kernels::attention_backward`` torch.library custom ops, their
 fake (meta) implementations and autograd registration, so ``torch.compile`` traces through them
 without a graph break; :func:`attention_op` is the differentiable entry point on 4-D views."""
 
@@ -26,7 +26,7 @@ def _new_stats(q: torch.Tensor, row_stats: bool) -> torch.Tensor:
     return q.new_empty((2, *q.shape[:3]) if row_stats else (0,), dtype=torch.float32)
 
 
-@torch.library.custom_op("kernels::attention_forward", mutates_args=())
+@torch.library.custom_op("transformer_kernels::attention_forward", mutates_args=())
 def _attention_forward_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     attn_mask: Optional[torch.Tensor], alibi_slopes: Optional[torch.Tensor],
@@ -59,7 +59,7 @@ def _(q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k, k
     return _new_out(q, v.shape[3]), lse, torch.empty((), dtype=torch.int64), _new_stats(q, row_stats)
 
 
-@torch.library.custom_op("kernels::attention_backward", mutates_args=())
+@torch.library.custom_op("transformer_kernels::attention_backward", mutates_args=())
 def _attention_backward_op(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     seed: torch.Tensor, stats: torch.Tensor, attn_mask: Optional[torch.Tensor], alibi_slopes: Optional[torch.Tensor],
@@ -135,7 +135,7 @@ def _sinks_grad(dout, out, lse, sinks, cu_seqlens_q):
     return (-terms.sum((0, 2))).to(sinks.dtype)
 
 
-torch.library.register_autograd("kernels::attention_forward", _backward, setup_context=_setup_context)
+torch.library.register_autograd("transformer_kernels::attention_forward", _backward, setup_context=_setup_context)
 
 
 def attention_op(q, k, v, *, scale, bottom_right=False, window=(-1, -1), softcap=0.0, alibi_slopes=None,

@@ -446,6 +446,58 @@ def test_t5_norms_feed_forward_and_attention_with_learned_bias(device, launches,
     assert bias.grad is not None and bias.grad.abs().sum() > 0
 
 
+def _t5_gradient_errors(model, inputs, freeze_bias):
+    """Relative error against the model in float64, of the logits and of each parameter's gradient
+    (floored at 1e-3 of the largest gradient's norm), for one random cotangent."""
+    def run(m):
+        for n, p in m.named_parameters():
+            p.grad = None
+            p.requires_grad_(not (freeze_bias and "relative_attention_bias" in n))
+        out = m(**inputs).logits
+        cot = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        (out * cot.to(device=out.device, dtype=out.dtype)).sum().backward()
+        return out, {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+
+    out64, grads64 = run(copy.deepcopy(model).double())
+    floor = 1e-3 * max(g.norm().item() for g in grads64.values())
+    out, grads = run(model)
+    errors = {"logits": ((out.double() - out64).norm() / out64.norm()).item()}
+    errors.update({n: ((grads[n].double() - g).norm() / max(g.norm().item(), floor)).item() for n, g in grads64.items()})
+    return errors
+
+
+@pytest.mark.parametrize("freeze_bias", [False, True])
+def test_t5_large_logits_fp32_errors_within_torchs_own_spread(device, freeze_bias):
+    """Issue 20's model: T5 with initializer_factor 5 (unscaled logits up to ~2700), padded encoder and
+    decoder batches, fp32, against itself in float64. Before the fix, q/k gradients were 10^3x torch's
+    error (44x in the issue's run). At these logits fp32 is ill-conditioned: torch's own error moves by up
+    to 42x when every weight is nudged by one ulp (the same model to fp32), so a single torch run is no
+    yardstick. The rule: every error of the patched model within 2x the worst of torch's on the model and
+    on two such nudged copies (each against its own float64 reference)."""
+    torch.manual_seed(1)
+    config = transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, num_heads=4, num_layers=2, d_ff=64,
+                                   initializer_factor=5.0, dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0)
+    model = transformers.T5ForConditionalGeneration(config).to(device).eval()
+    inputs = dict(tokens(device, padded=True, seqlen=9), decoder_input_ids=torch.randint(1, VOCAB, (2, 7), device=device),
+                  decoder_attention_mask=torch.ones(2, 7, dtype=torch.long, device=device))
+    inputs["decoder_attention_mask"][1, 5:] = 0
+    torch_errors = [_t5_gradient_errors(copy.deepcopy(model), inputs, freeze_bias)]
+    for k in range(2):
+        nudged = copy.deepcopy(model)
+        g = torch.Generator().manual_seed(1000 + k)
+        with torch.no_grad():
+            for p in nudged.parameters():
+                p.mul_(1 + 1.2e-7 * torch.randn(p.shape, generator=g).to(device))
+        torch_errors.append(_t5_gradient_errors(nudged, inputs, freeze_bias))
+    patched = copy.deepcopy(model)
+    hf.apply_kernels(patched)
+    ours = _t5_gradient_errors(patched, inputs, freeze_bias)
+    assert tk.launch_count("attention_bwd_dq") > 0
+    for name, err in ours.items():
+        spread = max(e[name] for e in torch_errors)
+        assert err <= 2 * spread, f"{name}: error {err:.2e}, torch's {torch_errors[0][name]:.2e} (spread {spread:.2e})"
+
+
 def test_t5_trains_under_fullgraph_compile(device, launches):
     """Issue 13: patched T5 with gradients compiles whole (0 graph breaks), runs our kernels and gives
     eager's logits and gradients."""

@@ -96,9 +96,12 @@ def _walk(PART: tl.constexpr, SPLIT: tl.constexpr, lo, hi, first, limit, BLOCK: 
 def _scores(qk, i, j, seqlen_q, seqlen_k, diag, window_left, window_right,
             MASK, smask_m, smask_n, slope_log2, qk_scale_log2, softcap_scale, softcap_log2,
             HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
-            HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EDGE: tl.constexpr, FOLD: tl.constexpr):
+            HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EDGE: tl.constexpr, FOLD: tl.constexpr,
+            NATURAL: tl.constexpr):
     """Scores of a tile in base-2 units (-inf where key j is not visible to query i); with ``FOLD`` the
-    raw ``q . k`` instead, which the caller scales inside the exponent (:func:`_exp2_scaled`).
+    raw ``q . k`` instead, which the caller scales inside the exponent (:func:`_exp2_scaled`); with
+    ``NATURAL`` (fp32) in natural units, as torch adds them: ``qk_scale_log2``, ``softcap_log2`` and
+    ``slope_log2`` then hold the plain scale, soft-cap and slope, and the mask is added as it is.
 
     ``i`` and ``j`` broadcast to the tile (either orientation). ``EDGE`` False: the caller knows every
     streamed index is in bounds and inside the band (an interior block of :func:`_walk`), so the
@@ -124,20 +127,44 @@ def _scores(qk, i, j, seqlen_q, seqlen_k, diag, window_left, window_right,
     if MASK_KIND == 1:  # boolean: nonzero = take part
         valid = valid & (tl.load(MASK + i * smask_m + j * smask_n, mask=inside, other=0) != 0)
     elif MASK_KIND == 2:  # additive
-        s = s + tl.load(MASK + i * smask_m + j * smask_n, mask=inside, other=0.0).to(tl.float32) * LOG2E
+        mask = tl.load(MASK + i * smask_m + j * smask_n, mask=inside, other=0.0).to(tl.float32)
+        if not NATURAL:
+            mask = mask * LOG2E
+        s = s + mask
     if EDGE or MASK_KIND == 1:
         s = tl.where(valid, s, float("-inf"))
     return s, t
 
 
 @triton.jit
-def _exp2_scaled(s, scale_log2, shift, FOLD: tl.constexpr):
+def _exp2_scaled(s, scale_log2, shift, FOLD: tl.constexpr, NATURAL: tl.constexpr):
     """exp2(s * scale_log2 - shift) for raw scores (``FOLD``), else exp2(s - shift). Folding the softmax
     scale into the exponent makes it one FFMA per score instead of an FMUL and an FADD, as the Triton
-    fused-attention tutorial does; it needs scale > 0, so the row max of q.k is that of the scores."""
+    fused-attention tutorial does; it needs scale > 0, so the row max of q.k is that of the scores.
+
+    ``NATURAL`` (fp32; never with ``FOLD``): s and shift in natural units, exp(s - shift) (on the GPU
+    ex2 of (s - shift) * log2 e: the same instructions as the base-2 path plus one FMUL, and on sm_90a
+    fewer registers than spelling out exp2 of the product: 96 instead of 255 with 237 spills, fp32
+    d=128 with a mask). The difference is taken before the unit change, so its rounding scales with
+    s - shift, small where the probabilities are large, as in torch's softmax; in base 2 the scores
+    (tens to hundreds at T5's unscaled logits) are rounded at their own magnitude first, which cost
+    fp32 up to 2.3x torch's error (issue 20)."""
+    if NATURAL:
+        return tl.exp(s - shift)
     if FOLD:
         return tl.exp2(s * scale_log2 - shift)
     return tl.exp2(s - shift)
+
+
+@triton.jit
+def _slope(ptr, HAS_ALIBI: tl.constexpr, NATURAL: tl.constexpr):
+    """This head's ALiBi slope in the scores' units (natural with ``NATURAL``, else base 2); 0 without ALiBi."""
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(ptr).to(tl.float32)
+        if not NATURAL:
+            slope = slope * LOG2E
+    return slope
 
 
 @triton.jit
@@ -155,17 +182,22 @@ def _load_tile(ptrs, seq_ok, dim_ok, CHECK_SEQ: tl.constexpr, CHECK_DIM: tl.cons
 
 
 @triton.jit
-def _softmax_shift(LSE, STATS, offs, row_ok, sst_s, CHECK: tl.constexpr, ROW_STATS: tl.constexpr):
+def _softmax_shift(LSE, STATS, offs, row_ok, sst_s, CHECK: tl.constexpr, ROW_STATS: tl.constexpr,
+                   NATURAL: tl.constexpr):
     """``(shift, inv_l)`` of the rows at ``offs`` such that P = exp2(s - shift) * inv_l (``inv_l`` only
     with ``ROW_STATS``). From the logsumexp, shift = lse in base 2 and P carries the rounding of lse at
     its magnitude, which fp32 sees at large logits (dV 2.6x torch's error at scale 2.5); with
     ``ROW_STATS`` the forward's row max m and 1 / sum (``STATS``) give P = exp2(s - m) / l as torch's
-    softmax computes it. A row that saw no key gets shift = +inf: its probabilities are exactly 0."""
+    softmax computes it. A row that saw no key gets shift = +inf: its probabilities are exactly 0.
+    ``NATURAL``: the shift in natural units (the stats are stored in the forward's units)."""
     if ROW_STATS:
         return (_load_tile(STATS + offs, row_ok, row_ok, CHECK, False),
                 _load_tile(STATS + sst_s + offs, row_ok, row_ok, CHECK, False))
     lse = _load_tile(LSE + offs, row_ok, row_ok, CHECK, False)
-    return tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E, tl.full(lse.shape, 1.0, tl.float32)  # unused
+    shift = tl.where(lse == float("-inf"), float("inf"), lse)
+    if not NATURAL:
+        shift = shift * LOG2E
+    return shift, tl.full(lse.shape, 1.0, tl.float32)  # inv_l unused
 
 
 @triton.jit
@@ -207,7 +239,7 @@ def _attn_fwd_kernel(
     MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, HAS_SEQUSED_K: tl.constexpr, HAS_KV_BATCH_IDX: tl.constexpr, NUM_SPLITS: tl.constexpr,
     SPLIT_WALK: tl.constexpr, FOLD: tl.constexpr, EVEN_D: tl.constexpr, FIXED_OFFSETS: tl.constexpr,
-    TMA: tl.constexpr, PERSISTENT: tl.constexpr, ROW_STATS: tl.constexpr,
+    TMA: tl.constexpr, PERSISTENT: tl.constexpr, ROW_STATS: tl.constexpr, NATURAL: tl.constexpr,
     HAS_SINKS: tl.constexpr, PAGED: tl.constexpr, PAGE_TILES: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
@@ -230,7 +262,7 @@ def _attn_fwd_kernel(
                 dropout_p, dropout_scale, seed, philox_seqlen_q, philox_seqlen_k, split_size, batch_heads,
                 sbt_b, page_size,
                 BOTTOM_RIGHT, HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, DROPOUT, VARLEN, HAS_SEQUSED_K,
-                HAS_KV_BATCH_IDX, NUM_SPLITS, SPLIT_WALK, FOLD, EVEN_D, FIXED_OFFSETS, TMA, ROW_STATS,
+                HAS_KV_BATCH_IDX, NUM_SPLITS, SPLIT_WALK, FOLD, EVEN_D, FIXED_OFFSETS, TMA, ROW_STATS, NATURAL,
                 HAS_SINKS, PAGED, PAGE_TILES, HAS_LEFTPAD,
                 BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, UPCAST, PRECISION)
     else:
@@ -245,7 +277,7 @@ def _attn_fwd_kernel(
             dropout_p, dropout_scale, seed, philox_seqlen_q, philox_seqlen_k, split_size, batch_heads,
             sbt_b, page_size,
             BOTTOM_RIGHT, HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, DROPOUT, VARLEN, HAS_SEQUSED_K,
-            HAS_KV_BATCH_IDX, NUM_SPLITS, SPLIT_WALK, FOLD, EVEN_D, FIXED_OFFSETS, TMA, ROW_STATS,
+            HAS_KV_BATCH_IDX, NUM_SPLITS, SPLIT_WALK, FOLD, EVEN_D, FIXED_OFFSETS, TMA, ROW_STATS, NATURAL,
             HAS_SINKS, PAGED, PAGE_TILES, HAS_LEFTPAD,
             BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, UPCAST, PRECISION)
 
@@ -270,7 +302,7 @@ def _attn_fwd_tile(
     MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, HAS_SEQUSED_K: tl.constexpr, HAS_KV_BATCH_IDX: tl.constexpr, NUM_SPLITS: tl.constexpr,
     SPLIT_WALK: tl.constexpr, FOLD: tl.constexpr, EVEN_D: tl.constexpr, FIXED_OFFSETS: tl.constexpr,
-    TMA: tl.constexpr, ROW_STATS: tl.constexpr,
+    TMA: tl.constexpr, ROW_STATS: tl.constexpr, NATURAL: tl.constexpr,
     HAS_SINKS: tl.constexpr, PAGED: tl.constexpr, PAGE_TILES: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
@@ -305,7 +337,7 @@ def _attn_fwd_tile(
     LSE += split * sl_s + b64 * sl_b + h64 * sl_h + q_start * sl_m
     MASK += b64 * smask_b + h64 * smask_h
     diag = seqlen_k - seqlen_q if BOTTOM_RIGHT else 0
-    slope_log2 = tl.load(ALIBI + b * salibi_b + h * salibi_h) * LOG2E if HAS_ALIBI else 0.0
+    slope_log2 = _slope(ALIBI + b * salibi_b + h * salibi_h, HAS_ALIBI, NATURAL)
 
     rows = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -319,7 +351,10 @@ def _attn_fwd_tile(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     if HAS_SINKS:  # a learnable sink: a logit of this head that joins the normalizer and takes no value
         if split == 0:  # (one key slice counts it)
-            m_i = tl.full([BLOCK_M], 1.0, tl.float32) * (tl.load(SINKS + h).to(tl.float32) * LOG2E)
+            sink = tl.load(SINKS + h).to(tl.float32)
+            if not NATURAL:
+                sink = sink * LOG2E
+            m_i = tl.full([BLOCK_M], 1.0, tl.float32) * sink
             l_i += 1.0
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     lo, hi, first, limit = _key_range(m0, seqlen_k, diag, window_left, window_right, BLOCK_M, BLOCK_N,
@@ -361,12 +396,15 @@ def _attn_fwd_tile(
             qk = dot(q, kt, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, PRECISION)
             s, _ = _scores(qk, rows[:, None], cols[None, :], seqlen_q, seqlen_k, diag, window_left, window_right,
                            MASK, smask_m, smask_n, slope_log2, qk_scale_log2, softcap_scale, softcap_log2,
-                           HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, part != 1, FOLD)
+                           HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, part != 1, FOLD, NATURAL)
             m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale_log2 if FOLD else tl.max(s, 1))
             # A row with nothing visible yet keeps m = -inf; subtracting 0 instead avoids inf - inf.
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = _exp2_scaled(s, qk_scale_log2, m_use[:, None], FOLD)
-            alpha = tl.exp2(m_i - m_use)
+            p = _exp2_scaled(s, qk_scale_log2, m_use[:, None], FOLD, NATURAL)
+            if NATURAL:
+                alpha = tl.exp(m_i - m_use)
+            else:
+                alpha = tl.exp2(m_i - m_use)
             l_i = l_i * alpha + tl.sum(p, 1)  # the normalizer counts dropped entries too (dropout follows softmax)
             if DROPOUT:
                 keep = _dropout_keep(seed, pid_bh.to(tl.int64) * philox_seqlen_q, rows[:, None], cols[None, :],
@@ -389,7 +427,11 @@ def _attn_fwd_tile(
     l_safe = tl.where(empty, 1.0, l_i)
     tl.store(O + rows[:, None] * so_m + offs_dv[None, :] * so_d, (acc / l_safe[:, None]).to(O.dtype.element_ty),
              mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v))
-    tl.store(LSE + rows * sl_m, tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * LN2), mask=row_ok)
+    if NATURAL:
+        lse = m_i + tl.log2(l_safe) * LN2
+    else:
+        lse = (m_i + tl.log2(l_safe)) * LN2
+    tl.store(LSE + rows * sl_m, tl.where(empty, float("-inf"), lse), mask=row_ok)
     if ROW_STATS:  # for an fp32 backward (see _softmax_shift); +inf makes an empty row's probabilities 0
         STATS += b64 * sl_b + h64 * sl_h + q_start * sl_m
         tl.store(STATS + rows * sl_m, tl.where(empty, float("inf"), m_i), mask=row_ok)
@@ -476,7 +518,7 @@ def _attn_bwd_dkdv_kernel(
     BOTTOM_RIGHT: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, SPLIT_WALK: tl.constexpr, FOLD: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr,
-    ROW_STATS: tl.constexpr,
+    ROW_STATS: tl.constexpr, NATURAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -517,7 +559,7 @@ def _attn_bwd_dkdv_kernel(
         STATSh = STATS + b64 * sl_b + h64 * sl_h + q_start * sl_m
         DELTAh = DELTA + b64 * sl_b + h64 * sl_h + q_start * sl_m
         MASKh = MASK + b64 * smask_b + h64 * smask_h
-        slope_log2 = tl.load(ALIBI + b * salibi_b + h * salibi_h) * LOG2E if HAS_ALIBI else 0.0
+        slope_log2 = _slope(ALIBI + b * salibi_b + h * salibi_h, HAS_ALIBI, NATURAL)
         row_base = (b64 * num_heads_k * group_size + h64) * philox_seqlen_q
         if TMA:  # tensor descriptors of this head's Q and dO (see the forward)
             q_desc = tl.make_tensor_descriptor(Qh, shape=[seqlen_q, head_dim], strides=[sq_m, 1],
@@ -537,14 +579,14 @@ def _attn_bwd_dkdv_kernel(
                                    d_ok[None, :], part != 1, not EVEN_D)
                     do = _load_tile(DOh + rows[:, None] * sdo_m + offs_dv[None, :] * sdo_d, row_ok[:, None],
                                     dv_ok[None, :], part != 1, not EVEN_D)
-                shift, inv_l = _softmax_shift(LSEh, STATSh, rows * sl_m, row_ok, sst_s, part != 1, ROW_STATS)
+                shift, inv_l = _softmax_shift(LSEh, STATSh, rows * sl_m, row_ok, sst_s, part != 1, ROW_STATS, NATURAL)
                 delta = _load_tile(DELTAh + rows * sl_m, row_ok, row_ok, part != 1, False)
                 qkt = dot(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), UPCAST, PRECISION)
                 st, tt = _scores(qkt, rows[None, :], cols[:, None], seqlen_q, seqlen_k, diag, window_left,
                                  window_right, MASKh, smask_m, smask_n, slope_log2, qk_scale_log2, softcap_scale,
                                  softcap_log2, HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, part != 1,
-                                 FOLD)
-                pt = _exp2_scaled(st, qk_scale_log2, shift[None, :], FOLD)
+                                 FOLD, NATURAL)
+                pt = _exp2_scaled(st, qk_scale_log2, shift[None, :], FOLD, NATURAL)
                 if ROW_STATS:
                     pt = pt * inv_l[None, :]
                 dpt = dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), UPCAST, PRECISION)
@@ -585,7 +627,7 @@ def _attn_bwd_dq_kernel(
     BOTTOM_RIGHT: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, SPLIT_WALK: tl.constexpr, FOLD: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr,
-    ROW_STATS: tl.constexpr, MASK_GRAD: tl.constexpr,
+    ROW_STATS: tl.constexpr, NATURAL: tl.constexpr, MASK_GRAD: tl.constexpr, DELTA_PASS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -593,7 +635,15 @@ def _attn_bwd_dq_kernel(
     additive mask's gradient, dS itself (the mask adds to the scores after scale and soft-cap), written
     to ``DMASK`` (batch, heads, seqlen_q, seqlen_k): each element once, by the program owning its row;
     blocks no row sees are left as the caller's zeros. Summing over the dims the mask broadcasts
-    along is autograd's (the mask reaches the op as an expanded view)."""
+    along is autograd's (the mask reaches the op as an expanded view).
+
+    ``DELTA_PASS`` (fp32): the same walk computes delta_i = sum_j P_ij dP_ij instead, from the very P and
+    dP the backward kernels compute, and writes it to ``DELTA`` (no dQ). FlashAttention's delta,
+    rowsum(dO * O), carries O's rounding at the magnitude of V, so where one key takes nearly all the
+    probability (large logits) dP_j - delta does not cancel and dS = P (dP - delta) is noise of order
+    eps |dP| where the exact value is ~0 (T5: q/k gradients 10^3 times torch's error). torch's softmax
+    backward subtracts sum_j P_j dP_j from the same dP, whose error scales with 1 - P_max; so does this
+    one. It costs a second walk over the keys (two products per tile) in fp32 only."""
     pid_bh = tl.program_id(1)
     b = pid_bh // num_heads
     h = pid_bh % num_heads
@@ -612,7 +662,7 @@ def _attn_bwd_dq_kernel(
     MASK += b64 * smask_b + h64 * smask_h
     DMASK += b64 * sdm_b + h64 * sdm_h
     diag = seqlen_k - seqlen_q if BOTTOM_RIGHT else 0
-    slope_log2 = tl.load(ALIBI + b * salibi_b + h * salibi_h) * LOG2E if HAS_ALIBI else 0.0
+    slope_log2 = _slope(ALIBI + b * salibi_b + h * salibi_h, HAS_ALIBI, NATURAL)
 
     rows = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -624,12 +674,12 @@ def _attn_bwd_dq_kernel(
     q = tl.load(Q + rows[:, None] * sq_m + offs_d[None, :] * sq_d, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     do = tl.load(DO + rows[:, None] * sdo_m + offs_dv[None, :] * sdo_d, mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
     STATS += b64 * sl_b + h64 * sl_h + q_start * sl_m
-    shift, inv_l = _softmax_shift(LSE, STATS, rows * sl_m, row_ok, sst_s, True, ROW_STATS)
-    delta = tl.load(DELTA + rows * sl_m, mask=row_ok, other=0.0)
-    if ROW_STATS:  # dS = exp2(s - m) (dP - delta) / l: the 1 / l goes into dO and delta, once per row
-        do = (do * inv_l[:, None]).to(do.dtype)
-        delta = delta * inv_l
+    shift, inv_l = _softmax_shift(LSE, STATS, rows * sl_m, row_ok, sst_s, True, ROW_STATS, NATURAL)
+    delta = tl.zeros([BLOCK_M], tl.float32)
+    if not DELTA_PASS:
+        delta = tl.load(DELTA + rows * sl_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    pdp = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)  # DELTA_PASS: P dP summed per column, rows reduced at the end
 
     lo, hi, first, limit = _key_range(m0, seqlen_k, diag, window_left, window_right, BLOCK_M, BLOCK_N,
                                       HAS_LEFT, HAS_RIGHT)
@@ -654,24 +704,32 @@ def _attn_bwd_dq_kernel(
             qk = dot(q, kt, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, PRECISION)
             s, t = _scores(qk, rows[:, None], cols[None, :], seqlen_q, seqlen_k, diag, window_left, window_right,
                            MASK, smask_m, smask_n, slope_log2, qk_scale_log2, softcap_scale, softcap_log2,
-                           HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, part != 1, FOLD)
-            p = _exp2_scaled(s, qk_scale_log2, shift[:, None], FOLD)
+                           HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, part != 1, FOLD, NATURAL)
+            p = _exp2_scaled(s, qk_scale_log2, shift[:, None], FOLD, NATURAL)
+            if ROW_STATS:  # P = exp2(s - m) / l, rounded as the dK/dV kernel and the delta walk round it
+                p = p * inv_l[:, None]
             dp = dot(do, vt, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, PRECISION)
             if DROPOUT:
                 keep = _dropout_keep(seed, pid_bh.to(tl.int64) * philox_seqlen_q, rows[:, None], cols[None, :],
                                      philox_seqlen_k, dropout_p)
                 dp = tl.where(keep, dp * dropout_scale, 0.0)
-            ds = p * (dp - delta[:, None])
-            if MASK_GRAD:
-                tl.store(DMASK + rows[:, None] * sdm_m + cols[None, :] * sdm_n, ds.to(DMASK.dtype.element_ty),
-                         mask=row_ok[:, None] & col_ok[None, :])
-            if HAS_SOFTCAP:
-                ds = ds * (1.0 - t * t)
-            dq = dot(ds.to(kt.dtype), tl.trans(kt), dq, UPCAST, PRECISION)
+            if DELTA_PASS:  # P and dP exactly as the dK/dV kernel forms them: dP - delta cancels where it should
+                pdp += p * dp
+            else:
+                ds = p * (dp - delta[:, None])
+                if MASK_GRAD:
+                    tl.store(DMASK + rows[:, None] * sdm_m + cols[None, :] * sdm_n, ds.to(DMASK.dtype.element_ty),
+                             mask=row_ok[:, None] & col_ok[None, :])
+                if HAS_SOFTCAP:
+                    ds = ds * (1.0 - t * t)
+                dq = dot(ds.to(kt.dtype), tl.trans(kt), dq, UPCAST, PRECISION)
 
-    DQ += b64 * sdq_b + h64 * sdq_h + q_start * sdq_m
-    tl.store(DQ + rows[:, None] * sdq_m + offs_d[None, :] * sdq_d, (dq * sm_scale).to(DQ.dtype.element_ty),
-             mask=row_ok[:, None] & d_ok[None, :])
+    if DELTA_PASS:
+        tl.store(DELTA + rows * sl_m, tl.sum(pdp, 1), mask=row_ok)
+    else:
+        DQ += b64 * sdq_b + h64 * sdq_h + q_start * sdq_m
+        tl.store(DQ + rows[:, None] * sdq_m + offs_d[None, :] * sdq_d, (dq * sm_scale).to(DQ.dtype.element_ty),
+                 mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit

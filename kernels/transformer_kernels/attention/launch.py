@@ -66,15 +66,20 @@ def _problem(q, k, v, *, scale, bottom_right, window, softcap, alibi_slopes, att
     else:
         alibi_strides = (0, alibi_slopes.stride(0)) if alibi_slopes.dim() == 1 else tuple(alibi_slopes.stride())
     heavy = dropout_p > 0 or attn_mask is not None or alibi_slopes is not None or softcap > 0
+    # fp32 keeps the scores in natural units and changes base only inside the exponent, after the row
+    # max is subtracted (_kernels._exp2_scaled), and its backward sums delta from P and dP (DELTA_PASS):
+    # torch's rounding at large logits (issue 20). Half precision keeps base 2, folded scales, rowsum(dO O).
+    natural = q.dtype == torch.float32
+    unit = 1.0 if natural else LOG2E.value
     return dict(
         varlen=varlen, batch=batch, num_heads=num_heads, num_heads_k=num_heads_k,
         group_size=num_heads // num_heads_k if num_heads_k else 1, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
         heavy=heavy,
         head_dim=q.shape[3], head_dim_v=v.shape[3], mask_strides=mask_strides, alibi_strides=alibi_strides,
         scalars=dict(
-            qk_scale_log2=scale * LOG2E.value,
+            qk_scale_log2=scale * unit,
             softcap_scale=scale / softcap if softcap > 0 else 0.0,
-            softcap_log2=softcap * LOG2E.value,
+            softcap_log2=softcap * unit,
             window_left=max(window_left, 0), window_right=max(window_right, 0),
             dropout_p=dropout_p, dropout_scale=1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else float("inf"),
             seed=seed, philox_seqlen_q=seqlen_q, philox_seqlen_k=seqlen_k,
@@ -88,7 +93,8 @@ def _problem(q, k, v, *, scale, bottom_right, window, softcap, alibi_slopes, att
             SPLIT_WALK=not heavy,
             # Raw scores scaled inside the exponent (_exp2_scaled): not with modifiers that add to the
             # scaled scores, and only for a positive scale.
-            FOLD=scale > 0 and mask_kind != 2 and alibi_slopes is None and softcap <= 0,
+            FOLD=scale > 0 and mask_kind != 2 and alibi_slopes is None and softcap <= 0 and not natural,
+            NATURAL=natural,
             # head_dim fills its block: no column mask on loads (kept for fp32, whose FMA dots have no
             # registers to spare on sm_80).
             EVEN_D=q.dtype != torch.float32 and q.shape[3] == block_size(q.shape[3])
@@ -231,11 +237,15 @@ def attention_backward(do, q, k, v, out, lse, *, scale: float, bottom_right: boo
     lse_strides = (0 if varlen else lse.stride(0), lse.stride(1), lse.stride(2),
                    0 if stats is None else stats.stride(0))
     delta = torch.empty_like(lse)
-    rows_o = out.shape[2]  # physical rows: for a packed batch, all tokens
-    K._attn_bwd_delta_kernel[(triton.cdiv(rows_o, _DELTA_BLOCK_M), out.shape[0] * num_heads)](
-        out, do, delta, *out.stride(), *do.stride(), *delta.stride(), num_heads, rows_o, pb["head_dim_v"],
-        BLOCK_M=_DELTA_BLOCK_M, BLOCK_DV=block_dv, num_warps=8,
-    )
+    natural = pb["flags"]["NATURAL"]
+    if natural:  # rowsum(P dP) by the dQ kernel's walk (DELTA_PASS, below)
+        delta.zero_()  # rows of no sequence (packed batches) stay 0
+    else:
+        rows_o = out.shape[2]  # physical rows: for a packed batch, all tokens
+        K._attn_bwd_delta_kernel[(triton.cdiv(rows_o, _DELTA_BLOCK_M), out.shape[0] * num_heads)](
+            out, do, delta, *out.stride(), *do.stride(), *delta.stride(), num_heads, rows_o, pb["head_dim_v"],
+            BLOCK_M=_DELTA_BLOCK_M, BLOCK_DV=block_dv, num_warps=8,
+        )
     dummy = q
     tensors = dict(MASK=dummy if attn_mask is None else attn_mask, ALIBI=dummy if alibi_slopes is None else alibi_slopes,
                    CU_SEQLENS_Q=dummy if cu_seqlens_q is None else cu_seqlens_q,
@@ -253,21 +263,27 @@ def attention_backward(do, q, k, v, out, lse, *, scale: float, bottom_right: boo
                 *pb["alibi_strides"], pb["num_heads_k"], *sizes, **common, **cfg,
             )
 
-    def launch_dq(cfg):
+    def launch_dq(cfg, delta_pass=False):
         with _scratch(q.device, cfg["TMA"]):
             K._attn_bwd_dq_kernel[(triton.cdiv(pb["seqlen_q"], cfg["BLOCK_M"]), batch * num_heads)](
                 q, k, v, do, lse, q if stats is None else stats, delta, dq, q if dmask is None else dmask,
                 *tensors.values(), *qkvdo, *_strides4(dq, varlen),
                 *(dmask.stride() if dmask is not None else (0,) * 4), *lse_strides, *pb["mask_strides"],
                 *pb["alibi_strides"],
-                num_heads, *sizes, **common, **cfg, MASK_GRAD=dmask is not None,
+                num_heads, *sizes, **common, **cfg, MASK_GRAD=dmask is not None and not delta_pass,
+                DELTA_PASS=delta_pass,
             )
 
     key = _bucket(pb, q, 1, dmask is not None)
+    dq_cfg = None
+    if natural:  # delta first: the dK/dV and dQ kernels read it (tuning runs on a stale delta are only timed)
+        dq_cfg = autotune.choose("attention_bwd_dq", key, dq_candidates, launch_dq, q.device,
+                                 kernel=K._attn_bwd_dq_kernel)
+        launch_dq(dict(dq_cfg, num_stages=1), delta_pass=True)  # (2 stages spill two scalars on sm_90a, d=128)
     launch_dkdv(autotune.choose("attention_bwd_dkdv", key, dkdv_candidates, launch_dkdv, q.device,
                                 kernel=K._attn_bwd_dkdv_kernel))
-    launch_dq(autotune.choose("attention_bwd_dq", key, dq_candidates, launch_dq, q.device,
-                              kernel=K._attn_bwd_dq_kernel))
+    launch_dq(dq_cfg or autotune.choose("attention_bwd_dq", key, dq_candidates, launch_dq, q.device,
+                                        kernel=K._attn_bwd_dq_kernel))
     for name in ("attention_bwd_delta", "attention_bwd_dkdv", "attention_bwd_dq"):
         dispatch.record_launch(name)
     return dq, dk, dv

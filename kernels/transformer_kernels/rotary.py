@@ -375,6 +375,11 @@ def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
     problem = rotary_pos_emb_problem(q, k, cos, sin, unsqueeze_dim)
     if problem is not None:
         raise problem[0](f"apply_rotary_pos_emb: {problem[1]}")
+    return apply_checked(q, k, cos, sin, unsqueeze_dim)
+
+
+def apply_checked(q, k, cos, sin, unsqueeze_dim=1):
+    """:func:`apply_rotary_pos_emb` for inputs :func:`rotary_pos_emb_problem` has passed (no second check)."""
     if not all(dispatch.triton_available_for(t) for t in (q, k, cos, sin)):
         dispatch.record_path("rotary", "torch")
         return rotary_pos_emb_reference(q, k, cos, sin, unsqueeze_dim)

@@ -185,7 +185,7 @@ def _load_tile(ptrs, seq_ok, dim_ok, CHECK_SEQ: tl.constexpr, CHECK_DIM: tl.cons
 def _softmax_shift(LSE, STATS, offs, row_ok, sst_s, CHECK: tl.constexpr, ROW_STATS: tl.constexpr,
                    NATURAL: tl.constexpr):
     """``(shift, inv_l)`` of the rows at ``offs`` such that P = exp2(s - shift) * inv_l (``inv_l`` only
-    with ``ROW_STATS``). From the logsumexp, shift = lse in base 2 and P carries the rounding of lse at
+    with ``ROW_STATS``; with ``NATURAL``, exp(s - shift) * inv_l). From the logsumexp, shift = lse in base 2 and P carries the rounding of lse at
     its magnitude, which fp32 sees at large logits (dV 2.6x torch's error at scale 2.5); with
     ``ROW_STATS`` the forward's row max m and 1 / sum (``STATS``) give P = exp2(s - m) / l as torch's
     softmax computes it. A row that saw no key gets shift = +inf: its probabilities are exactly 0.

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..rotary import apply_rotary_pos_emb, rotary_pos_emb_problem
+from ..rotary import apply_checked, rotary_pos_emb_problem
 from ._common import _forward_is, _hf_module, same_function
 from .architectures import _is_gemma_norm, gemma_rms_norm, llama_rms_norm
 
@@ -105,7 +105,7 @@ class RotaryPosEmb(nn.Module):
 
     def forward(self, q, k, cos, sin, unsqueeze_dim=1):
         if recognized(type(self), "llama_rotary") and rotary_pos_emb_problem(q, k, cos, sin, unsqueeze_dim) is None:
-            return apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)
+            return apply_checked(q, k, cos, sin, unsqueeze_dim)  # checked on the line above
         func = _original_function(type(self))
         if func is None:  # a module class marked "rotary_pos_emb", not a wrapped function
             return type(self).forward(self, q, k, cos, sin, unsqueeze_dim)

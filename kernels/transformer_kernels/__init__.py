@@ -21,6 +21,7 @@ from .flash_attn_interface import (
 from .layer_norm import LayerNorm, RMSNorm, add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from .patching import PatchEntry, PatchReport, override_sdpa, patch, unpatch
 from .rotary import apply_rotary_emb, apply_rotary_pos_emb
+from . import context_parallel  # noqa: E402
 from . import hf  # noqa: E402 (transformer_kernels.hf imports transformers only when its functions are called)
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     "PatchReport",
     "PatchEntry",
     "hf",
+    "context_parallel",
     "last_path",
     "launch_count",
     "launch_counts",

@@ -211,9 +211,11 @@ def _paged_rows(BLOCK_TABLE, logical, ok, page_size, sk_page, sk_n, sv_page, sv_
 
 
 @triton.jit
-def _dropout_keep(seed, row_base, i, j, philox_seqlen_k, dropout_p):
-    """Philox keep-mask: element (i, j) of the (batch, head) whose rows start at ``row_base``."""
-    offsets = (row_base + i) * philox_seqlen_k + j
+def _dropout_keep(seed, row_base, i, j, philox_seqlen_k, philox_offset, dropout_p):
+    """Philox keep-mask: element (i, j) of the (batch, head) whose rows start at ``row_base``;
+    ``philox_offset`` moves the whole call inside a larger one's stream (a shard of the sequence or of the
+    heads under context parallelism draws the mask one device draws there; 0 otherwise)."""
+    offsets = (row_base + i) * philox_seqlen_k + j + philox_offset
     return tl.rand(seed, offsets) >= dropout_p
 
 
@@ -233,7 +235,8 @@ def _attn_fwd_kernel(
     salibi_b, salibi_h,
     num_heads, group_size, seqlen_q, seqlen_k, head_dim, head_dim_v,
     qk_scale_log2, softcap_scale, softcap_log2, window_left, window_right,
-    dropout_p, dropout_scale, seed, philox_seqlen_q, philox_seqlen_k, split_size, batch_heads,
+    dropout_p, dropout_scale, seed, philox_seqlen_q, philox_seqlen_k, philox_heads, philox_offset,
+    split_size, batch_heads,
     sbt_b, page_size,
     BOTTOM_RIGHT: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
@@ -259,7 +262,8 @@ def _attn_fwd_kernel(
                 sl_s, sl_b, sl_h, sl_m, sst_s, smask_b, smask_h, smask_m, smask_n, salibi_b, salibi_h,
                 num_heads, group_size, seqlen_q, seqlen_k, head_dim, head_dim_v,
                 qk_scale_log2, softcap_scale, softcap_log2, window_left, window_right,
-                dropout_p, dropout_scale, seed, philox_seqlen_q, philox_seqlen_k, split_size, batch_heads,
+                dropout_p, dropout_scale, seed, philox_seqlen_q, philox_seqlen_k, philox_heads, philox_offset,
+                split_size, batch_heads,
                 sbt_b, page_size,
                 BOTTOM_RIGHT, HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, DROPOUT, VARLEN, HAS_SEQUSED_K,
                 HAS_KV_BATCH_IDX, NUM_SPLITS, SPLIT_WALK, FOLD, EVEN_D, FIXED_OFFSETS, TMA, ROW_STATS, NATURAL,
@@ -274,7 +278,8 @@ def _attn_fwd_kernel(
             sl_s, sl_b, sl_h, sl_m, sst_s, smask_b, smask_h, smask_m, smask_n, salibi_b, salibi_h,
             num_heads, group_size, seqlen_q, seqlen_k, head_dim, head_dim_v,
             qk_scale_log2, softcap_scale, softcap_log2, window_left, window_right,
-            dropout_p, dropout_scale, seed, philox_seqlen_q, philox_seqlen_k, split_size, batch_heads,
+            dropout_p, dropout_scale, seed, philox_seqlen_q, philox_seqlen_k, philox_heads, philox_offset,
+            split_size, batch_heads,
             sbt_b, page_size,
             BOTTOM_RIGHT, HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, DROPOUT, VARLEN, HAS_SEQUSED_K,
             HAS_KV_BATCH_IDX, NUM_SPLITS, SPLIT_WALK, FOLD, EVEN_D, FIXED_OFFSETS, TMA, ROW_STATS, NATURAL,
@@ -296,7 +301,8 @@ def _attn_fwd_tile(
     salibi_b, salibi_h,
     num_heads, group_size, seqlen_q, seqlen_k, head_dim, head_dim_v,
     qk_scale_log2, softcap_scale, softcap_log2, window_left, window_right,
-    dropout_p, dropout_scale, seed, philox_seqlen_q, philox_seqlen_k, split_size, batch_heads,
+    dropout_p, dropout_scale, seed, philox_seqlen_q, philox_seqlen_k, philox_heads, philox_offset,
+    split_size, batch_heads,
     sbt_b, page_size,
     BOTTOM_RIGHT: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
@@ -407,8 +413,8 @@ def _attn_fwd_tile(
                 alpha = tl.exp2(m_i - m_use)
             l_i = l_i * alpha + tl.sum(p, 1)  # the normalizer counts dropped entries too (dropout follows softmax)
             if DROPOUT:
-                keep = _dropout_keep(seed, pid_bh.to(tl.int64) * philox_seqlen_q, rows[:, None], cols[None, :],
-                                     philox_seqlen_k, dropout_p)
+                keep = _dropout_keep(seed, (b.to(tl.int64) * philox_heads + h) * philox_seqlen_q, rows[:, None],
+                                     cols[None, :], philox_seqlen_k, philox_offset, dropout_p)
                 p = tl.where(keep, p * dropout_scale, 0.0)
             if TMA:
                 v = v_desc.load([start_n, 0])
@@ -514,7 +520,7 @@ def _attn_bwd_dkdv_kernel(
     salibi_b, salibi_h,
     num_heads_k, group_size, seqlen_q, seqlen_k, head_dim, head_dim_v,
     sm_scale, qk_scale_log2, softcap_scale, softcap_log2, window_left, window_right,
-    dropout_p, dropout_scale, seed, philox_seqlen_q, philox_seqlen_k,
+    dropout_p, dropout_scale, seed, philox_seqlen_q, philox_seqlen_k, philox_heads, philox_offset,
     BOTTOM_RIGHT: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, SPLIT_WALK: tl.constexpr, FOLD: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr,
@@ -560,7 +566,7 @@ def _attn_bwd_dkdv_kernel(
         DELTAh = DELTA + b64 * sl_b + h64 * sl_h + q_start * sl_m
         MASKh = MASK + b64 * smask_b + h64 * smask_h
         slope_log2 = _slope(ALIBI + b * salibi_b + h * salibi_h, HAS_ALIBI, NATURAL)
-        row_base = (b64 * num_heads_k * group_size + h64) * philox_seqlen_q
+        row_base = (b64 * philox_heads + h64) * philox_seqlen_q
         if TMA:  # tensor descriptors of this head's Q and dO (see the forward)
             q_desc = tl.make_tensor_descriptor(Qh, shape=[seqlen_q, head_dim], strides=[sq_m, 1],
                                                block_shape=[BLOCK_M, BLOCK_D])
@@ -591,7 +597,8 @@ def _attn_bwd_dkdv_kernel(
                     pt = pt * inv_l[None, :]
                 dpt = dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), UPCAST, PRECISION)
                 if DROPOUT:
-                    keep = _dropout_keep(seed, row_base, rows[None, :], cols[:, None], philox_seqlen_k, dropout_p)
+                    keep = _dropout_keep(seed, row_base, rows[None, :], cols[:, None], philox_seqlen_k, philox_offset,
+                                         dropout_p)
                     dv = dot(tl.where(keep, pt * dropout_scale, 0.0).to(do.dtype), do, dv, UPCAST, PRECISION)
                     dpt = tl.where(keep, dpt * dropout_scale, 0.0)
                 else:
@@ -623,7 +630,7 @@ def _attn_bwd_dq_kernel(
     salibi_b, salibi_h,
     num_heads, group_size, seqlen_q, seqlen_k, head_dim, head_dim_v,
     sm_scale, qk_scale_log2, softcap_scale, softcap_log2, window_left, window_right,
-    dropout_p, dropout_scale, seed, philox_seqlen_q, philox_seqlen_k,
+    dropout_p, dropout_scale, seed, philox_seqlen_q, philox_seqlen_k, philox_heads, philox_offset,
     BOTTOM_RIGHT: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, SPLIT_WALK: tl.constexpr, FOLD: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr,
@@ -710,8 +717,8 @@ def _attn_bwd_dq_kernel(
                 p = p * inv_l[:, None]
             dp = dot(do, vt, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, PRECISION)
             if DROPOUT:
-                keep = _dropout_keep(seed, pid_bh.to(tl.int64) * philox_seqlen_q, rows[:, None], cols[None, :],
-                                     philox_seqlen_k, dropout_p)
+                keep = _dropout_keep(seed, (b.to(tl.int64) * philox_heads + h) * philox_seqlen_q, rows[:, None],
+                                     cols[None, :], philox_seqlen_k, philox_offset, dropout_p)
                 dp = tl.where(keep, dp * dropout_scale, 0.0)
             if DELTA_PASS:  # P and dP exactly as the dK/dV kernel forms them: dP - delta cancels where it should
                 pdp += p * dp
@@ -740,7 +747,7 @@ def _dropout_mask_kernel(KEEP, s_b, s_h, s_m, s_n, num_heads, seqlen_q, seqlen_k
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     keep = _dropout_keep(seed, pid_bh.to(tl.int64) * philox_seqlen_q, rows[:, None], cols[None, :],
-                         philox_seqlen_k, dropout_p)
+                         philox_seqlen_k, 0, dropout_p)
     b = (pid_bh // num_heads).to(tl.int64)
     h = (pid_bh % num_heads).to(tl.int64)
     tl.store(KEEP + b * s_b + h * s_h + rows[:, None] * s_m + cols[None, :] * s_n, keep.to(tl.int8),

@@ -51,8 +51,9 @@ def _bucket(pb: dict, q, num_splits: int, *extra) -> tuple:
 
 
 def _problem(q, k, v, *, scale, bottom_right, window, softcap, alibi_slopes, attn_mask, dropout_p, seed,
-             cu_seqlens_q, max_seqlen_q, max_seqlen_k):
-    """Sizes, strides, scalars and constexprs that every attention kernel shares."""
+             cu_seqlens_q, max_seqlen_q, max_seqlen_k, philox=None):
+    """Sizes, strides, scalars and constexprs that every attention kernel shares. ``philox``: see
+    :func:`attention_forward`."""
     varlen = cu_seqlens_q is not None
     batch = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
     num_heads, num_heads_k = q.shape[1], k.shape[1]
@@ -82,7 +83,7 @@ def _problem(q, k, v, *, scale, bottom_right, window, softcap, alibi_slopes, att
             softcap_log2=softcap * unit,
             window_left=max(window_left, 0), window_right=max(window_right, 0),
             dropout_p=dropout_p, dropout_scale=1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else float("inf"),
-            seed=seed, philox_seqlen_q=seqlen_q, philox_seqlen_k=seqlen_k,
+            seed=seed, **_philox_scalars(philox, seqlen_q, seqlen_k, num_heads),
         ),
         flags=dict(
             BOTTOM_RIGHT=bottom_right, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
@@ -103,11 +104,22 @@ def _problem(q, k, v, *, scale, bottom_right, window, softcap, alibi_slopes, att
     )
 
 
+def _philox_scalars(philox, seqlen_q: int, seqlen_k: int, num_heads: int) -> dict:
+    """The dropout stream's geometry. By default this call's own: element (b, h, i, j) draws counter
+    ((b * heads + h) * seqlen_q + i) * seqlen_k + j. ``philox = (seqlen_q, seqlen_k, heads, offset)`` names
+    a larger call's geometry and where this one sits in it (``offset`` = the first element's counter
+    for b = 0), so a shard of the sequence or of the heads keeps one device's mask (context parallelism)."""
+    if philox is None:
+        philox = (seqlen_q, seqlen_k, num_heads, 0)
+    sq, sk, heads, offset = (int(x) for x in philox)
+    return dict(philox_seqlen_q=sq, philox_seqlen_k=sk, philox_heads=heads, philox_offset=offset)
+
+
 def attention_forward(q, k, v, *, scale: float, bottom_right: bool = False, window=(-1, -1), softcap: float = 0.0,
                       alibi_slopes=None, attn_mask=None, dropout_p: float = 0.0, seed: int = 0,
                       cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
                       seqused_k=None, kv_batch_idx=None, num_splits: int = 1, out=None, lse=None,
-                      stats=None, sinks=None, block_table=None, leftpad=None):
+                      stats=None, sinks=None, block_table=None, leftpad=None, philox=None):
     """Launch the forward on 4-D ``(batch, heads, seqlen, head_dim)`` views of any strides.
 
     Packed batches: ``q`` is ``(1, heads, total_q, head_dim)`` with ``cu_seqlens_q/k`` (int32, batch+1)
@@ -123,10 +135,12 @@ def attention_forward(q, k, v, *, scale: float, bottom_right: bool = False, wind
     page_size, head_dim)`` (4-D views) and key j of sequence b sits at slot ``(leftpad + j) % page_size``
     of page ``block_table[b, (leftpad + j) // page_size]``. ``leftpad``: int32 ``(batch,)``, the cache row
     where each sequence's keys start (``seqused_k`` stays the row where they end).
+    ``philox``: ``(seqlen_q, seqlen_k, heads, offset)`` of the dropout stream when this call is a part of
+    a larger one (see :func:`_philox_scalars`); default: its own.
     """
     pb = _problem(q, k, v, scale=scale, bottom_right=bottom_right, window=window, softcap=softcap,
                   alibi_slopes=alibi_slopes, attn_mask=attn_mask, dropout_p=dropout_p, seed=seed,
-                  cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+                  cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, philox=philox)
     batch, num_heads, seqlen_q = pb["batch"], pb["num_heads"], pb["seqlen_q"]
     if block_table is not None and not pb["varlen"]:  # the longest sequence the page table can hold
         pb["seqlen_k"] = block_table.shape[1] * k.shape[2]
@@ -209,15 +223,18 @@ def attention_forward(q, k, v, *, scale: float, bottom_right: bool = False, wind
 def attention_backward(do, q, k, v, out, lse, *, scale: float, bottom_right: bool = False, window=(-1, -1),
                        softcap: float = 0.0, alibi_slopes=None, attn_mask=None, dropout_p: float = 0.0, seed: int = 0,
                        cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
-                       dq=None, dk=None, dv=None, stats=None, dmask=None):
+                       dq=None, dk=None, dv=None, stats=None, dmask=None, delta=None, philox=None):
     """Launch the three backward kernels; same arguments as :func:`attention_forward` plus ``do``,
     ``out`` and ``lse`` from it, and its ``stats`` if it wrote them (probabilities then as exact as
     torch's fp32 softmax). ``dmask``: a zeroed (batch, heads, seqlen_q, seqlen_k) tensor that receives
-    the additive ``attn_mask``'s gradient. Returns ``(dq, dk, dv)`` in the inputs' dtype (allocated like
-    the inputs unless given)."""
+    the additive ``attn_mask``'s gradient. ``delta``: float32, laid out as ``lse``: each row's
+    sum_j P_ij dP_ij (= rowsum(dO * O)) when the caller has it (a shard of the keys, whose own P and dP
+    would sum only part of it: context parallelism); ``out`` is then not read. ``philox``: as in
+    :func:`attention_forward`. Returns ``(dq, dk, dv)`` in the inputs' dtype (allocated like the inputs
+    unless given)."""
     pb = _problem(q, k, v, scale=scale, bottom_right=bottom_right, window=window, softcap=softcap,
                   alibi_slopes=alibi_slopes, attn_mask=attn_mask, dropout_p=dropout_p, seed=seed,
-                  cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+                  cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, philox=philox)
     varlen, batch, num_heads = pb["varlen"], pb["batch"], pb["num_heads"]
     dq = torch.empty_like(q) if dq is None else dq
     dk = torch.empty_like(k) if dk is None else dk
@@ -236,11 +253,16 @@ def attention_backward(do, q, k, v, out, lse, *, scale: float, bottom_right: boo
         dq_candidates = [c for c in dq_candidates if not c["TMA"]] or [dict(dq_candidates[0], TMA=False)]
     lse_strides = (0 if varlen else lse.stride(0), lse.stride(1), lse.stride(2),
                    0 if stats is None else stats.stride(0))
-    delta = torch.empty_like(lse)
-    natural = pb["flags"]["NATURAL"]
-    if natural:  # rowsum(P dP) by the dQ kernel's walk (DELTA_PASS, below)
-        delta.zero_()  # rows of no sequence (packed batches) stay 0
+    given_delta = delta is not None
+    natural = pb["flags"]["NATURAL"] and not given_delta
+    if given_delta:
+        if delta.dtype != torch.float32 or delta.stride() != lse.stride() or delta.shape != lse.shape:
+            raise ValueError("attention_backward: delta must be float32 and laid out as the logsumexp")
+    elif natural:
+        # rowsum(P dP) by the dQ kernel's walk (DELTA_PASS, below); rows of no sequence (packed batches) stay 0
+        delta = torch.zeros_like(lse)
     else:
+        delta = torch.empty_like(lse)
         rows_o = out.shape[2]  # physical rows: for a packed batch, all tokens
         K._attn_bwd_delta_kernel[(triton.cdiv(rows_o, _DELTA_BLOCK_M), out.shape[0] * num_heads)](
             out, do, delta, *out.stride(), *do.stride(), *delta.stride(), num_heads, rows_o, pb["head_dim_v"],
@@ -284,7 +306,7 @@ def attention_backward(do, q, k, v, out, lse, *, scale: float, bottom_right: boo
                                 kernel=K._attn_bwd_dkdv_kernel))
     launch_dq(dq_cfg or autotune.choose("attention_bwd_dq", key, dq_candidates, launch_dq, q.device,
                                         kernel=K._attn_bwd_dq_kernel))
-    for name in ("attention_bwd_delta", "attention_bwd_dkdv", "attention_bwd_dq"):
+    for name in ("attention_bwd_delta",) * (not given_delta) + ("attention_bwd_dkdv", "attention_bwd_dq"):
         dispatch.record_launch(name)
     return dq, dk, dv
 

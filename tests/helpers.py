@@ -1,5 +1,10 @@
-"""Comparison helpers shared by the kernel tests."""
+"""Comparison helpers shared by the kernel tests, and a spawner of process groups."""
+import datetime
+import socket
+
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 # Relative error ||out - ref|| / ||ref|| allowed against a float64 reference, by input dtype.
 # fp32 runs true-fp32 dots ("ieee"); half types round every stored operand (2^-11, 2^-8).
@@ -73,3 +78,27 @@ def check_fwd_bwd(fn, ref, inputs, dtype, names=("dq", "dk", "dv"), backward=Tru
         for name, a, lo, hi in zip(names, leaves, lows, highs):
             assert_flash_standard(a.grad, hi.grad, lo.grad, dtype, name)
     return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_group(fn, world: int, *args):
+    """Run ``fn(rank, world, *args)`` in ``world`` spawned processes joined in a gloo group (10-minute
+    collective timeout: the suite runs on 2 shared cores); the group is torn down after a barrier. A
+    failing assertion in any rank raises here with that rank's traceback. ``fn`` must be importable
+    (a module-level function of a test module)."""
+    mp.spawn(_group_entry, args=(world, _free_port(), fn, args), nprocs=world, join=True)
+
+
+def _group_entry(rank, world, port, fn, args):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(minutes=10))
+    try:
+        fn(rank, world, *args)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

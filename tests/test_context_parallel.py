@@ -8,44 +8,18 @@ get a 10-minute timeout: the suite must pass on 2 shared cores.
 """
 from __future__ import annotations
 
-import datetime
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import transformer_kernels as tk
 from transformer_kernels import context_parallel as cp
 from transformer_kernels.attention import attention_reference
 from transformer_kernels.context_parallel import _blocks
 
-from helpers import assert_flash_standard, rel_err
+from helpers import assert_flash_standard, rel_err, spawn_group as _spawn
 
 B, D = 1, 16
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(fn, world: int, *args):
-    """Run ``fn(rank, world, *args)`` in ``world`` spawned processes joined in a gloo group."""
-    mp.spawn(_entry, args=(world, _free_port(), fn, args), nprocs=world, join=True)
-
-
-def _entry(rank, world, port, fn, args):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(minutes=10))
-    try:
-        fn(rank, world, *args)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def _inputs(seed, dtype, sq, sk, h, hk, dv=D):

@@ -21,22 +21,26 @@ MODEL_TYPES = {"lm": TransformerLM, "encoder_decoder": Transformer}
 
 def model_type(model) -> str:
     for name, cls in MODEL_TYPES.items():
-        if type(model) is cls:
+        if isinstance(model, cls):  # (FSDP2 subclasses the model's class)
             return name
     raise TypeError(f"expected a Transformer or TransformerLM, got {type(model).__name__}")
 
 
-def save_checkpoint(path, model, *, step: int = 0, optimizer=None, scheduler=None, extra: dict | None = None) -> Path:
+def save_checkpoint(path, model, *, step: int = 0, optimizer=None, scheduler=None, extra: dict | None = None,
+                    model_state: dict | None = None, optimizer_state: dict | None = None) -> Path:
     """Write ``model`` (and the training state) to ``path`` atomically (a temporary file, then rename).
-    Under DistributedDataParallel pass the inner module. Returns the path."""
+    Under DistributedDataParallel pass the inner module; under FSDP pass the gathered ``model_state`` and
+    ``optimizer_state`` (full state dicts, e.g. from ``torch.distributed.checkpoint.state_dict``), which
+    replace ``model.state_dict()`` and ``optimizer.state_dict()``. Returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "model_type": model_type(model),
         "config": dataclasses.asdict(model.config),
-        "model": model.state_dict(),
+        "model": model.state_dict() if model_state is None else model_state,
         "step": int(step),
-        "optimizer": None if optimizer is None else optimizer.state_dict(),
+        "optimizer": optimizer_state if optimizer_state is not None else
+        None if optimizer is None else optimizer.state_dict(),
         "scheduler": None if scheduler is None else scheduler.state_dict(),
         "extra": extra or {},
     }

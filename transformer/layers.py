@@ -102,12 +102,38 @@ class FeedForward(tk.FFN):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if self.backend == "triton":
+            if _is_dtensor(self.linear1.weight):  # tensor parallel (transformer.parallel.apply_tensor_parallel)
+                return _tensor_parallel_ffn(self, x, residual)
             return super().forward(x, residual)  # transformer_kernels.ffn
         out = self.linear2(_TORCH_ACTIVATIONS[self.activation](self.linear1(x)))
         return out if residual is None else out + residual
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, backend={self.backend!r}"
+
+
+def _is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _tensor_parallel_ffn(ffn: "FeedForward", x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    """The fused FFN kernel on this rank's shards, split explicitly (Megatron-LM's MLP, Shoeybi et al.,
+    2019, Sec. 3): ``linear1`` column-wise (rows of W1, entries of b1) and ``linear2`` row-wise (columns of
+    W2), so ``act(x W1_r^T + b1_r) W2_r^T`` is this rank's share of the output; the shares are summed (an
+    all-reduce), then b2 and the residual are added once. The kernel sees plain tensors: DTensor has no
+    sharding rule for a fused MLP whose bias must be added once, so the module does the split. ``x``'s
+    gradient is summed over the ranks the same way (Partial -> Replicate)."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+
+    w1, b1, w2, b2 = ffn.linear1.weight, ffn.linear1.bias, ffn.linear2.weight, ffn.linear2.bias
+    mesh = w1.device_mesh
+    x_local = DTensor.from_local(x, mesh, [Replicate()], run_check=False).to_local(grad_placements=[Partial()])
+    part = tk.ffn(x_local, w1.to_local(), b1.to_local(), w2.to_local(), None, ffn.activation, recompute=ffn.recompute)
+    out = DTensor.from_local(part, mesh, [Partial()], run_check=False).redistribute(mesh, [Replicate()]).to_local()
+    out = out + (b2.to_local() if _is_dtensor(b2) else b2)
+    return out if residual is None else out + residual
 
 
 class MultiHeadAttention(nn.Module):
@@ -117,7 +143,15 @@ class MultiHeadAttention(nn.Module):
     Parameters ``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``: ``nn.Linear(d_model, d_model)``, the
     projections of all heads side by side. No dropout on the attention weights (the paper has none;
     Sec. 5.4), so the Triton backend needs no attention dropout.
+   
+    ``context_parallel`` (None, or a :class:`transformer.parallel.ContextParallel`, set by
+    :func:`transformer.parallel.enable_context_parallel`): x and memory hold this rank's slice of the
+    sequence and attention runs over the whole sequence across the group (no ``attn_mask`` then).
+    Under tensor parallelism the projections hold this rank's heads; the head count is read from their
+    output width.
     """
+
+    context_parallel = None
 
     def __init__(self, d_model: int, num_heads: int, backend: str = "triton"):
         super().__init__()
@@ -156,21 +190,27 @@ class MultiHeadAttention(nn.Module):
         q = self._split_heads(self.q_proj(x))
         k = self._split_heads(self.k_proj(memory))
         v = self._split_heads(self.v_proj(memory))
-        sdpa = tk.scaled_dot_product_attention if self.backend == "triton" else F.scaled_dot_product_attention
-        out = sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        if self.context_parallel is not None:
+            if attn_mask is not None:
+                raise ValueError("MultiHeadAttention: attn_mask (key padding) is not supported under context "
+                                 "parallelism; pack or pad sequences so every token is scored, and use is_causal")
+            out = self.context_parallel.attention(q, k, v, is_causal=is_causal)
+        else:
+            sdpa = tk.scaled_dot_product_attention if self.backend == "triton" else F.scaled_dot_product_attention
+            out = sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
         # out: (batch, num_heads, seqlen_q, head_dim) -> (batch, seqlen_q, d_model), heads concatenated
         return self.out_proj(out.transpose(1, 2).flatten(2))
 
     def _forward_cached(self, x, memory, cache: KVCache) -> torch.Tensor:
-        q = self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim))  # (batch, t, heads, head_dim)
+        q = self.q_proj(x).unflatten(-1, (-1, self.head_dim))  # (batch, t, heads, head_dim)
         if cache.static:  # cross-attention: fixed keys, every source token visible up to its length
             if memory is not None and cache.k.numel() == 0:
-                cache.k = self.k_proj(memory).unflatten(-1, (self.num_heads, self.head_dim))
-                cache.v = self.v_proj(memory).unflatten(-1, (self.num_heads, self.head_dim))
+                cache.k = self.k_proj(memory).unflatten(-1, (-1, self.head_dim))
+                cache.v = self.v_proj(memory).unflatten(-1, (-1, self.head_dim))
             out = self._attend_cache(q, cache, new_k=None, new_v=None, causal=False)
         else:
-            k = self.k_proj(x).unflatten(-1, (self.num_heads, self.head_dim))
-            v = self.v_proj(x).unflatten(-1, (self.num_heads, self.head_dim))
+            k = self.k_proj(x).unflatten(-1, (-1, self.head_dim))
+            v = self.v_proj(x).unflatten(-1, (-1, self.head_dim))
             out = self._attend_cache(q, cache, new_k=k, new_v=v, causal=True)
             cache.lengths = cache.lengths + x.shape[1]
         return self.out_proj(out.flatten(2))
@@ -200,8 +240,9 @@ class MultiHeadAttention(nn.Module):
         return f"num_heads={self.num_heads}, head_dim={self.head_dim}, backend={self.backend!r}"
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
-        """(batch, seqlen, d_model) -> (batch, num_heads, seqlen, head_dim), a view."""
-        return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+        """(batch, seqlen, d_model) -> (batch, num_heads, seqlen, head_dim), a view (this rank's heads
+        under tensor parallelism)."""
+        return x.unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
 
 
 class PositionalEncoding(nn.Module):

@@ -73,6 +73,8 @@ class Decoder(nn.Module):
 class _TransformerBase(nn.Module):
     """What both models share: the config, the tied embedding, the positional encoding and the backend switch."""
 
+    context_parallel = None  # see transformer.parallel.enable_context_parallel
+
     def __init__(self, config: TransformerConfig):
         super().__init__()
         self.config = config
@@ -228,7 +230,8 @@ class TransformerLM(_TransformerBase):
                 positions: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids ``(batch, seqlen)`` -> logits ``(batch, seqlen, vocab_size)``. With ``cache`` (from
         :meth:`init_cache`), ``tokens`` are only the new ones, at ``positions`` (default: right after
-        what the cache holds)."""
+        what the cache holds). Under context parallelism (:func:`transformer.parallel.enable_context_parallel`)
+        ``tokens`` are this rank's slice and ``positions`` default to their global positions."""
         if cache is not None:
             positions = _next_positions(cache[0], tokens.shape[1]) if positions is None else positions
             x = self.embed(tokens, positions)
@@ -237,7 +240,9 @@ class TransformerLM(_TransformerBase):
         else:
             padding = self.padding_mask(tokens, key_padding_mask)
             mask = _causal_mask(padding, tokens.shape[1])
-            x = self.embed(tokens)
+            if positions is None and self.context_parallel is not None:  # this rank's slice of the sequence
+                positions = self.context_parallel.positions(tokens.shape[1], tokens.device)
+            x = self.embed(tokens, positions)
             for layer in self.layers:
                 x = layer(x, is_causal=mask is None, attn_mask=mask)
         return self.project(x if self.final_norm is None else self.final_norm(x))

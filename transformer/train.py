@@ -17,6 +17,15 @@ writes the files::
 
     torchrun --nproc_per_node=8 -m transformer.train --preset base --steps 100000
 
+``--fsdp`` shards parameters, gradients and Adam's state with FSDP2 (``fully_shard``) instead of DDP.
+``--context-parallel N`` splits each sequence over N ranks (a device mesh ``(dp, cp)`` with ``dp =
+world / N``): the N ranks of a ``cp`` group share one batch, each holds a zigzag slice of every sequence,
+and attention runs across them (:mod:`transformer_kernels.context_parallel`, ``--cp-strategy ring`` or
+``all_to_all``); gradients are averaged over all ranks (DDP or FSDP over the whole mesh), each rank's
+loss weighted by its share of the tokens, so the update equals one process training on the dp batches::
+
+    torchrun --nproc_per_node=2 -m transformer.train --context-parallel 2 --seq-len 4096
+
 Randomness: every step reseeds the generators from ``(seed, rank, step)`` (as fairseq does), so a run
 resumed from a checkpoint draws the same batches and dropout masks as one that never stopped.
 """
@@ -43,8 +52,8 @@ from .config import BYTE_VOCAB_SIZE, PRESETS, TransformerConfig
 from .data import TASKS, LMBatcher, load_corpus, task_batch, unigram_entropy
 from .model import Transformer, TransformerLM
 from .tokenizer import PAD_ID
-from .training import (LABEL_SMOOTHING, LossMetrics, evaluate, make_optimizer, noam_scheduler, train_step_metrics,
-                       unwrap)
+from .training import (LABEL_SMOOTHING, LossMetrics, SequenceShard, evaluate, make_optimizer, noam_scheduler,
+                       train_step_metrics, unwrap)
 
 MODELS = ("lm", "encoder_decoder")
 # Flags that define the run (model, data, schedule): a resumed run takes them from the checkpoint
@@ -102,6 +111,12 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=d(500),
                    help="steps between checkpoints (default 500; always at the end)")
     p.add_argument("--no-progress", action="store_true", default=d(False), help="no progress bar")
+    p.add_argument("--context-parallel", type=int, default=d(1), metavar="N",
+                   help="split each sequence over N ranks (language model; --seq-len divisible by 2N; default 1)")
+    p.add_argument("--cp-strategy", choices=("ring", "all_to_all"), default=d("ring"),
+                   help="context-parallel attention: K/V around a ring, or Ulysses all-to-all (default ring)")
+    p.add_argument("--fsdp", action="store_true", default=d(False),
+                   help="FSDP2 (fully_shard) instead of DistributedDataParallel under torchrun")
     return p
 
 
@@ -132,6 +147,15 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if not 0.0 <= args.label_smoothing < 1.0 or not args.lr_scale > 0.0:
         parser.error("--label-smoothing must be in [0, 1) and --lr-scale > 0")
+    if args.context_parallel < 1:
+        parser.error("--context-parallel must be >= 1")
+    if args.context_parallel > 1:
+        if args.model != "lm":
+            parser.error("--context-parallel splits a language model's sequences; the encoder-decoder's "
+                         "padded task strings are not supported")
+        if args.seq_len % (2 * args.context_parallel):
+            parser.error(f"--seq-len {args.seq_len} must divide into 2 x --context-parallel = "
+                         f"{2 * args.context_parallel} chunks (zigzag layout)")
     return args
 
 
@@ -140,11 +164,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Dist:
-    """Where this process runs: ``rank`` of ``world_size`` processes, on ``device``."""
+    """Where this process runs: ``rank`` of ``world_size`` processes, on ``device``; with context
+    parallelism, the ``(dp, cp)`` device ``mesh``: ``dp_rank`` picks the data, ``cp_size`` ranks share it."""
 
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+    mesh: object = None
+    dp_rank: int = 0
+    cp_size: int = 1
+    flat_mesh: object = None  # every rank, 1-D: FSDP2 shards over it
 
     @property
     def is_main(self) -> bool:
@@ -155,12 +184,15 @@ class Dist:
         return self.world_size > 1
 
 
-def setup_distributed(device: str | None) -> Dist:
+def setup_distributed(device: str | None, context_parallel: int = 1) -> Dist:
     """Join the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1): NCCL on CUDA, gloo on
-    CPU, one GPU per process (``LOCAL_RANK``). Otherwise a single process on ``device`` (default: CUDA
-    if available)."""
+    CPU, one GPU per process (``LOCAL_RANK``), and a ``(dp, cp)`` device mesh. Otherwise a single process
+    on ``device`` (default: CUDA if available). Raises ValueError when ``context_parallel`` does not
+    divide the world size."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size % context_parallel:
+        raise ValueError(f"--context-parallel {context_parallel} does not divide the {world_size} processes")
     if world_size <= 1:
         return Dist(device=torch.device(device))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -168,7 +200,13 @@ def setup_distributed(device: str | None) -> Dist:
         torch.cuda.set_device(local_rank)
         device = f"cuda:{local_rank}"
     dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), torch.device(device))
+    from torch.distributed.device_mesh import init_device_mesh
+
+    kind = torch.device(device).type
+    mesh = init_device_mesh(kind, (world_size // context_parallel, context_parallel), mesh_dim_names=("dp", "cp"))
+    flat = init_device_mesh(kind, (world_size,), mesh_dim_names=("dp_cp",))
+    return Dist(dist.get_rank(), dist.get_world_size(), torch.device(device), mesh,
+                mesh.get_local_rank("dp"), context_parallel, flat)
 
 
 def all_reduce_metrics(metrics: LossMetrics, d: Dist) -> LossMetrics:
@@ -186,11 +224,15 @@ def step_seed(seed: int, rank: int, step: int) -> int:
 
 
 def param_digest(model: torch.nn.Module) -> str:
-    """SHA-256 of every parameter's bytes: equal across processes iff the replicas are bit-identical."""
+    """SHA-256 of every parameter's bytes: equal across processes iff the replicas are bit-identical
+    (sharded parameters are gathered first: a collective then)."""
     h = hashlib.sha256()
     for name, p in unwrap(model).named_parameters():
+        p = p.detach()
+        if hasattr(p, "full_tensor"):  # a DTensor (FSDP2)
+            p = p.full_tensor()
         h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(p.cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -221,7 +263,7 @@ class TextData:
         self.train = LMBatcher(self.corpus.train, args.batch_size, args.seq_len, device=d.device)
         self.val = LMBatcher(self.corpus.val, args.batch_size, min(args.seq_len, self.corpus.val.numel() - 2),
                              device=d.device)
-        self.val_batches = self.val.fixed_batches(args.eval_batches, seed=10_000 + d.rank)
+        self.val_batches = self.val.fixed_batches(args.eval_batches, seed=10_000 + d.dp_rank)
         self.baseline = unigram_entropy(self.corpus.val)
         self.description = self.corpus.describe()
 
@@ -234,7 +276,7 @@ class TaskData:
 
     def __init__(self, args, d: Dist):
         self.task, self.batch_size, self.max_len, self.device = args.task, args.batch_size, args.seq_len, d.device
-        generator = torch.Generator().manual_seed(10_000 + d.rank)
+        generator = torch.Generator().manual_seed(10_000 + d.dp_rank)
         self.val_batches = [self.batch(generator) for _ in range(args.eval_batches)]
         self.baseline = None
         self.description = f"task {args.task}: strings of 1..{args.seq_len} lowercase letters"
@@ -260,7 +302,11 @@ def build_config(args, backend: str) -> TransformerConfig:
 
 def build_training(args, d: Dist, backend: str):
     """Model (fresh, or from ``--resume``), Adam and the warm-up schedule on ``d.device``. Returns
-    ``(model, optimizer, scheduler, step, history)``, ``model`` wrapped in DDP when distributed."""
+    ``(model, optimizer, scheduler, step, history)``, ``model`` wrapped in DDP (or sharded by FSDP2 with
+    ``--fsdp``) when distributed, its attention context parallel over the mesh's ``cp`` dim with
+    ``--context-parallel``."""
+    from .parallel import apply_fsdp, enable_context_parallel
+
     checkpoint = None
     if args.resume:
         model, checkpoint = load_checkpoint(args.resume, backend=backend)
@@ -269,14 +315,24 @@ def build_training(args, d: Dist, backend: str):
         config = build_config(args, backend)
         model = (TransformerLM if args.model == "lm" else Transformer)(config)
     model.to(d.device)
+    if d.cp_size > 1:
+        enable_context_parallel(model, (d.mesh, "cp"), strategy=args.cp_strategy)
+    if d.enabled and args.fsdp:  # over every rank: gradients averaged over dp x cp, as DDP's
+        apply_fsdp(model, d.flat_mesh)
     optimizer = make_optimizer(model.parameters())
     scheduler = noam_scheduler(optimizer, model.config.d_model, args.warmup, args.lr_scale)
     step, history = 0, {"train": [], "eval": []}
-    if checkpoint is not None:
+    if checkpoint is not None and d.enabled and args.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, checkpoint["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+    elif checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
+    if checkpoint is not None:
         scheduler.load_state_dict(checkpoint["scheduler"])
         step, history = checkpoint["step"], checkpoint["extra"].get("history", history)
-    if d.enabled:
+    if d.enabled and not args.fsdp:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
     return model, optimizer, scheduler, step, history
@@ -362,7 +418,7 @@ def default_out() -> str:
 def train(args: argparse.Namespace) -> dict:
     """Run the training that ``args`` (from :func:`parse_args`) describe; returns the summary dict
     (also stored under ``"summary"`` in metrics.json). Only rank 0 writes files and prints."""
-    d = setup_distributed(args.device)
+    d = setup_distributed(args.device, args.context_parallel)
     try:
         summary = _train(args, d)
         if d.enabled:  # no rank tears gloo down while another still talks to it (a CI run aborted so)
@@ -378,9 +434,13 @@ def _train(args, d: Dist) -> dict:
     out = Path(args.out or _broadcast(default_out(), d))
     data = TextData(args, d) if args.task == "text" else TaskData(args, d)
     model, optimizer, scheduler, step, history = build_training(args, d, backend)
+    if d.cp_size > 1:  # validation on this rank's slices too
+        data.val_batches = [_shard_lm_batch(unwrap(model), b) for b in data.val_batches]
     run = Run(args, d, out, backend, data, model, optimizer, scheduler, history)
     run.log(f"{args.model} {args.preset}: {run.num_parameters:,} parameters, backend {backend}, "
-            f"{d.world_size} x {d.device}; data {data.description}; out {out}"
+            f"{d.world_size} x {d.device}" + (f" (dp {d.world_size // d.cp_size} x cp {d.cp_size}, "
+                                              f"{args.cp_strategy})" if d.cp_size > 1 else "")
+            + (", FSDP2" if d.enabled and args.fsdp else "") + f"; data {data.description}; out {out}"
             + (f"; resumed at step {step}" if step else ""))
     if backend == "triton" and d.device.type == "cpu" and not tk.dispatch.INTERPRETER:
         run.log("note: on a CPU without TRITON_INTERPRET=1 the kernels run their PyTorch fallback (see README)")
@@ -419,14 +479,18 @@ class Run:
     def train_one(self, step: int) -> tuple[LossMetrics, float, float]:
         """Optimizer step ``step`` on a batch drawn from seed ``(seed, rank, step)``; records it. Returns the
         metrics summed over processes, the learning rate used and tokens/s over the last 20 steps."""
-        seed = step_seed(self.args.seed, self.d.rank, step)
+        seed = step_seed(self.args.seed, self.d.dp_rank if self.d.cp_size > 1 else self.d.rank, step)
         self.generator.manual_seed(seed)
         torch.manual_seed(seed)  # dropout
         start = time.perf_counter()
         batch = self.data.batch(self.generator)
+        scale = 1.0
+        if self.d.cp_size > 1:
+            batch = _shard_lm_batch(self.inner, batch)
+            scale = _context_parallel_loss_scale(batch, self.inner, self.d)
         lr = self.optimizer.param_groups[0]["lr"]
         local = train_step_metrics(self.model, batch, self.optimizer, self.args.label_smoothing,
-                                   scheduler=self.scheduler, autocast_dtype=self.autocast_dtype)
+                                   scheduler=self.scheduler, autocast_dtype=self.autocast_dtype, loss_scale=scale)
         m = all_reduce_metrics(local, self.d)
         seconds = time.perf_counter() - start
         train = self.metrics["train"]
@@ -438,6 +502,10 @@ class Run:
     def validate(self, step: int) -> str:
         """Plain cross-entropy, perplexity and accuracy on the validation batches (all processes); recorded."""
         v = all_reduce_metrics(evaluate(self.inner, self.data.val_batches, autocast_dtype=self.autocast_dtype), self.d)
+        if self.d.enabled and self.args.fsdp:
+            from .parallel import reshard
+
+            reshard(self.inner)
         self.metrics["eval"].append(metrics_record(v, step))
         baseline = self.data.baseline
         return (f"step {step}: val NLL {v.nll:.3f}, perplexity {v.perplexity:.2f}, accuracy {v.accuracy:.3f}"
@@ -446,10 +514,17 @@ class Run:
     def save(self, step: int) -> None:
         """checkpoint.pt (with the run's settings and history, for --resume), metrics.json, loss.png: rank 0."""
         self.metrics["summary"] = summarize(self, step)
+        states = {}
+        if self.d.enabled and self.args.fsdp:  # gather the shards (a collective), rank 0 writes them
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+            states = dict(zip(("model_state", "optimizer_state"), get_state_dict(
+                self.inner, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))))
         if self.d.is_main:
             history = {"train": self.metrics["train"], "eval": self.metrics["eval"]}
             save_checkpoint(self.out / "checkpoint.pt", self.inner, step=step, optimizer=self.optimizer,
-                            scheduler=self.scheduler, extra={"args": _jsonable(vars(self.args)), "history": history})
+                            scheduler=self.scheduler, extra={"args": _jsonable(vars(self.args)), "history": history},
+                            **states)
             write_reports(self.out, self.metrics)
 
     def finish(self, step: int) -> dict:
@@ -474,6 +549,7 @@ def summarize(run: Run, step: int) -> dict:
     nll = sum(r["nll"] for r in recent) / len(recent) if recent else None
     return {
         "model": args.model, "preset": args.preset, "backend": run.backend, "world_size": run.d.world_size,
+        "context_parallel": run.d.cp_size, "data_parallel": "fsdp" if run.d.enabled and args.fsdp else "ddp",
         "precision": "bf16 autocast" if args.bf16 else "fp32",
         "parameters": run.num_parameters, "data": run.data.description, "step": step, "tokens_per_s": tokens_per_s,
         "train": {"loss": sum(r["loss"] for r in recent) / len(recent), "nll": nll, "perplexity": math.exp(nll)}
@@ -494,6 +570,22 @@ def check_replicas(model, d: Dist, metrics: dict) -> dict:
     digests = [g[0] for g in gathered]
     return {"world_size": d.world_size, "param_digests": digests, "replicas_identical": len(set(digests)) == 1,
             "last_step_rank_losses": [g[1] for g in gathered]}
+
+
+def _shard_lm_batch(model, tokens: torch.Tensor) -> SequenceShard:
+    """A ``(batch, seqlen + 1)`` token batch as this rank's slices of inputs and labels."""
+    inputs, labels = model.context_parallel.shard([tokens[:, :-1], tokens[:, 1:]])
+    return SequenceShard(inputs, labels)
+
+
+def _context_parallel_loss_scale(batch: SequenceShard, model, d: Dist) -> float:
+    """cp x (this rank's scored tokens) / (the replica's): the gradient average over dp x cp ranks then
+    equals the dp average of each replica's mean-loss gradient."""
+    ignore = -100 if model.config.pad_id is None else model.config.pad_id
+    counts = torch.tensor([(batch.labels != ignore).sum().item()], dtype=torch.float64, device=d.device)
+    local = counts.item()
+    dist.all_reduce(counts, group=d.mesh.get_group("cp"))
+    return d.cp_size * local / max(counts.item(), 1.0)
 
 
 def _broadcast(value, d: Dist):

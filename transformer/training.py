@@ -60,11 +60,23 @@ def unwrap(model):
     return getattr(model, "module", model)
 
 
+@dataclasses.dataclass
+class SequenceShard:
+    """A language-model batch under context parallelism: this rank's slice of the model's ``inputs``
+    (``tokens[:, :-1]``) and of the ``labels`` (``tokens[:, 1:]``), cut the same way
+    (:meth:`transformer.parallel.ContextParallel.shard`), each ``(batch, seqlen / cp)``."""
+
+    inputs: torch.Tensor
+    labels: torch.Tensor
+
+
 def logits_and_labels(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forced logits ``(batch, seqlen, vocab_size)`` and the labels ``(batch, seqlen)`` they are
     scored on (see :func:`compute_loss` for the layouts). ``model`` may be wrapped in
     ``DistributedDataParallel``; the call goes through the wrapper so its gradient hooks run."""
     inner = unwrap(model)
+    if isinstance(batch, SequenceShard):
+        return model(batch.inputs), batch.labels
     if isinstance(inner, Transformer):
         src, tgt = batch
         return model(src, tgt[:, :-1]), tgt[:, 1:]
@@ -177,16 +189,18 @@ def autocast(model, dtype: torch.dtype | None):
 
 def train_step_metrics(model, batch, optimizer: torch.optim.Optimizer, label_smoothing: float = 0.0, *,
                        scheduler=None, max_grad_norm: float | None = None,
-                       autocast_dtype: torch.dtype | None = None) -> LossMetrics:
+                       autocast_dtype: torch.dtype | None = None, loss_scale: float = 1.0) -> LossMetrics:
     """One step: forward (under ``torch.autocast(autocast_dtype)`` when given), label-smoothed loss,
     backward, [gradient clipping], ``optimizer.step()`` and ``scheduler.step()`` when given. Puts the model
     in training mode (dropout on). Returns the :class:`LossMetrics` of ``batch`` before the step.
-    ``model`` may be a ``DistributedDataParallel``."""
+    ``model`` may be a ``DistributedDataParallel`` or FSDP2 model. ``loss_scale`` multiplies the mean
+    loss before the backward (context parallelism: this rank's share of the replica's tokens, times the
+    ranks a gradient average divides by)."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
     with autocast(model, autocast_dtype):
         loss, metrics = loss_and_metrics(model, batch, label_smoothing)
-    loss.backward()
+    (loss * loss_scale if loss_scale != 1.0 else loss).backward()
     if max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     optimizer.step()

@@ -157,6 +157,42 @@ def test_tensor_parallel_matches_one_process(device):
     spawn_group(_tensor_parallel, 2)
 
 
+def _hf_tensor_parallel(rank, world):
+    """A tiny Llama with our kernels (transformer_kernels.hf.apply_kernels) under DTensor tensor parallelism
+    (colwise q/k/v/gate/up, rowwise o/down): the logits and gradients of the unpatched, unsharded model."""
+    import transformers
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    ref = transformers.LlamaForCausalLM(config)
+    model = transformers.LlamaForCausalLM(config)
+    model.load_state_dict(ref.state_dict())
+    tk.hf.apply_kernels(model)
+    plan = {}
+    for i in range(config.num_hidden_layers):
+        plan.update({f"model.layers.{i}.self_attn.{p}": ColwiseParallel() for p in ("q_proj", "k_proj", "v_proj")})
+        plan.update({f"model.layers.{i}.mlp.{p}": ColwiseParallel() for p in ("gate_proj", "up_proj")})
+        plan[f"model.layers.{i}.self_attn.o_proj"] = RowwiseParallel()
+        plan[f"model.layers.{i}.mlp.down_proj"] = RowwiseParallel()
+    parallelize_module(model, init_device_mesh("cpu", (world,)), plan)
+    ids = _batches(1)[0][:, :8]
+    before = {k: tk.launch_count(k) for k in ("attention_fwd", "layer_norm_fwd")}
+    logits, ref_logits = model(input_ids=ids).logits, ref(input_ids=ids).logits
+    assert all(tk.launch_count(k) > n for k, n in before.items()), "our attention and RMSNorm kernels ran"
+    assert rel_err(logits, ref_logits) < 1e-5
+    logits.pow(2).mean().backward()
+    ref_logits.pow(2).mean().backward()
+    _assert_grads_match(model, ref, "llama tensor parallel")
+
+
+def test_patched_hf_model_under_tensor_parallelism(device):
+    pytest.importorskip("transformers")
+    spawn_group(_hf_tensor_parallel, 2)
+
+
 def _cp_model_refusals(rank, world):
     model = _model("torch")
     enable_context_parallel(model)

@@ -22,6 +22,9 @@ from .layer_norm import LayerNorm, RMSNorm, add_layer_norm, add_rms_norm, layer_
 from .patching import PatchEntry, PatchReport, override_sdpa, patch, unpatch
 from .rotary import apply_rotary_emb, apply_rotary_pos_emb
 from . import context_parallel  # noqa: E402
+from . import _sharding  # noqa: E402
+
+_sharding.register()  # DTensor sharding rules of the custom ops above
 from . import hf  # noqa: E402 (transformer_kernels.hf imports transformers only when its functions are called)
 
 __all__ = [

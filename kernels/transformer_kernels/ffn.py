@@ -539,18 +539,20 @@ def _(x, w1, b1, w2, b2, wg, bg, residual, activation, recompute, use_torch_gemm
 def _ffn_backward_op(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
                      w2: torch.Tensor, wg: Optional[torch.Tensor], bg: Optional[torch.Tensor], h: torch.Tensor,
                      aux: torch.Tensor, activation: str, needs: list[bool], use_torch_gemm: bool,
-                     ) -> list[torch.Tensor]:
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                torch.Tensor]:
     """[dx, dw1, db1, dw2, db2, dwg, dbg], an empty tensor where not needed."""
     grads = ffn_backward(dy, x, w1, b1, w2, wg, bg, h if h.numel() else None, aux if aux.numel() else None,
                          activation=activation, needs=needs, use_torch_gemm=use_torch_gemm)
     # Custom-op outputs may not alias each other: the gated weight gradients are halves of one product.
-    return [x.new_empty(0) if g is None else (g.clone() if g._base is not None else g) for g in grads]
+    # (A tuple, not a list: DTensor's sharding rules (_sharding.py) give each output its own placement.)
+    return tuple(x.new_empty(0) if g is None else (g.clone() if g._base is not None else g) for g in grads)
 
 
 @_ffn_backward_op.register_fake
 def _(dy, x, w1, b1, w2, wg, bg, h, aux, activation, needs, use_torch_gemm):
     like = [x, w1, b1, w2, w2[:, 0], wg, bg]
-    return [torch.empty_like(t) if (n and t is not None) else x.new_empty(0) for t, n in zip(like, needs)]
+    return tuple(torch.empty_like(t) if (n and t is not None) else x.new_empty(0) for t, n in zip(like, needs))
 
 
 def _ffn_setup_context(ctx, inputs, output):

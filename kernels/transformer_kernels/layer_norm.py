@@ -362,11 +362,16 @@ def _norm_setup_context(ctx, inputs, output):
     ctx.z_is_x = residual is None and dropout_p == 0  # then z was not written: the kernel normalized x
     ctx.save_for_backward(x if ctx.z_is_x else z, weight, bias, mean, rstd, seed)
     ctx.is_rms, ctx.dropout_p = is_rms, dropout_p
+    # An unused output's gradient stays None rather than a materialized zeros tensor (which DTensor
+    # inputs would get as a plain tensor, mixing the two in the backward op).
+    ctx.set_materialize_grads(False)
 
 
 def _norm_autograd_backward(ctx, dy, dz_out, _dmean, _drstd, _dseed):
     """Gradients of x, residual, weight, bias; ``dz_out`` (the returned sum's gradient) matters for pre-norm."""
     z, weight, bias, mean, rstd, seed = ctx.saved_tensors
+    if dy is None:  # only the pre-norm sum was used
+        dy = torch.zeros_like(z)
     prenorm_grad = None if ctx.z_is_x or dz_out is None else dz_out
     dz, dx, dw, db = _norm_backward_op(dy, prenorm_grad, z, weight, bias, mean, rstd, seed, ctx.is_rms, ctx.dropout_p)
     dx = dx if ctx.dropout_p > 0 else dz

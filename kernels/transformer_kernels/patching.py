@@ -157,8 +157,10 @@ def global_hooks() -> bool:
 
 def plain_linear(module) -> bool:
     """An ``nn.Linear`` whose forward is ``nn.Linear.forward`` (parametrized weights are fine: they are
-    read through ``.weight``) and which has no hooks."""
-    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward and not has_hooks(module)
+    read through ``.weight``), which has no hooks and whose weight is not a DTensor (tensor parallelism's
+    sharded Linears keep their own forward)."""
+    return (isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward and not has_hooks(module)
+            and type(module.weight).__name__ != "DTensor")
 
 
 def dropout_draws(module) -> bool:

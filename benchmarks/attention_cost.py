@@ -11,6 +11,10 @@ achieved TFLOP/s with the share of the matmul rate this run measured on the devi
 * FlexAttention (``torch.nn.attention.flex_attention``, compiled) where it runs;
 * naive eager attention (softmax(Q K^T) V, the score matrix materialized) until it runs out of memory.
 
+Past one device (``context_parallel``, :mod:`benchmarks.context_parallel`): per-rank FLOPs, bytes each rank
+sends and per-rank memory of context-parallel attention (ring and all-to-all) by world size, counted in
+spawned gloo groups, and the longest sequence whose attention fits a device's memory for each.
+
 With ``trace_dir`` set (``python -m benchmarks attention --trace``) one causal forward+backward of every
 backend that ran, at the second sequence length and the largest head_dim, is recorded with
 ``torch.profiler`` and exported as a Chrome trace (``trace-<backend>.json``, open in Perfetto).
@@ -46,14 +50,15 @@ class Config:
     dtype: str = "bfloat16"
     backward: bool = True
     trace_dir: str | None = None  # where to write torch.profiler Chrome traces; None: no traces
+    context_parallel: str | None = "full"  # "full", "quick" or None: the section past one device
 
     @classmethod
     def for_device(cls, device: str, quick: bool = False, **overrides) -> "Config":
         if device == "cuda":
-            base = dict(seqlens=(1024, 4096)) if quick else {}
+            base = dict(seqlens=(1024, 4096), context_parallel="quick") if quick else {}
         else:  # the CPU sweep: small, float32, ours not timed
             base = dict(seqlens=(64, 128) if quick else (128, 256, 512, 1024), head_dims=(64,), tokens=1024,
-                        width=256, dtype="float32")
+                        width=256, dtype="float32", context_parallel="quick" if quick else "full")
         return cls(**{**base, **overrides})
 
 
@@ -189,8 +194,17 @@ def run(cfg: Config, device: str, progress: bool = True) -> dict:
         rows.append(row)
     sync(device)
     traces = export_traces(found, cfg, device, dtype) if cfg.trace_dir else {}
-    return {"suite": "attention", "config": {**asdict(cfg), "device": device}, "device_limits": limits,
-            "flop_formula_check": check_flop_formula(device), "rows": rows, "traces": traces}
+    results = {"suite": "attention", "config": {**asdict(cfg), "device": device}, "device_limits": limits,
+               "flop_formula_check": check_flop_formula(device), "rows": rows, "traces": traces}
+    if cfg.context_parallel:
+        import tempfile
+
+        from . import context_parallel
+
+        cp_cfg = context_parallel.Config.quick() if cfg.context_parallel == "quick" else context_parallel.Config()
+        with tempfile.TemporaryDirectory() as work:
+            results["context_parallel"] = context_parallel.run(cp_cfg, Path(work))
+    return results
 
 
 def export_traces(found: dict, cfg: Config, device: str, dtype: torch.dtype) -> dict:

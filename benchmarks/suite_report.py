@@ -86,6 +86,10 @@ def write_attention(results: dict, out: Path) -> list[Path]:
     if results.get("traces"):
         lines += ["torch.profiler Chrome traces (one causal forward+backward each; open in Perfetto):", ""]
         lines += [f"- {name}: `{what}`" for name, what in results["traces"].items()] + [""]
+    extra = []
+    if results.get("context_parallel"):
+        lines += _context_parallel_lines(results["context_parallel"])
+        extra.append(_context_parallel_plot(results["context_parallel"], out / "context_parallel_memory.png"))
     (out / "report.md").write_text("\n".join(lines))
     (out / "results.json").write_text(json.dumps(results, indent=1))
     _write_csv(rows, out / "results.csv")
@@ -93,7 +97,69 @@ def write_attention(results: dict, out: Path) -> list[Path]:
     paths.append(_attention_plot(rows, "forward", out / "attention_time.png", "forward time (ms)"))
     paths.append(_attention_plot(rows, "peak_bytes_forward_backward", out / "attention_memory.png",
                                  "peak memory, forward + backward (MiB)"))
-    return paths
+    return paths + extra
+
+
+def _gib(x) -> str:
+    return "-" if x is None else f"{x / 2**30:.2f}"
+
+
+def _context_parallel_lines(cp: dict) -> list[str]:
+    """The section past one device: counted bytes (checked against the formula), measured memory per
+    local token, and what they project at long sequences."""
+    c = cp["config"]
+    lines = ["## Past one device: context-parallel attention", "",
+             f"One causal attention call, forward + backward, {c['heads']} heads ({c['heads_k']} key/value heads), "
+             f"head_dim {c['head_dim']}, 2-byte elements, {c['layout']} layout. Bytes sent are counted at the "
+             "communication calls in spawned gloo groups; memory is what the call allocates per rank beyond "
+             "its inputs (torch's MemTracker), measured at two local lengths (exactly linear in them: no "
+             "seqlen² tensor exists) and projected from there. Nothing here is timed.", ""]
+    checks = cp["send_checks"]
+    ok = all(r["counted_forward"] == r["formula_forward"] and r["counted_backward"] == r["formula_backward"]
+             for r in checks)
+    lines += [f"Bytes counted at the calls {'equal' if ok else 'DIFFER FROM'} `communication_volume`'s formula in "
+              f"all {len(checks)} measured cases.", ""]
+    per = [[key.split("|")[1], key.split("|")[0], f"{v['bytes_per_token']:,.0f}", f"{v['intercept_bytes']:,.0f}"]
+           for key, v in cp["per_token"].items()]
+    lines += ["Measured memory per local token (largest rank):", "",
+              _table(["strategy", "world", "bytes / local token", "constant bytes"], per), ""]
+    volume = cp["volume_case"]
+    lines += ["Bytes each rank sends per attention layer at the issue's reference point (counted from the code):", "",
+              _table(["strategy", "seqlen", "heads", "head_dim", "world", "forward GiB", "backward GiB", "total GiB",
+                      "calls in the forward"],
+                     [[s, v["seqlen"], v["num_heads"], v["head_dim"], v["world"], _gib(v["forward_bytes"]),
+                       _gib(v["backward_bytes"]), _gib(v["total_bytes"]), v["steps"]] for s, v in volume.items()]), ""]
+    fits = cp["longest_fitting"]
+    lines += ["Longest sequence whose attention (inputs q, k, v, dO plus the call's peak) fits each device's "
+              "memory; a whole model needs more, so read these as upper bounds:", "",
+              _table(["world", "strategy", "memory GiB", "longest seqlen", "memory measured at world"],
+                     [[f["world"], f["strategy"], f"{f['memory_gib']:g}", f"{f['max_seqlen']:,}",
+                       f["memory_from_world"]] for f in fits]), ""]
+    proj = [r for r in cp["projected"] if r["seqlen"] in (2**17, 2**20)]
+    lines += ["Per rank at 128k and 1M tokens:", "",
+              _table(["world", "strategy", "seqlen", "TFLOP per rank (fwd+bwd)", "GiB sent fwd", "GiB sent bwd",
+                      "GiB memory per rank"],
+                     [[r["world"], r["strategy"], r["seqlen"], f"{r['flops_per_rank'] / 1e12:.1f}",
+                       _gib(r.get("bytes_sent_forward")), _gib(r.get("bytes_sent_backward")),
+                       _gib(r.get("memory_per_rank"))] for r in proj]), "",
+              "![context-parallel memory](context_parallel_memory.png)", ""]
+    return lines
+
+
+def _context_parallel_plot(cp: dict, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    series = dict.fromkeys((r["world"], r["strategy"]) for r in cp["projected"] if r.get("memory_per_rank"))
+    for world, strategy in series:
+        pts = [(r["seqlen"], r["memory_per_rank"] / 2**30) for r in cp["projected"]
+               if (r["world"], r["strategy"]) == (world, strategy) and r.get("memory_per_rank")]
+        ax.plot(*zip(*pts), marker="o", label=f"{strategy}, world {world}")
+    for gib in cp["config"]["memory_gib"]:
+        ax.axhline(gib, ls="--", c="gray", lw=0.8)
+    ax.set(xscale="log", yscale="log", xlabel="sequence length", ylabel="attention memory per rank (GiB)",
+           title="one attention layer, forward + backward")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    return save(fig, path)
 
 
 def _attention_plot(rows: list[dict], key: str, path: Path, ylabel: str) -> Path:

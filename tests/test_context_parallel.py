@@ -283,3 +283,62 @@ def test_communication_volume_counts():
     assert gqa["forward_bytes"] * 4 == ring["forward_bytes"]
     with pytest.raises(ValueError):
         cp.communication_volume("tree", **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch's own context parallelism running our kernel (context_parallel/torch_interop.py)
+# ----------------------------------------------------------------------------------------------
+def _torch_context_parallel(rank, world):
+    """Code written for torch.distributed.tensor.experimental.context_parallel: a projection, then
+    F.scaled_dot_product_attention, inside ``context_parallel(mesh, buffers=[x])``. Entered inside
+    ``transformer_kernels.override_sdpa()``, the attention is our ring (launch counts), and the output and
+    the projection's gradient (summed over the ranks) are those of one process on the whole sequence;
+    torch's load balancing on (head-tail = zigzag) and off (contiguous). The wrong nesting is refused."""
+    import torch.nn.functional as F
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.experimental import context_parallel
+    from torch.distributed.tensor.experimental._context_parallel import context_parallel_unshard
+    from torch.distributed.tensor.experimental._context_parallel._attention import _cp_options
+
+    mesh = init_device_mesh("cpu", (world,))
+    g = torch.Generator().manual_seed(41)
+    b, s, h, d = 1, 16, 2, D
+    x_full = torch.randn(b, s, h * d, generator=g)
+    w = torch.randn(3 * h * d, h * d, generator=g) / (h * d) ** 0.5
+
+    def attend(x, weight):
+        q, k, v = (t.unflatten(-1, (h, d)).transpose(1, 2) for t in (x @ weight.T).chunk(3, -1))
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    ref_w = w.clone().requires_grad_()
+    ref = attend(x_full, ref_w)
+    ref.pow(2).sum().backward()
+    saved = _cp_options.enable_load_balance
+    try:
+        for balanced in (True, False):
+            _cp_options.enable_load_balance = balanced
+            weight = w.clone().requires_grad_()
+            x = x_full.clone()
+            before = tk.launch_count("attention_fwd")
+            with tk.override_sdpa():
+                with context_parallel(mesh, buffers=[x], buffer_seq_dims=[1], no_restore_buffers={x}):
+                    out = attend(x, weight)
+                    assert out.shape[2] == s // world
+                    out.pow(2).sum().backward()
+                    (full,) = context_parallel_unshard(mesh, [out.detach()], [2])
+            assert tk.launch_count("attention_fwd") > before, "our kernel did not run"
+            dist.all_reduce(weight.grad)
+            if rank == 0:
+                assert rel_err(full, ref) < 1e-5, (balanced, rel_err(full, ref))
+                assert rel_err(weight.grad, ref_w.grad) < 1e-5, (balanced, rel_err(weight.grad, ref_w.grad))
+    finally:
+        _cp_options.enable_load_balance = saved
+    x = x_full.clone()
+    with context_parallel(mesh, buffers=[x], buffer_seq_dims=[1], no_restore_buffers={x}):
+        with pytest.raises(RuntimeError, match="enter transformer_kernels.override_sdpa\\(\\) first"):
+            with tk.override_sdpa():
+                pass
+
+
+def test_torch_context_parallel_runs_our_kernel(device):
+    _spawn(_torch_context_parallel, 2)

@@ -268,6 +268,12 @@ def routed_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fals
     rows give 0 (some torch backends: NaN).
     """
     device_type = query.device.type
+    if type(query).__name__ == "DTensor" and dropout_p == 0:
+        from .context_parallel.torch_interop import sequence_sharded
+
+        if sequence_sharded(query):  # inside torch's context_parallel: our ring (with dropout: torch's ring)
+            return scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, is_causal=is_causal,
+                                                scale=scale, enable_gqa=enable_gqa)
     q, k, v, mask = cast_like_autocast("sdpa", device_type, query, key, value, attn_mask)
     if dropout_p > 0 or not kernel_can_take(q, k, v) or not (q.shape[:-3] == k.shape[:-3] == v.shape[:-3]):
         return _TORCH_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
@@ -275,6 +281,13 @@ def routed_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fals
     with autocast_off(device_type):
         return scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
                                             scale=scale, enable_gqa=enable_gqa)
+
+
+@functools.wraps(F.scaled_dot_product_attention)
+def _routed_sdpa_named(*args, **kwargs):
+    """:func:`routed_sdpa` under torch's name: wrappers that re-install a function by its ``__name__``
+    (torch's ``context_parallel``) then put theirs back at ``F.scaled_dot_product_attention``."""
+    return routed_sdpa(*args, **kwargs)
 
 
 _override_lock = threading.Lock()
@@ -302,10 +315,16 @@ def override_sdpa():
     (``from torch.nn.functional import scaled_dot_product_attention`` at module import).
     """
     global _override_depth, _override_saved
+    from .context_parallel.torch_interop import torch_cp_active
+
+    if _override_depth == 0 and torch_cp_active():
+        raise RuntimeError("override_sdpa: torch's context_parallel() is already active; enter "
+                           "transformer_kernels.override_sdpa() first (outside it), so that torch wraps our attention, "
+                           "else each rank would attend within its own shard only")
     with _override_lock:
         if _override_depth == 0:
             _override_saved = F.scaled_dot_product_attention
-            F.scaled_dot_product_attention = routed_sdpa
+            F.scaled_dot_product_attention = _routed_sdpa_named
         _override_depth += 1
     try:
         yield

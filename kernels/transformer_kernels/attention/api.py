@@ -177,6 +177,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
     float64 inputs run torch's SDPA (``transformer_kernels.last_path("attention") == "torch"``).
 
+    DTensors split along the sequence (``Shard(2)`` on a 1-D mesh, as torch's ``context_parallel``
+    passes them) run :mod:`transformer_kernels.context_parallel`'s ring over that mesh and return a
+    ``Shard(2)`` DTensor (see :mod:`transformer_kernels.context_parallel.torch_interop`); other DTensor
+    placements follow the sharding rules of ``transformer_kernels/_sharding.py``.
+
     Under ``torch.autocast``, query, key and value are cast to its dtype first, as torch's SDPA does.
 
     Where it runs: Triton on CUDA (and on CPU under ``TRITON_INTERPRET=1``); otherwise PyTorch. Two
@@ -186,6 +191,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     """
     op = "scaled_dot_product_attention"
     query, key, value = autocast_to(query, key, value)
+    if type(query).__name__ == "DTensor" and softcap == 0 and learnable_sink is None:
+        from ..context_parallel.torch_interop import sdpa_on_sequence_shards, sequence_sharded
+
+        if sequence_sharded(query):  # torch's context_parallel: our ring over its mesh
+            return sdpa_on_sequence_shards(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     check_qkv(op, query, key, value, heads_dim=-3, gqa=bool(enable_gqa), names=("query", "key", "value"),
               float64=True)
     dropout_p = _check_dropout(op, dropout_p)

@@ -139,7 +139,8 @@ def merge(out_acc: torch.Tensor, lse_acc: torch.Tensor, out: torch.Tensor, lse: 
     softmax-weighted mean of the two (rows that saw no key so far have lse -inf)."""
     new = torch.logaddexp(lse_acc, lse)
     safe = torch.where(new == -INF, 0.0, new)
-    out_acc.mul_(torch.exp(lse_acc - safe).unsqueeze(-1)).add_(out.float() * torch.exp(lse - safe).unsqueeze(-1))
+    # in place, no float32 copy of the partial output (the accumulator is the only full-size fp32 tensor)
+    out_acc.mul_(torch.exp(lse_acc - safe).unsqueeze(-1)).addcmul_(out, torch.exp(lse - safe).unsqueeze(-1))
     lse_acc.copy_(new)
 
 

@@ -17,38 +17,57 @@ import torch.distributed as dist
 from .layout import gather_order, positions
 
 
-def _exchange(x: torch.Tensor, group, world: int, scatter_dim: int, gather_dim: int) -> torch.Tensor:
-    """All-to-all on a 4-D tensor: cut ``scatter_dim`` into ``world`` parts, part p to rank p, and
-    concatenate what arrives along ``gather_dim`` in rank order."""
-    parts = x.chunk(world, scatter_dim)
-    send = torch.stack(parts).contiguous()  # (world, ...): part p goes to rank p
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)
-    return torch.cat(recv.unbind(0), gather_dim)
-
-
-class AllToAll(torch.autograd.Function):
-    """Differentiable all-to-all: scatter ``scatter_dim``, gather ``gather_dim``; its gradient is the
-    reverse exchange."""
-
-    @staticmethod
-    def forward(ctx, x, group, world: int, scatter_dim: int, gather_dim: int):
-        ctx.args = (group, world, gather_dim, scatter_dim)
-        return _exchange(x, group, world, scatter_dim, gather_dim)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _exchange(grad, *ctx.args), None, None, None, None
-
-
 def seq_to_heads(x: torch.Tensor, group, world: int, layout: str) -> torch.Tensor:
-    """``(batch, heads, local seqlen, dim)`` -> ``(batch, heads / world, seqlen, dim)`` in sequence order."""
-    full = AllToAll.apply(x, group, world, 1, 2)
-    order = gather_order(full.shape[2], world, layout, x.device)
-    return full.index_select(2, order)
+    """``(batch, heads, local seqlen, dim)`` -> ``(batch, heads / world, seqlen, dim)`` in sequence order
+    (a view; differentiable)."""
+    return _SeqToHeads.apply(x, group, world, layout)
 
 
 def heads_to_seq(x: torch.Tensor, group, world: int, layout: str) -> torch.Tensor:
-    """The inverse of :func:`seq_to_heads`."""
-    owner = torch.cat([positions(x.shape[2], r, world, layout, x.device) for r in range(world)])
-    return AllToAll.apply(x.index_select(2, owner), group, world, 2, 1)
+    """The inverse of :func:`seq_to_heads` (differentiable)."""
+    return _HeadsToSeq.apply(x, group, world, layout)
+
+
+def _to_heads(x, group, world: int, layout: str) -> torch.Tensor:
+    """The exchange of :func:`seq_to_heads`. On the wire, part p is ``(local seqlen, batch, heads / world,
+    dim)``: one copy to send, one to receive, one gather into sequence order (no concatenation)."""
+    b, h, n, d = x.shape
+    send = x.permute(2, 0, 1, 3).reshape(n, b, world, h // world, d).permute(2, 0, 1, 3, 4).contiguous()
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    order = gather_order(world * n, world, layout, x.device)
+    return recv.view(world * n, b, h // world, d)[order].permute(1, 2, 0, 3)
+
+
+def _to_seq(x, group, world: int, layout: str) -> torch.Tensor:
+    """The exchange of :func:`heads_to_seq`: each rank's tokens gathered in one copy, sent, and the
+    received head groups laid side by side in one more."""
+    b, hl, s, d = x.shape
+    n = s // world
+    owner = torch.cat([positions(s, r, world, layout, x.device) for r in range(world)])
+    send = x.permute(2, 0, 1, 3)[owner]  # (seqlen in rank order, batch, heads / world, dim), contiguous
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    return recv.view(world, n, b, hl, d).permute(2, 0, 3, 1, 4).reshape(b, world * hl, n, d)
+
+
+class _SeqToHeads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, world, layout):
+        ctx.args = (group, world, layout)
+        return _to_heads(x, group, world, layout)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _to_seq(grad, *ctx.args), None, None, None
+
+
+class _HeadsToSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, world, layout):
+        ctx.args = (group, world, layout)
+        return _to_seq(x, group, world, layout)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _to_heads(grad, *ctx.args), None, None, None

@@ -48,12 +48,24 @@ class Ring:
                             same_layout=src == self.rank)
 
 
+def _dense(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """``t`` as a contiguous tensor to send, without a copy when it is a (1, 2)-transposed view of one
+    (flash-attention's (batch, seqlen, heads, dim) layout seen as (batch, heads, seqlen, dim))."""
+    if t.is_contiguous():
+        return t, False
+    if t.transpose(1, 2).is_contiguous():
+        return t.transpose(1, 2), True
+    return t.contiguous(), False
+
+
 class _Exchange:
     """Send ``tensors`` to the next rank and receive same-shaped ones from the previous, asynchronously."""
 
     def __init__(self, ring: Ring, tensors, tag: int):
         nxt, prv = (ring.rank + 1) % ring.world, (ring.rank - 1) % ring.world
-        self.sent = [t.contiguous() for t in tensors]  # kept alive until the sends complete
+        dense = [_dense(t) for t in tensors]
+        self.sent = [t for t, _ in dense]  # kept alive until the sends complete
+        self.transposed = [flag for _, flag in dense]
         self.received = [torch.empty_like(t) for t in self.sent]
         ops = [dist.P2POp(dist.isend, t, group=ring.group, group_peer=nxt, tag=tag + i) for i, t in enumerate(self.sent)]
         ops += [dist.P2POp(dist.irecv, t, group=ring.group, group_peer=prv, tag=tag + i)
@@ -63,7 +75,8 @@ class _Exchange:
     def wait(self):
         for r in self.requests:
             r.wait()
-        return self.received
+        self.sent = None
+        return [t.transpose(1, 2) if flag else t for t, flag in zip(self.received, self.transposed)]
 
 
 _KV_TAG, _GRAD_TAG = 0, 2
@@ -104,20 +117,27 @@ class RingAttention(torch.autograd.Function):
         for t in range(ring.world):
             src = (ring.rank - t) % ring.world
             nxt = _Exchange(ring, (kb, vb), _KV_TAG) if t + 1 < ring.world else None
-            dk = torch.zeros(kb.shape, device=q.device, dtype=torch.float32)
-            dv = torch.zeros(vb.shape, device=q.device, dtype=torch.float32)
+            parts = []
             for task in ring.tasks(spec, src):
                 dq_t, dk_t, dv_t = _blocks.block_backward(spec, task, dout, q, kb, vb, out, lse, delta,
                                                           ring.head_offset)
                 dq[:, :, task.q0:task.q1] += dq_t
+                parts.append((task, dk_t, dv_t))
+            # This block's float32 dK/dV from the ranks before (waited for only now, so the transfer
+            # overlapped the kernels above), with this rank's share added in place: one accumulator
+            # pair in flight per step, no second one.
+            if grads is None:
+                dk = torch.zeros(kb.shape, device=q.device, dtype=torch.float32)
+                dv = torch.zeros(vb.shape, device=q.device, dtype=torch.float32)
+            else:
+                dk, dv = grads.wait()
+            for task, dk_t, dv_t in parts:
                 dk[:, :, task.k0:task.k1] += dk_t
                 dv[:, :, task.k0:task.k1] += dv_t
-            if grads is not None:  # what the ranks before added to this block
-                dk_in, dv_in = grads.wait()
-                dk += dk_in
-                dv += dv_in
+            del parts
             if ring.world > 1:  # the last hop takes each block's finished gradient home
                 grads = _Exchange(ring, (dk, dv), _GRAD_TAG)
+                del dk, dv
             if nxt is not None:
                 kb, vb = nxt.wait()
         if grads is not None:

@@ -14,9 +14,10 @@ kernels through Triton's interpreter; what is counted does not depend on the dev
   seqlen x seqlen tensor exists), which the two lengths check.
 
 Projected from those (no timing): per-rank FLOPs (causal work is equal across ranks under the zigzag
-layout), bytes sent, per-rank peak at long sequences, and the longest sequence whose attention
-(inputs q, k, v, dO plus the call's peak) fits a device's memory, for one device and each world size
-and strategy. One device's figure comes from ``transformer_kernels.flash_attn_func`` measured the same way.
+layout), bytes sent, per-rank peak at long sequences, and the longest sequence that fits a device's
+memory, for one device and each world size and strategy, two ways: one attention call alone (inputs q,
+k, v, dO plus the call's peak), and the attention share of a ``layers``-layer model (each layer's saved
+q, k, v and output, plus one call's peak: the transient workspace is not multiplied by the layers). One device's figure comes from ``transformer_kernels.flash_attn_func`` measured the same way.
 
 Timed on GPUs (``benchmarks/gpu_session.sh`` runs it when more than one GPU is present)::
 
@@ -52,6 +53,7 @@ class Config:
     project_worlds: tuple[int, ...] = (1, 2, 4, 8)
     memory_gib: tuple[float, ...] = (80.0, 141.0)  # H100 80GB, H200 141GB (HBM as sold, in GiB here)
     volume_case: tuple[int, int, int, int] = (131072, 32, 128, 8)  # seqlen, heads, head_dim, world
+    layers: int = 32  # the model view: this many layers' saved q, k, v, out plus one call's peak
 
     @classmethod
     def quick(cls) -> "Config":
@@ -226,6 +228,7 @@ def project(cfg: Config, rows: list[dict]) -> dict:
 
     e = cfg.element_bytes
     input_bytes_per_token = (2 * cfg.heads + 2 * cfg.heads_k) * cfg.head_dim * e  # q, dO, k, v
+    saved_bytes_per_token = (2 * cfg.heads + 2 * cfg.heads_k) * cfg.head_dim * e  # q, k, v, out per layer
     per_token = {}
     for world in (1, *cfg.worlds):
         for strategy in (("one device",) if world == 1 else cfg.strategies):
@@ -270,10 +273,15 @@ def project(cfg: Config, rows: list[dict]) -> dict:
             if fit is None:
                 continue
             per_local = fit["bytes_per_token"] + input_bytes_per_token
+            # A model of cfg.layers layers keeps each layer's q, k, v and out (what both one device and
+            # the ring save for the backward) while one call's transient peak comes and goes.
+            per_local_model = cfg.layers * saved_bytes_per_token + fit["bytes_per_token"] + input_bytes_per_token
             for gib in cfg.memory_gib:
                 budget = gib * 2**30 - fit["intercept_bytes"]
                 fits.append(dict(world=world, strategy=strategy, memory_gib=gib, memory_from_world=measured_world,
-                                 max_seqlen=int(budget / per_local) * world, bytes_per_local_token=per_local))
+                                 max_seqlen=int(budget / per_local) * world, bytes_per_local_token=per_local,
+                                 max_seqlen_model=int(budget / per_local_model) * world,
+                                 bytes_per_local_token_model=per_local_model))
     seqlen, heads, head_dim, world = cfg.volume_case
     volume = {s: communication_volume(s, batch=1, seqlen=seqlen, num_heads=heads, head_dim=head_dim, world=world,
                                       element_bytes=2) for s in cfg.strategies}

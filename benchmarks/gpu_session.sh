@@ -4,6 +4,7 @@
 #
 #   bash benchmarks/gpu_session.sh check              # all tests on the GPU, compute-sanitizer
 #   bash benchmarks/gpu_session.sh bench [SUITE ...]  # suites (default: table1 attention kernels)
+#   bash benchmarks/gpu_session.sh multi              # more than one GPU: context parallelism, timed
 #
 # Uses the machine's own python3 (its torch and triton): nothing is installed. Everything lands in
 # benchmarks/results/<gpu>-<date>/; with $OUT set (the tool's return folder, at most 8 files) that
@@ -45,8 +46,26 @@ bench)
     KERNELS_AUTOTUNE_CACHE="$DIR/autotune" step benchmarks 560 "$PY" -m benchmarks ${@:-table1 attention kernels} \
         --device "$DEVICE" --no-progress --out "$DIR"
     ;;
+multi)
+    # context-parallel attention over every GPU of the machine (NCCL): ring and all-to-all, causal,
+    # bf16, 32 heads x 128, forward and forward+backward time and per-rank peak memory by length;
+    # then two training steps of the Transformer as dp x cp and under FSDP2, and the multi-process tests
+    NGPU=$($PY -c "import torch; print(torch.cuda.device_count())")
+    if [ "$NGPU" -lt 2 ]; then
+        echo "multi: $NGPU GPU(s); context parallelism needs at least 2" | tee -a "$DIR/steps.txt"
+    else
+        step cp-timed 300 "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NGPU" \
+            -m benchmarks.context_parallel --time --out "$DIR"
+        step cp-train 150 "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NGPU" \
+            -m transformer.train --context-parallel 2 --steps 20 --seq-len 4096 --batch-size 1 --preset small \
+            --no-progress --out "$DIR/cp-train"
+        step cp-fsdp-train 150 "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NGPU" \
+            -m transformer.train --context-parallel 2 --fsdp --cp-strategy all_to_all --steps 20 --seq-len 4096 \
+            --batch-size 1 --preset small --no-progress --out "$DIR/cp-fsdp-train"
+    fi
+    ;;
 *)
-    echo "usage: $0 check | bench [SUITE ...]" >&2
+    echo "usage: $0 check | bench [SUITE ...] | multi" >&2
     exit 2
     ;;
 esac

@@ -130,11 +130,16 @@ def _context_parallel_lines(cp: dict) -> list[str]:
                      [[s, v["seqlen"], v["num_heads"], v["head_dim"], v["world"], _gib(v["forward_bytes"]),
                        _gib(v["backward_bytes"]), _gib(v["total_bytes"]), v["steps"]] for s, v in volume.items()]), ""]
     fits = cp["longest_fitting"]
-    lines += ["Longest sequence whose attention (inputs q, k, v, dO plus the call's peak) fits each device's "
-              "memory; a whole model needs more, so read these as upper bounds:", "",
-              _table(["world", "strategy", "memory GiB", "longest seqlen", "memory measured at world"],
-                     [[f["world"], f["strategy"], f"{f['memory_gib']:g}", f"{f['max_seqlen']:,}",
-                       f["memory_from_world"]] for f in fits]), ""]
+    layers = c.get("layers", 32)
+    lines += ["Longest sequence that fits each device's memory: one attention call alone (inputs q, k, v, dO "
+              f"plus the call's peak), and the attention share of a {layers}-layer model (each layer's saved "
+              "q, k, v and output plus one call's peak). MLPs, norms and weights need more, so read both as "
+              "upper bounds; a world size beyond those measured uses the largest measured one's bytes per token:",
+              "", _table(["world", "strategy", "memory GiB", "one call: longest seqlen",
+                          f"{layers} layers: longest seqlen", "memory measured at world"],
+                         [[f["world"], f["strategy"], f"{f['memory_gib']:g}", f"{f['max_seqlen']:,}",
+                           f"{f['max_seqlen_model']:,}" if "max_seqlen_model" in f else "-",
+                           f["memory_from_world"]] for f in fits]), ""]
     proj = [r for r in cp["projected"] if r["seqlen"] in (2**17, 2**20)]
     lines += ["Per rank at 128k and 1M tokens:", "",
               _table(["world", "strategy", "seqlen", "TFLOP per rank (fwd+bwd)", "GiB sent fwd", "GiB sent bwd",

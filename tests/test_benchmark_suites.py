@@ -34,6 +34,16 @@ def test_attention_suite(tmp_path):
     assert (tmp_path / "attention" / "attention_time.png").exists()
     trace = tmp_path / "attention" / results["traces"]["torch math"]  # a Chrome trace of one fwd+bwd
     assert "traceEvents" in json.loads(trace.read_text())
+    # past one device: bytes counted at the communication calls equal the formula; memory measured
+    cp = results["context_parallel"]
+    assert cp["send_checks"] and all(c["counted_forward"] == c["formula_forward"] > 0 and
+                                     c["counted_backward"] == c["formula_backward"] > 0 for c in cp["send_checks"])
+    assert {"1|one device", "2|ring", "2|all_to_all"} <= set(cp["per_token"])
+    assert all(v["bytes_per_token"] > 0 for v in cp["per_token"].values())
+    fits = {(f["world"], f["strategy"], f["memory_gib"]): f["max_seqlen"] for f in cp["longest_fitting"]}
+    assert fits[(8, "ring", 80.0)] > fits[(2, "ring", 80.0)]  # more ranks, longer sequences
+    assert "Past one device" in (tmp_path / "attention" / "report.md").read_text()
+    assert (tmp_path / "attention" / "context_parallel_memory.png").exists()
 
 
 def test_kernels_suite(tmp_path):

@@ -244,12 +244,16 @@ def project(cfg: Config, rows: list[dict]) -> dict:
             checks.append(dict(world=r["world"], strategy=r["strategy"], local_tokens=r["local_tokens"],
                                counted_forward=r["sent_forward"], formula_forward=f["forward_bytes"],
                                counted_backward=r["sent_backward"], formula_backward=f["backward_bytes"]))
+    def fit_for(world: int, strategy: str):
+        """The measured bytes per token of this world size, or the largest measured one's."""
+        measured_world = world if (world, strategy) in per_token else max(
+            (w for (w, s) in per_token if s == strategy), default=None)
+        return measured_world, per_token.get((measured_world, strategy))
+
     projected = []
     for world in cfg.project_worlds:
         for strategy in (("one device",) if world == 1 else cfg.strategies):
-            measured_world = world if (world, strategy) in per_token else max(
-                (w for (w, s) in per_token if s == strategy), default=None)
-            fit = per_token.get((measured_world, strategy))
+            measured_world, fit = fit_for(world, strategy)
             for seqlen in cfg.project_seqlens:
                 local = seqlen // world
                 row = dict(world=world, strategy=strategy, seqlen=seqlen,
@@ -267,9 +271,7 @@ def project(cfg: Config, rows: list[dict]) -> dict:
     fits = []
     for world in cfg.project_worlds:
         for strategy in (("one device",) if world == 1 else cfg.strategies):
-            measured_world = world if (world, strategy) in per_token else max(
-                (w for (w, s) in per_token if s == strategy), default=None)
-            fit = per_token.get((measured_world, strategy))
+            measured_world, fit = fit_for(world, strategy)
             if fit is None:
                 continue
             per_local = fit["bytes_per_token"] + input_bytes_per_token

@@ -20,12 +20,12 @@ from .layout import gather_order, positions
 def seq_to_heads(x: torch.Tensor, group, world: int, layout: str) -> torch.Tensor:
     """``(batch, heads, local seqlen, dim)`` -> ``(batch, heads / world, seqlen, dim)`` in sequence order
     (a view; differentiable)."""
-    return _SeqToHeads.apply(x, group, world, layout)
+    return _AllToAll.apply(x, group, world, layout, True)
 
 
 def heads_to_seq(x: torch.Tensor, group, world: int, layout: str) -> torch.Tensor:
     """The inverse of :func:`seq_to_heads` (differentiable)."""
-    return _HeadsToSeq.apply(x, group, world, layout)
+    return _AllToAll.apply(x, group, world, layout, False)
 
 
 def _to_heads(x, group, world: int, layout: str) -> torch.Tensor:
@@ -51,23 +51,14 @@ def _to_seq(x, group, world: int, layout: str) -> torch.Tensor:
     return recv.view(world, n, b, hl, d).permute(2, 0, 3, 1, 4).reshape(b, world * hl, n, d)
 
 
-class _SeqToHeads(torch.autograd.Function):
+class _AllToAll(torch.autograd.Function):
+    """One of the two exchanges; its gradient is the other."""
+
     @staticmethod
-    def forward(ctx, x, group, world, layout):
-        ctx.args = (group, world, layout)
-        return _to_heads(x, group, world, layout)
+    def forward(ctx, x, group, world, layout, to_heads: bool):
+        ctx.args, ctx.to_heads = (group, world, layout), to_heads
+        return (_to_heads if to_heads else _to_seq)(x, group, world, layout)
 
     @staticmethod
     def backward(ctx, grad):
-        return _to_seq(grad, *ctx.args), None, None, None
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, world, layout):
-        ctx.args = (group, world, layout)
-        return _to_seq(x, group, world, layout)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _to_heads(grad, *ctx.args), None, None, None
+        return (_to_seq if ctx.to_heads else _to_heads)(grad, *ctx.args), None, None, None, None

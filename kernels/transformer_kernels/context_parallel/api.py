@@ -12,6 +12,7 @@ import torch.distributed as dist
 from .. import dispatch
 from .._triton_utils import InputTypeError, InputValueError, autocast_to
 from ..attention import MAX_HEAD_DIM, check_qkv
+from ..flash_attn_interface import _window
 from . import _blocks
 from .all_to_all import heads_to_seq, seq_to_heads
 from .layout import LAYOUTS, check_divisible, check_layout
@@ -115,16 +116,6 @@ def context_parallel_attention(op: str, q, k, v, *, scale: float, window: tuple[
     out = heads_to_seq(out, pg, world, layout)
     lse = heads_to_seq(lse.unsqueeze(-1), pg, world, layout).squeeze(-1)
     return out, lse
-
-
-def _window(op: str, window_size, causal: bool) -> tuple[int, int]:
-    try:
-        left, right = (int(w) for w in window_size)
-    except (TypeError, ValueError):
-        raise InputTypeError(f"{op}: window_size must be a pair of ints (left, right), got {window_size!r}") from None
-    if left < -1 or right < -1:
-        raise InputValueError(f"{op}: window_size entries must be >= -1 (-1 = unbounded), got {window_size!r}")
-    return (left, 0 if causal else right)
 
 
 def _check_common(op: str, q, dropout_p, softcap, alibi_slopes) -> None:

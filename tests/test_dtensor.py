@@ -61,7 +61,8 @@ def _cases(rank, world):
 
     check("attention, head-sharded (GQA)", sdpa, [q, k, v], [Shard(1)] * 3, "attention_fwd", Shard(1))
     check("attention, batch-sharded", sdpa, [q, k, v], [Shard(0)] * 3, "attention_fwd", Shard(0))
-    check("attention, sequence-sharded (redistributed)", sdpa, [q, k, v], [Shard(2)] * 3, "attention_fwd")
+    # (contiguous chunks, DTensor's Shard(2): our context-parallel ring over the mesh, contiguous layout)
+    check("attention, sequence-sharded (ring)", sdpa, [q, k, v], [Shard(2)] * 3, "attention_fwd", Shard(2))
     check("attention, MQA heads (1 key/value head: not split)", sdpa, [q, rnd(2, 1, 8, 16), rnd(2, 1, 8, 16)],
           [Shard(1)] * 3, "attention_fwd")
     cos, sin = rnd(2, 8, 16), rnd(2, 8, 16)

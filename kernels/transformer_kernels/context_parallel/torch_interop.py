@@ -7,7 +7,9 @@ own handlers then run a ring over aten's flash / efficient / cuDNN kernels. With
 ``scaled_dot_product_attention`` receives those DTensors and runs :mod:`transformer_kernels.context_parallel`'s
 ring on their local shards over the same mesh, with the layout torch sharded the buffers in: head-tail
 (= our ``"zigzag"``) when torch's load balancing is on (its default), else ``"contiguous"``. Code written
-for torch's context parallelism thus runs our kernel unchanged.
+for torch's context parallelism thus runs our kernel unchanged. ``Shard(2)`` DTensors met outside torch's
+context_parallel (e.g. from ``distribute_tensor``) hold contiguous chunks, DTensor's meaning, and run the
+ring in the ``"contiguous"`` layout.
 
 Private torch API, behind a check: torch keeps its load-balance switch in
 ``torch.distributed.tensor.experimental._context_parallel._attention._cp_options.enable_load_balance``
@@ -36,9 +38,14 @@ def sequence_sharded(t) -> bool:
     return isinstance(p, Shard) and p.dim % 4 == 2
 
 
-def torch_layout() -> str:
-    """The layout torch's context_parallel shards buffers in: ``"zigzag"`` (its head-tail load balancer)
-    or ``"contiguous"``. Raises InputValueError where torch's switch cannot be read."""
+def layout_of(t) -> str:
+    """How the sequence of ``Shard(2)`` DTensor ``t`` lies on the ranks. Inside torch's context_parallel
+    (its wrapper is installed): as torch sharded the buffers, ``"zigzag"`` (its head-tail load balancer,
+    used when load balancing is on and the sequence divides into 2 x world chunks) or ``"contiguous"``.
+    Anywhere else: ``"contiguous"``, what ``Shard(2)`` means to DTensor. Raises InputValueError inside
+    torch's context_parallel where its switch cannot be read."""
+    if not torch_cp_active():
+        return "contiguous"
     try:
         from torch.distributed.tensor.experimental._context_parallel._attention import _cp_options
         balanced = bool(_cp_options.enable_load_balance)
@@ -48,7 +55,8 @@ def torch_layout() -> str:
             "(torch.distributed.tensor.experimental._context_parallel._attention._cp_options); call "
             "transformer_kernels.context_parallel.scaled_dot_product_attention on the local shards with layout= "
             "instead") from None
-    return "zigzag" if balanced else "contiguous"
+    world = t.device_mesh.size()
+    return "zigzag" if balanced and t.shape[2] % (2 * world) == 0 else "contiguous"
 
 
 def torch_cp_active() -> bool:
@@ -81,5 +89,5 @@ def sdpa_on_sequence_shards(query, key, value, attn_mask=None, dropout_p=0.0, is
                               "DTensors (context parallelism); use is_causal")
     out = scaled_dot_product_attention(query.to_local(), key.to_local(), value.to_local(), dropout_p=dropout_p,
                                        is_causal=is_causal, scale=scale, enable_gqa=enable_gqa, group=mesh,
-                                       layout=torch_layout())
+                                       layout=layout_of(query))
     return DTensor.from_local(out, mesh, [Shard(2)], run_check=False)

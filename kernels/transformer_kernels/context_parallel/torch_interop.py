@@ -24,6 +24,10 @@ import torch
 
 from .._triton_utils import InputValueError
 
+# torch's context parallelism keeps its load-balance switch in _context_parallel._attention._cp_options
+# from 2.7 on (checked with 2.13, tests/test_context_parallel.py::test_torch_context_parallel_runs_our_kernel).
+_TORCH_CP_SINCE = (2, 7)
+
 
 def sequence_sharded(t) -> bool:
     """Whether ``t`` is a DTensor split along dim 2 (the sequence of ``(batch, heads, seqlen, head_dim)``)
@@ -47,9 +51,11 @@ def layout_of(t) -> str:
     if not torch_cp_active():
         return "contiguous"
     try:
+        if tuple(int(x) for x in torch.__version__.split(".")[:2]) < _TORCH_CP_SINCE:
+            raise ImportError
         from torch.distributed.tensor.experimental._context_parallel._attention import _cp_options
         balanced = bool(_cp_options.enable_load_balance)
-    except (ImportError, AttributeError):
+    except (ImportError, AttributeError, ValueError):
         raise InputValueError(
             f"scaled_dot_product_attention: cannot read torch {torch.__version__}'s context-parallel layout "
             "(torch.distributed.tensor.experimental._context_parallel._attention._cp_options); call "

@@ -24,7 +24,7 @@ from .rotary import apply_rotary_emb, apply_rotary_pos_emb
 from . import context_parallel  # noqa: E402
 from . import _sharding  # noqa: E402
 
-_sharding.register()  # DTensor sharding rules of the custom ops above
+_sharding.register_when_available()  # DTensor sharding rules of the custom ops above
 from . import hf  # noqa: E402 (transformer_kernels.hf imports transformers only when its functions are called)
 
 __all__ = [

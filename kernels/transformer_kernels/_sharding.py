@@ -24,15 +24,15 @@ rows get independent masks; with replicated inputs, ranks seeded alike draw alik
 
 from __future__ import annotations
 
+import contextlib
+import importlib.abc
+import importlib.util
 import math
+import sys
 
 import torch
 
-try:
-    from torch.distributed.tensor import Partial, Replicate, Shard
-    from torch.distributed.tensor.experimental import register_sharding
-except ImportError:  # pragma: no cover - torch without DTensor
-    register_sharding = None
+_DTENSOR = "torch.distributed.tensor"
 
 
 def _rep(n: int) -> list:
@@ -116,7 +116,11 @@ def _rotate_half(x, cos, sin, conjugate):
 
 def register() -> bool:
     """Register every rule (idempotent: DTensor keeps the last one per op). False without DTensor."""
-    if register_sharding is None:
+    global Partial, Replicate, Shard
+    try:
+        from torch.distributed.tensor import Partial, Replicate, Shard
+        from torch.distributed.tensor.experimental import register_sharding
+    except ImportError:  # pragma: no cover - torch without DTensor
         return False
     ops = torch.ops.transformer_kernels
     for op, rule in ((ops.norm_forward, _norm_forward), (ops.norm_backward, _norm_backward),
@@ -125,3 +129,31 @@ def register() -> bool:
                      (ops.rotate_half_embed, _rotate_half)):
         register_sharding(op.default)(rule)
     return True
+
+
+class _RegisterOnImport(importlib.abc.MetaPathFinder):
+    """Registers the rules right after ``torch.distributed.tensor`` is first imported: DTensors cannot
+    exist before, and ``import transformer_kernels`` does not pay for importing DTensor (~0.5 s)."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != _DTENSOR:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            exec_module = spec.loader.exec_module
+
+            def exec_and_register(module):
+                exec_module(module)
+                with contextlib.suppress(Exception):  # never break the user's import
+                    register()
+            spec.loader.exec_module = exec_and_register
+        return spec
+
+
+def register_when_available() -> None:
+    """Register now if DTensor is imported, else as soon as it is."""
+    if _DTENSOR in sys.modules:
+        register()
+    elif not any(isinstance(f, _RegisterOnImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterOnImport())

@@ -97,6 +97,56 @@ def test_all_failing_gives_the_default(tuner):
         assert autotune.choose("op", ("a",), cands, _op([]), torch.device("cpu")) == cands[0]
 
 
+def test_a_wrong_candidate_is_dropped_with_one_warning_and_recorded(tuner):
+    """The guard (issue 22, item 6): each candidate's outputs are compared with the default's on the same
+    call before it is timed; a fast candidate whose results differ is dropped, never chosen, and
+    recorded beside the winners. One within rounding is kept."""
+    timed = tuner(lambda cfg: cfg["ms"])
+    out = torch.empty(64)
+
+    def launch(cfg):
+        out.copy_(torch.linspace(-1, 1, 64) * cfg["value"])
+
+    cands = [dict(ms=3.0, value=1.0), dict(ms=1.0, value=1.5), dict(ms=2.0, value=1.0 + 1e-6)]
+    with pytest.warns(RuntimeWarning, match="disagrees with the default .* dropped") as caught:
+        chosen = autotune.choose("op", ("k",), cands, launch, torch.device("cpu"), outputs=lambda: [out])
+    assert chosen == cands[2], "the wrong candidate was fastest and must not win"
+    assert len(caught) == 1 and cands[1] not in timed
+    stored = json.loads(autotune.cache_path().read_text())
+    rejected = {k: v for k, v in stored.items() if k.startswith("rejected: ")}
+    assert len(rejected) == 1 and autotune.name(cands[1]) in next(iter(rejected))
+    assert "relative difference" in next(iter(rejected.values()))
+    # a NaN where the default has a number is a disagreement too
+    autotune._memory.clear()
+    autotune._warned.clear()
+    nan = dict(ms=0.5, value=float("nan"))
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        assert autotune.choose("op", ("k2",), [cands[0], nan], launch, torch.device("cpu"),
+                               outputs=lambda: [out]) == cands[0]
+
+
+def test_a_wrong_attention_candidate_is_never_chosen(device, gpu_tiles, tuner, monkeypatch):
+    """A real launcher under the guard: the TMA forward candidate is made to write a wrong output (a
+    stand-in for a kernel no GPU has run); timed as fastest, it is dropped and the result is exact."""
+    gpu_tiles("sm_90a")
+    kernels_mod = importlib.import_module("transformer_kernels.attention._kernels")
+    real = kernels_mod._attn_fwd_kernel
+
+    class Corrupted:
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                real[grid](*args, **kwargs)
+                if kwargs.get("TMA"):
+                    args[3].add_(1.0)  # O (or its split partials)
+            return run
+
+    monkeypatch.setattr(kernels_mod, "_attn_fwd_kernel", Corrupted())
+    tuner(lambda cfg: 1.0 if cfg.get("TMA") else 2.0)
+    with pytest.warns(RuntimeWarning, match="attention_fwd: candidate .*TMA=True.* disagrees"):
+        check_fwd_bwd(_sdpa, _ref, _qkv(40, 40, 64, device), torch.float16)
+    assert not any("TMA=True" in w for k, w in autotune._memory.items() if k.startswith("attention_fwd"))
+
+
 def test_nothing_is_timed_without_a_gpu_or_when_disabled(monkeypatch):
     def never(*args):
         raise AssertionError("timed")

@@ -10,6 +10,12 @@ so the next process does not time again. A candidate that fails to compile or la
 dropped with one warning (never an error for the user); the default is what remains if all fail. Every
 candidate is deterministic (no atomics), so the choice changes speed, never results beyond rounding.
 
+A guard for what no GPU has run yet (TMA, persistent and later candidates are proven only in the
+interpreter and the SASS): a launcher that names its ``outputs`` has each candidate's results compared
+with the default's on the same call before it is timed; one that disagrees beyond its dtype's rounding
+(:data:`AGREE`, relative to the norm, and the same non-finite entries) is dropped with one warning and
+recorded in the winners file (``"rejected: <key> <candidate>"``), so a fast wrong kernel is never chosen.
+
 Nothing is timed (the default runs) when ``KERNELS_AUTOTUNE=0``, in Triton's interpreter, on a CPU
 tensor, or while a CUDA graph is being captured. A pin (``KERNELS_ATTENTION_CONFIG``) replaces the
 candidate list. ``python -m transformer_kernels.static_check`` compiles every candidate for its arch and the
@@ -59,11 +65,17 @@ def enabled(device: torch.device) -> bool:
             and not torch.cuda.is_current_stream_capturing())
 
 
+# Largest ||candidate - default|| / ||default|| accepted, by output dtype: a different tile order or
+# load path rounds differently, never by more than a few ulps of the stored dtype.
+AGREE = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
 def choose(op: str, key: tuple, candidates: list[dict], launch: Callable[[dict], object], device: torch.device,
-           kernel=None) -> dict:
+           kernel=None, outputs: Callable[[], list[torch.Tensor]] | None = None) -> dict:
     """The candidate to run for this call. ``launch(cfg)`` runs the op with config ``cfg`` (it must be
     idempotent: it is called repeatedly while timing); ``key`` is the problem's bucket; ``kernel`` (a
-    ``triton.jit`` function) ties a stored winner to the kernel's source."""
+    ``triton.jit`` function) ties a stored winner to the kernel's source; ``outputs()`` returns the
+    tensors a launch writes, for the guard (module docstring)."""
     if (index := _FORCED.get()) is not None:
         return candidates[min(index, len(candidates) - 1)]
     if len(candidates) == 1 or not enabled(device):
@@ -75,8 +87,17 @@ def choose(op: str, key: tuple, candidates: list[dict], launch: Callable[[dict],
         _memory[full_key] = winner
         return candidates[names.index(winner)]
     best, best_ms = None, float("inf")
-    for cfg in candidates:
+    reference = None
+    for i, cfg in enumerate(candidates):
         try:
+            if outputs is not None:
+                launch(cfg)
+                got = [t.detach().clone() for t in outputs()]
+                if reference is None:
+                    reference = got if i == 0 else None
+                elif (why := _disagrees(got, reference)) is not None:
+                    _reject(op, full_key, cfg, device, why)
+                    continue
             ms = _measure(launch, cfg)
         except Exception as exc:  # noqa: BLE001 - any compile or launch failure drops the candidate
             _warn_once(f"{op}: candidate {name(cfg)} failed on {_device_name(device)} and is dropped "
@@ -89,6 +110,28 @@ def choose(op: str, key: tuple, candidates: list[dict], launch: Callable[[dict],
     _memory[full_key] = name(best)
     _store(full_key, name(best))
     return best
+
+
+def _disagrees(got: list[torch.Tensor], reference: list[torch.Tensor]) -> str | None:
+    """Why ``got`` is not the default's ``reference`` up to rounding, or None."""
+    for i, (a, b) in enumerate(zip(got, reference)):
+        finite = torch.isfinite(b)
+        if not torch.equal(torch.isfinite(a), finite):
+            return f"output {i}: non-finite entries differ from the default's"
+        a, b = a[finite].double(), b[finite].double()
+        if not b.numel():
+            continue
+        rel = ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+        if rel > AGREE.get(reference[i].dtype, 1e-4):
+            return f"output {i}: relative difference {rel:.2e} from the default's"
+    return None
+
+
+def _reject(op: str, full_key: str, cfg: dict, device: torch.device, why: str) -> None:
+    """Drop a candidate whose results differ from the default's: one warning, and a record beside the winners."""
+    _warn_once(f"{op}: candidate {name(cfg)} disagrees with the default on {_device_name(device)} and is "
+               f"dropped ({why})")
+    _store(f"rejected: {full_key} {name(cfg)}", why)
 
 
 def _measure(launch: Callable[[dict], object], cfg: dict) -> float:

@@ -424,7 +424,8 @@ def matmul(a, b, bias=None, *, epilogue="none", activation="none", aux=None, sto
 
     key = (str(a.dtype), epilogue, activation, second, store_aux, residual is not None, a_cols, b_cols,
            pow2_bucket(m), pow2_bucket(n), pow2_bucket(k))
-    launch(autotune.choose("ffn_matmul", key, found, launch, a.device, kernel=_matmul_kernel))
+    launch(autotune.choose("ffn_matmul", key, found, launch, a.device, kernel=_matmul_kernel,
+                           outputs=lambda: [c] + ([aux] if store_aux else [])))
     dispatch.record_launch("ffn_matmul")
     return c
 

@@ -215,7 +215,7 @@ def attention_forward(q, k, v, *, scale: float, bottom_right: bool = False, wind
 
     extra = (seqused_k is not None, sinks is not None, block_table is not None, leftpad is not None)
     cfg = autotune.choose("attention_fwd", _bucket(pb, q, num_splits, *extra), candidates, launch,
-                          q.device, kernel=K._attn_fwd_kernel)
+                          q.device, kernel=K._attn_fwd_kernel, outputs=lambda: [out, lse])
     launch(cfg)
     return out, lse
 
@@ -297,15 +297,16 @@ def attention_backward(do, q, k, v, out, lse, *, scale: float, bottom_right: boo
             )
 
     key = _bucket(pb, q, 1, dmask is not None)
+    dq_outputs = lambda: [dq] + ([dmask] if dmask is not None else [])  # noqa: E731 (autotune's guard)
     dq_cfg = None
     if natural:  # delta first: the dK/dV and dQ kernels read it (tuning runs on a stale delta are only timed)
         dq_cfg = autotune.choose("attention_bwd_dq", key, dq_candidates, launch_dq, q.device,
-                                 kernel=K._attn_bwd_dq_kernel)
+                                 kernel=K._attn_bwd_dq_kernel, outputs=dq_outputs)
         launch_dq(dict(dq_cfg, num_stages=1), delta_pass=True)  # (2 stages spill two scalars on sm_90a, d=128)
     launch_dkdv(autotune.choose("attention_bwd_dkdv", key, dkdv_candidates, launch_dkdv, q.device,
-                                kernel=K._attn_bwd_dkdv_kernel))
+                                kernel=K._attn_bwd_dkdv_kernel, outputs=lambda: [dk, dv]))
     launch_dq(dq_cfg or autotune.choose("attention_bwd_dq", key, dq_candidates, launch_dq, q.device,
-                                        kernel=K._attn_bwd_dq_kernel))
+                                        kernel=K._attn_bwd_dq_kernel, outputs=dq_outputs))
     for name in ("attention_bwd_delta",) * (not given_delta) + ("attention_bwd_dkdv", "attention_bwd_dq"):
         dispatch.record_launch(name)
     return dq, dk, dv

@@ -56,6 +56,11 @@ class Config:
     layers: int = 32  # the model view: this many layers' saved q, k, v, out plus one call's peak
 
     @classmethod
+    def from_dict(cls, fields: dict) -> "Config":
+        """The config a spawned process gets as ``asdict(cfg)`` (lists back to tuples)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
+    @classmethod
     def quick(cls) -> "Config":
         return cls(worlds=(2,), heads=8, heads_k=8, head_dim=64, lengths=(8, 16))
 
@@ -118,7 +123,7 @@ def _measure_call(fn, q, k, v, dout) -> dict:
 
 
 def _rank_main(rank: int, world: int, port: int, cfg_dict: dict, out_file: str) -> None:
-    cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg_dict.items()})
+    cfg = Config.from_dict(cfg_dict)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         from transformer_kernels import context_parallel as cp
@@ -150,7 +155,7 @@ def _runnable(cfg: Config, world: int) -> list[str]:
 
 
 def _one_device_main(cfg_dict: dict, out_file: str) -> None:
-    cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg_dict.items()})
+    cfg = Config.from_dict(cfg_dict)
     import transformer_kernels as tk
 
     rows = []

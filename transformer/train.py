@@ -52,8 +52,8 @@ from .config import BYTE_VOCAB_SIZE, PRESETS, TransformerConfig
 from .data import TASKS, LMBatcher, load_corpus, task_batch, unigram_entropy
 from .model import Transformer, TransformerLM
 from .tokenizer import PAD_ID
-from .training import (LABEL_SMOOTHING, LossMetrics, SequenceShard, evaluate, make_optimizer, noam_scheduler,
-                       train_step_metrics, unwrap)
+from .training import (LABEL_SMOOTHING, LossMetrics, SequenceShard, _ignore_index, evaluate, make_optimizer,
+                       noam_scheduler, train_step_metrics, unwrap)
 
 MODELS = ("lm", "encoder_decoder")
 # Flags that define the run (model, data, schedule): a resumed run takes them from the checkpoint
@@ -581,7 +581,7 @@ def _shard_lm_batch(model, tokens: torch.Tensor) -> SequenceShard:
 def _context_parallel_loss_scale(batch: SequenceShard, model, d: Dist) -> float:
     """cp x (this rank's scored tokens) / (the replica's): the gradient average over dp x cp ranks then
     equals the dp average of each replica's mean-loss gradient."""
-    ignore = -100 if model.config.pad_id is None else model.config.pad_id
+    ignore = _ignore_index(model, None)
     counts = torch.tensor([(batch.labels != ignore).sum().item()], dtype=torch.float64, device=d.device)
     local = counts.item()
     dist.all_reduce(counts, group=d.mesh.get_group("cp"))

@@ -24,13 +24,11 @@ rows get independent masks; with replicated inputs, ranks seeded alike draw alik
 
 from __future__ import annotations
 
-import contextlib
-import importlib.abc
-import importlib.util
 import math
-import sys
 
 import torch
+
+from ._import_hook import call_when_imported
 
 _DTENSOR = "torch.distributed.tensor"
 
@@ -131,29 +129,7 @@ def register() -> bool:
     return True
 
 
-class _RegisterOnImport(importlib.abc.MetaPathFinder):
-    """Registers the rules right after ``torch.distributed.tensor`` is first imported: DTensors cannot
-    exist before, and ``import transformer_kernels`` does not pay for importing DTensor (~0.5 s)."""
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname != _DTENSOR:
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)
-        if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
-            exec_module = spec.loader.exec_module
-
-            def exec_and_register(module):
-                exec_module(module)
-                with contextlib.suppress(Exception):  # never break the user's import
-                    register()
-            spec.loader.exec_module = exec_and_register
-        return spec
-
-
 def register_when_available() -> None:
-    """Register now if DTensor is imported, else as soon as it is."""
-    if _DTENSOR in sys.modules:
-        register()
-    elif not any(isinstance(f, _RegisterOnImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _RegisterOnImport())
+    """Register now if DTensor is imported, else right after it is: DTensors cannot exist before, and
+    ``import transformer_kernels`` does not pay for importing DTensor (~0.5 s)."""
+    call_when_imported(_DTENSOR, register)

@@ -52,14 +52,11 @@ without transformers; the functions then raise ``ImportError``.
 from __future__ import annotations
 
 import contextlib
-import importlib
-import importlib.abc
-import importlib.util
-import sys
 
 import torch.nn as nn
 
 from .. import patching
+from .._import_hook import call_when_imported
 from ..patching import Options, PatchReport, original_class
 from ._common import _hf_module, _transformers, same_function
 from .architectures import rules
@@ -156,29 +153,10 @@ def is_patched(module: nn.Module) -> bool:
     return original_class(module) is not None
 
 
-class _RegisterOnImport(importlib.abc.MetaPathFinder):
-    """Registers our attention right after ``transformers`` is first imported, so the order of
-    ``import transformer_kernels`` and ``import transformers`` does not matter and ``import transformer_kernels`` does not
-    import transformers itself (it takes seconds)."""
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname != "transformers":
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)
-        if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
-            exec_module = spec.loader.exec_module
-
-            def exec_and_register(module):
-                exec_module(module)
-                with contextlib.suppress(Exception):  # never break the user's import of transformers
-                    register()
-            spec.loader.exec_module = exec_and_register
-        return spec
-
-
-if "transformers" in sys.modules:  # see the module docstring: registered once transformers is imported
-    with contextlib.suppress(Exception):
+def _register_quietly() -> None:
+    with contextlib.suppress(Exception):  # never break the import of transformer_kernels or transformers
         register()
-elif not any(isinstance(f, _RegisterOnImport) for f in sys.meta_path):
-    sys.meta_path.insert(0, _RegisterOnImport())
+
+
+# See the module docstring: registered once transformers is imported, in either order.
+call_when_imported("transformers", _register_quietly)

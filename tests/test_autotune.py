@@ -10,10 +10,11 @@ import json
 import warnings
 
 import pytest
+import triton
 import torch
 
 import transformer_kernels as tk
-from transformer_kernels import autotune
+from transformer_kernels import autotune, dispatch
 from transformer_kernels.attention import attention_reference
 from helpers import check_fwd_bwd
 
@@ -184,10 +185,12 @@ def test_attention_launcher_times_every_candidate_and_runs_the_winner(device, gp
     timed = tuner(lambda cfg: 1.0 if cfg.get("TMA") else 2.0 + cfg["num_warps"] / 100)
     with launches("attention_fwd"), launches("attention_bwd_dq"):
         check_fwd_bwd(_sdpa, _ref, _qkv(40, 40, 64, device), torch.float16)
-    assert any(c.get("TMA") for c in timed) and any(c.get("TMA") is False for c in timed)
-    assert len(timed) == 3 + 3 + 3  # forward: pointers, TMA, persistent; dK/dV and dQ: pointers, TMA, another tile
-    winners = set(autotune._memory.values())
-    assert any("TMA=True" in w for w in winners)
+    if dispatch.hopper_candidates():
+        assert any(c.get("TMA") for c in timed) and any(c.get("TMA") is False for c in timed)
+        assert len(timed) == 3 + 3 + 3  # forward: pointers, TMA, persistent; dK/dV and dQ: pointers, TMA, another tile
+        assert any("TMA=True" in w for w in autotune._memory.values())
+    else:  # Triton < 3.7: the forward's default, and dK/dV and dQ each with another tile
+        assert len(timed) == 1 + 2 + 2 and not any(c.get("TMA") for c in timed)
 
 
 def _arch_candidates(arch, head_dim, seqlen_q=150, heavy=False):
@@ -225,17 +228,19 @@ def test_every_sm90_candidate_is_exact(device, gpu_tiles, tma_runs, head_dim):
     fp16, causal, lengths that are no multiple of any block, forward and backward."""
     gpu_tiles("sm_90a")
     count = _arch_candidates("sm_90a", head_dim)
-    assert count >= 2
+    assert count >= 2 or not dispatch.hopper_candidates()
     for index in range(1, count):
         with autotune.forced(index):
             check_fwd_bwd(_sdpa, _ref, _qkv(150, 139, head_dim, device), torch.float16)
-    assert tma_runs, "no candidate used tensor descriptors"
+    assert tma_runs or not dispatch.hopper_candidates(), "no candidate used tensor descriptors"
 
 
 def test_tma_candidate_on_packed_batches_and_a_kv_cache(device, gpu_tiles, tma_runs):
     """Tensor descriptors bounded per sequence: a packed (varlen) batch (TMA, then the persistent
     schedule), and decoding from a cache whose rows beyond each sequence's length hold NaN (they must
     never be read)."""
+    if not dispatch.hopper_candidates():
+        pytest.skip(f"Triton {triton.__version__}: no TMA attention candidates before 3.7")
     gpu_tiles("sm_90a")
     lens = [5, 70, 1, 33, 140]
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
@@ -363,3 +368,20 @@ def test_ffn_pin(device, monkeypatch, launches):
         monkeypatch.setenv("KERNELS_FFN_CONFIG", bad)
         with pytest.raises(ValueError, match="KERNELS_FFN_CONFIG"):
             ffn_mod.candidates(torch.float16, "act", "none")
+
+
+def test_hopper_candidates_follow_the_triton_release(monkeypatch):
+    """Triton 3.6 mis-builds the TMA attention and warp-specialized matmul candidates (an H200, 2026-12-04):
+    before 3.7 the sm_90a lists hold the pointer candidates alone; from 3.7 they hold both."""
+    assert dispatch._release("3.6.0") == (3, 6) and dispatch._release("3.7.1+git0a1b2c") == (3, 7)
+    assert dispatch._release("3.10.0rc1") == (3, 10)
+    monkeypatch.setattr(dispatch, "INTERPRETER", False)
+    for release, offered in (((3, 6), False), ((3, 7), True), ((3, 9), True)):
+        monkeypatch.setattr(dispatch, "TRITON_RELEASE", release)
+        fwd = configs.fwd_candidates(64, torch.float16, 1024, False, "sm_90a")
+        dkdv, dq = configs.bwd_candidates(64, torch.float16, False, "sm_90a")
+        matmul = ffn_mod.candidates(torch.float16, "act", "none", "sm_90a")
+        assert any(c["TMA"] for c in fwd + dkdv + dq) == offered, release
+        assert any(c["WS"] for c in matmul) == offered, release
+        assert fwd[0] == dict(configs._config(64, torch.float16, 1024, False, "sm_90a"), TMA=False, PERSISTENT=False)
+        assert len(dkdv) == len(dq) == (3 if offered else 2) and any(c["TMA"] for c in matmul)

@@ -338,3 +338,14 @@ def test_evaluate_restores_training_mode():
     model = TransformerLM(TransformerConfig.from_preset("tiny", backend="torch")).train()
     metrics = evaluate(model, [torch.randint(0, 256, (2, 9))])
     assert model.training and metrics.tokens == 16
+
+
+def test_resume_keeps_an_explicit_backend_and_device(tmp_path):
+    """Chosen on the command line, the backend and device are the run's: a resumed run keeps them (on a GPU
+    machine the defaults would switch a CPU/torch run to CUDA/Triton), unless they are given again."""
+    ckpt = tmp_path / "checkpoint.pt"
+    torch.save({"extra": {"args": {"backend": "torch", "device": "cpu", "steps": 4}}}, ckpt)
+    args = train.parse_args(["--resume", str(ckpt)])
+    assert (args.backend, args.device, args.steps) == ("torch", "cpu", 4)
+    args = train.parse_args(["--resume", str(ckpt), "--backend", "triton"])
+    assert (args.backend, args.device) == ("triton", "cpu")

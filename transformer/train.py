@@ -58,8 +58,10 @@ from .training import (LABEL_SMOOTHING, LossMetrics, SequenceShard, _ignore_inde
 MODELS = ("lm", "encoder_decoder")
 # Flags that define the run (model, data, schedule): a resumed run takes them from the checkpoint
 # unless they are given again on the command line.
+# The backend and device too, when they were chosen explicitly: a run that resumes on other kernels or
+# another device does not continue bit for bit.
 RUN_FLAGS = ("model", "preset", "task", "files", "seq_len", "batch_size", "warmup", "lr_scale", "seed",
-             "max_corpus_bytes", "label_smoothing", "dropout", "steps", "bf16")
+             "max_corpus_bytes", "label_smoothing", "dropout", "steps", "bf16", "backend", "device")
 
 
 # ---------------------------------------------------------------------------------------------------

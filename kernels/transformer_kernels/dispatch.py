@@ -21,6 +21,7 @@ import contextlib
 import os
 
 import torch
+import triton
 
 try:  # Triton >= 3.4 reads its settings through knobs; the value is what @triton.jit saw.
     from triton import knobs as _knobs
@@ -30,6 +31,29 @@ except (ImportError, AttributeError):  # pragma: no cover - older Triton
     INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 OPS = ("attention", "layer_norm", "ffn", "rotary")
+
+
+def _release(version: str) -> tuple[int, int]:
+    """``"3.6.0"`` -> ``(3, 6)``; a development build (``"3.7.0+git1234"``) counts as its release."""
+    major, minor = (version.split("+")[0].split(".") + ["0"])[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+TRITON_RELEASE: tuple[int, int] = _release(triton.__version__)
+# The Hopper candidates that read through tensor descriptors (attention) or specialize warps (the FFN
+# matmul) are offered from this Triton release on. Measured on an H200 with Triton 3.6.0
+# (benchmarks/results/NVIDIA_H200-2026-12-04): ptxas (CUDA 12.8, and 12.9 too) dies on the PTX that
+# Triton 3.6 writes for some TMA attention programs (22 of the static check's 403 sm_90a launches, all
+# TMA attention candidates; none from 3.7.1 or 3.8.0 or 3.9.0), and the warp-specialized matmul loop
+# returned wrong values (relative error 0.37 to 0.88; caught by the autotune guard). Earlier releases
+# get the pointer candidates, which compiled and agreed there.
+HOPPER_CANDIDATES_FROM: tuple[int, int] = (3, 7)
+
+
+def hopper_candidates() -> bool:
+    """Whether this Triton builds the TMA attention and warp-specialized matmul candidates correctly
+    (:data:`HOPPER_CANDIDATES_FROM`)."""
+    return TRITON_RELEASE >= HOPPER_CANDIDATES_FROM
 
 _last_path: dict[str, str] = {}
 _assumed_arch: str | None = None

@@ -321,8 +321,9 @@ def candidates(dtype: torch.dtype, epilogue: str, second: str, arch: str = "sm_8
     tensor descriptors (``TMA``; the launcher drops it for operands that do not qualify), and for the
     plain products (the weight gradients, dx) a 128x256x64 TMA tile (the persistent-matmul tutorial's
     Hopper tile; spill-free only with TMA, whose loads need no per-thread addresses, and only without an
-    epilogue: the activation or residual tile beside the 128x256 accumulator spills). Their sign on a real GPU is for
-    the device to tell (static figures in benchmarks/NOTES.md)."""
+    epilogue: the activation or residual tile beside the 128x256 accumulator spills), the warp-specialized
+    TMA loop (from Triton 3.7: :func:`transformer_kernels.dispatch.hopper_candidates`) and the persistent
+    TMA schedule. Their sign on a real GPU is for the device to tell (static figures in benchmarks/NOTES.md)."""
     if (pin := _pinned()) is not None:
         return [pin]
     default = dict(_config(dtype, epilogue, second), TMA=False, WS=False, PERSISTENT=False)
@@ -332,7 +333,9 @@ def candidates(dtype: torch.dtype, epilogue: str, second: str, arch: str = "sm_8
     if epilogue == "none" and second == "none" and not residual:
         found.append(dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=True,
                           WS=False, PERSISTENT=False))
-    if second == "none":  # two products in one loop do not specialize (spills, or Triton's pass fails)
+    # two products in one loop do not specialize (spills, or Triton's pass fails); Triton before 3.7
+    # specializes wrongly (transformer_kernels.dispatch.hopper_candidates)
+    if second == "none" and dispatch.hopper_candidates():
         found.append(dict(default, num_warps=4, num_stages=4, TMA=True, WS=True))
     found.append(dict(default, TMA=True, PERSISTENT=True))
     return found

@@ -58,11 +58,14 @@ def fwd_candidates(block_d: int, dtype: torch.dtype, seqlen_q: int, heavy: bool,
     check: d128 546 -> 513 loop instructions, 645 -> 653 in the model; d256 254 -> 206 registers, which
     lets a 64x64 tile fit: 538 -> 685). ``PERSISTENT`` True: one program per SM walks the tiles, the
     longest causal rows first (FlashAttention-3's schedule). Their sign on a real GPU is for the device
-    to tell, so they are candidates, not the default. A pin is the only candidate."""
+    to tell, so they are candidates, not the default. Triton before 3.7 gets the default alone
+    (:func:`transformer_kernels.dispatch.hopper_candidates`). A pin is the only candidate."""
     if (pin := _pinned("fwd")) is not None:
         return [pin]
     default = dict(_config(block_d, dtype, seqlen_q, heavy, arch), TMA=False, PERSISTENT=False)
     if dispatch.INTERPRETER or arch != "sm_90a" or dtype == torch.float32:
+        return [default]
+    if not dispatch.hopper_candidates():
         return [default]
     candidates = [default, dict(default, TMA=True)]
     if seqlen_q > 16 and not heavy and block_d > 128:
@@ -114,13 +117,15 @@ def bwd_candidates(block_d: int, dtype: torch.dtype, heavy: bool, arch: str = "s
     the device picks for each kernel on its own. On sm_90a: the default reading its streamed tiles (Q and
     dO, or K and V) through TMA tensor descriptors; at head_dim 128 the alternatives hold two
     stages over 16 streamed rows (dK/dV) and two warpgroups of 64 own rows (dQ); at head_dim 64, one
-    warpgroup (static check: spill-free, executed == useful tensor FLOPs). A pin is the only candidate."""
+    warpgroup (static check: spill-free, executed == useful tensor FLOPs); the TMA ones only from Triton 3.7
+    (:func:`transformer_kernels.dispatch.hopper_candidates`). A pin is the only candidate."""
     dkdv, dq = (dict(cfg, TMA=False) for cfg in _bwd_configs(block_d, dtype, heavy, arch))
     pins = _pinned("dkdv"), _pinned("dq")
     dkdv_list, dq_list = [dkdv], [dq]
     if arch == "sm_90a" and dtype != torch.float32 and not dispatch.INTERPRETER:
-        dkdv_list.append(dict(dkdv, TMA=True))  # Q and dO through descriptors
-        dq_list.append(dict(dq, TMA=True))  # K and V
+        if dispatch.hopper_candidates():
+            dkdv_list.append(dict(dkdv, TMA=True))  # Q and dO through descriptors
+            dq_list.append(dict(dq, TMA=True))  # K and V
         if block_d == 128 and not heavy:
             dkdv_list.append(dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2, TMA=False))
             dq_list.append(dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=1, TMA=False))

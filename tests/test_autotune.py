@@ -62,7 +62,9 @@ def test_fastest_candidate_wins_and_is_stored(tuner):
     assert autotune.choose("op", ("k",), cands, _op(calls), torch.device("cpu")) == cands[1]
     assert len(timed) == 3, "a known key is not timed again"
     stored = json.loads(autotune.cache_path().read_text())
-    assert list(stored.values()) == [autotune.name(cands[1])]
+    (key,) = [k for k in stored if not k.startswith("timed: ")]
+    assert stored[key] == autotune.name(cands[1])
+    assert stored[f"timed: {key}"] == {autotune.name(c): c["ms"] for c in cands}, "each candidate's time is kept"
     # a new process: nothing in memory, the file answers
     autotune._memory.clear()
     autotune._disk_cache = None
@@ -117,6 +119,8 @@ def test_a_wrong_candidate_is_dropped_with_one_warning_and_recorded(tuner):
     rejected = {k: v for k, v in stored.items() if k.startswith("rejected: ")}
     assert len(rejected) == 1 and autotune.name(cands[1]) in next(iter(rejected))
     assert "relative difference" in next(iter(rejected.values()))
+    (times,) = [v for k, v in stored.items() if k.startswith("timed: ")]
+    assert times == {autotune.name(cands[0]): 3.0, autotune.name(cands[1]): "rejected", autotune.name(cands[2]): 2.0}
     # a NaN where the default has a number is a disagreement too
     autotune._memory.clear()
     autotune._warned.clear()

@@ -6,7 +6,8 @@ device, the kernel's source, and the problem's bucket: dtype, head_dim, causal k
 lengths...) times every candidate with ``triton.testing.do_bench`` on the call's own tensors and keeps
 the fastest, as ``triton.autotune`` does; the winner's name is kept in memory and in a JSON file per
 device and Triton version under ``KERNELS_AUTOTUNE_CACHE`` (default ``~/.cache/transformer-kernels/autotune``),
-so the next process does not time again. A candidate that fails to compile or launch on the device is
+so the next process does not time again. Beside each winner the file keeps every candidate's median
+milliseconds (``"timed: <key>"``), so a run that stops early still leaves its measurements. A candidate that fails to compile or launch on the device is
 dropped with one warning (never an error for the user); the default is what remains if all fail. Every
 candidate is deterministic (no atomics), so the choice changes speed, never results beyond rounding.
 
@@ -87,7 +88,7 @@ def choose(op: str, key: tuple, candidates: list[dict], launch: Callable[[dict],
         _memory[full_key] = winner
         return candidates[names.index(winner)]
     best, best_ms = None, float("inf")
-    reference = None
+    reference, timed = None, {}
     for i, cfg in enumerate(candidates):
         try:
             if outputs is not None:
@@ -97,18 +98,21 @@ def choose(op: str, key: tuple, candidates: list[dict], launch: Callable[[dict],
                     reference = got if i == 0 else None
                 elif (why := _disagrees(got, reference)) is not None:
                     _reject(op, full_key, cfg, device, why)
+                    timed[name(cfg)] = "rejected"
                     continue
             ms = _measure(launch, cfg)
         except Exception as exc:  # noqa: BLE001 - any compile or launch failure drops the candidate
             _warn_once(f"{op}: candidate {name(cfg)} failed on {_device_name(device)} and is dropped "
                        f"({type(exc).__name__}: {exc})")
+            timed[name(cfg)] = f"failed: {type(exc).__name__}"
             continue
+        timed[name(cfg)] = ms
         if ms < best_ms:
             best, best_ms = cfg, ms
     if best is None:
         return candidates[0]  # the caller's launch of the default raises the real error
     _memory[full_key] = name(best)
-    _store(full_key, name(best))
+    _store(full_key, name(best), timed)
     return best
 
 
@@ -183,11 +187,12 @@ def _read(path: Path) -> dict[str, str]:
         return {}
 
 
-def _store(full_key: str, winner: str) -> None:
-    """Merge one winner into the file (another process may have written since: read, update, replace)."""
+def _store(full_key: str, winner: str, timed: dict | None = None) -> None:
+    """Merge one winner into the file (another process may have written since: read, update, replace),
+    with what each candidate measured (``"timed: <key>"``: milliseconds, or why it was dropped)."""
     path = cache_path()
     with contextlib.suppress(OSError):
-        data = _read(path) | {full_key: winner}
+        data = _read(path) | {full_key: winner} | ({f"timed: {full_key}": timed} if timed else {})
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(data, indent=1, sort_keys=True))

@@ -38,6 +38,8 @@ import torch
 from . import dispatch
 from ._triton_utils import InputTypeError, InputValueError, autocast_to
 from .attention import MAX_HEAD_DIM, attention_op, attention_reference, check_qkv, check_sink, dropout_keep_mask
+from .attention import fp8 as _fp8
+from .attention.launch import attention_forward
 from .rotary import rotary
 
 __all__ = [
@@ -149,7 +151,7 @@ def _returns(out, lse, probs, return_attn_probs, return_softmax_lse):
 # --------------------------------------------------------------------------------------------------
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                     alibi_slopes=None, deterministic=False, return_attn_probs=False, *, return_softmax_lse=False,
-                    learnable_sink=None):
+                    learnable_sink=None, q_descale=None, k_descale=None, v_descale=None):
     """Attention in flash-attention's layout, with MQA/GQA (k/v may have fewer heads, a divisor of q's:
     query head h reads key/value head h // (nheads // nheads_k)).
 
@@ -171,6 +173,9 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         learnable_sink (keyword): ``(nheads,)`` float logits, one per query head, that join each row's
             softmax normalizer and take no value (gpt-oss's attention sinks, FlashAttention-3's
             ``learnable_sink``); differentiable; the logsumexp includes them.
+        q_descale, k_descale, v_descale (keyword): float32 ``(batch, nheads_k)`` descales of
+            ``torch.float8_e4m3fn`` q, k, v (FlashAttention-3's FP8 forward; None = 1): inference only,
+            the output is bfloat16 (``transformer_kernels.attention.fp8``).
 
     Returns:
         ``out`` ``(batch, seqlen_q, nheads, headdim_v)``, ``(out, softmax_lse, S_dmask)`` or
@@ -180,6 +185,11 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         TypeError / ValueError for unsupported dtypes, shapes, head counts or options.
     """
     op = "flash_attn_func"
+    if _fp8.requested((q, k, v), (q_descale, k_descale, v_descale)):
+        return _fp8_dense(op, q, k, v, (q_descale, k_descale, v_descale), dropout_p=dropout_p,
+                          return_attn_probs=return_attn_probs, return_softmax_lse=return_softmax_lse,
+                          softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
+                          alibi_slopes=alibi_slopes, learnable_sink=learnable_sink)
     q, k, v = autocast_to(q, k, v)
     check_qkv(op, q, k, v, heads_dim=-2, gqa=True)
     if q.dim() != 4:
@@ -215,7 +225,8 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                            deterministic=False, return_attn_probs=False, block_table=None, *,
-                           return_softmax_lse=False, learnable_sink=None):
+                           return_softmax_lse=False, learnable_sink=None, q_descale=None, k_descale=None,
+                           v_descale=None):
     """Attention over a packed batch of sequences of different lengths: no padding, no padding FLOPs.
 
     Sequence b owns tokens ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` of q and ``cu_seqlens_k[b]:cu_seqlens_k[b+1]``
@@ -230,7 +241,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
             of page ``block_table[b, j // page_size]`` (cu_seqlens_k gives the lengths only). Inference
             reads the pages in the kernel; with gradients the pages are first gathered into packed keys,
             and dK/dV reach the page pools (flash-attention's backward ignores the block table).
-        Other arguments as :func:`flash_attn_func` (``return_softmax_lse``, ``learnable_sink`` included).
+        Other arguments as :func:`flash_attn_func` (``return_softmax_lse``, ``learnable_sink`` and the FP8
+        descales included: one per sequence and KV head, ``(batch, nheads_k)``).
 
     Returns:
         ``out`` ``(total_q, nheads, headdim_v)``, or ``(out, softmax_lse (nheads, total_q), S_dmask
@@ -244,11 +256,17 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         block_table values are checked on the host: one device sync per call.)
     """
     op = "flash_attn_varlen_func"
-    q, k, v = autocast_to(q, k, v)
-    if block_table is not None:  # k and v are page pools: check dtypes, heads and dims against one page
-        check_qkv(op, q[None], k[:1], v[:1], heads_dim=-2, gqa=True)
+    fp8_descale = None
+    if _fp8.requested((q, k, v), (q_descale, k_descale, v_descale)):
+        batch = cu_seqlens_q.numel() - 1 if isinstance(cu_seqlens_q, torch.Tensor) else 0
+        fp8_descale = _fp8.check(op, q, k, v, q_descale, k_descale, v_descale, batch=batch, heads_k=k.shape[-2],
+                                 dropout_p=dropout_p, return_attn_probs=return_attn_probs)
     else:
-        check_qkv(op, q, k, v, heads_dim=-2, gqa=True)
+        q, k, v = autocast_to(q, k, v)
+    if block_table is not None:  # k and v are page pools: check dtypes, heads and dims against one page
+        check_qkv(op, q[None], k[:1], v[:1], heads_dim=-2, gqa=True, fp8=fp8_descale is not None)
+    else:
+        check_qkv(op, q, k, v, heads_dim=-2, gqa=True, fp8=fp8_descale is not None)
     if q.dim() != 3:
         raise InputValueError(f"{op}: q must be (total_tokens, nheads, headdim), got shape {tuple(q.shape)}")
     _check_cu_seqlens(op, "cu_seqlens_q", cu_seqlens_q, q.shape[0], int(max_seqlen_q), q.device)
@@ -265,6 +283,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     check_sink(op, learnable_sink, q, q.shape[1])
     mods = dict(scale=_scale(softmax_scale, q.shape[-1]), window=_window(op, window_size, causal),
                 softcap=float(softcap), alibi_slopes=alibi_slopes, sinks=learnable_sink)
+    if fp8_descale is not None:
+        return _fp8_varlen(q, k, v, fp8_descale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                           block_table, return_softmax_lse, mods)
     if block_table is not None:  # the packed keys of each sequence, gathered from its pages
         training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         if training or return_attn_probs or not dispatch.triton_available_for(q):
@@ -288,6 +309,71 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                              q.device) if dropout_p > 0 else None
     return out, lse, _varlen_probs(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
                                    dropout_p, keep, **mods)
+
+
+def _fp8_dense(op, q, k, v, descales, *, dropout_p, return_attn_probs, return_softmax_lse, softmax_scale, causal,
+               window_size, softcap, alibi_slopes, learnable_sink):
+    """:func:`flash_attn_func` on float8_e4m3fn inputs (``transformer_kernels.attention.fp8``)."""
+    heads_k = k.shape[2] if isinstance(k, torch.Tensor) and k.dim() == 4 else 0
+    batch = q.shape[0] if isinstance(q, torch.Tensor) and q.dim() else 0
+    descale = _fp8.check(op, q, k, v, *descales, batch=batch, heads_k=heads_k, dropout_p=dropout_p,
+                         return_attn_probs=return_attn_probs)
+    check_qkv(op, q, k, v, heads_dim=-2, gqa=True, fp8=True)
+    if q.dim() != 4:
+        raise InputValueError(f"{op}: q must be (batch, seqlen, nheads, headdim), got shape {tuple(q.shape)}")
+    _check_options(op, q, 0.0, softcap, alibi_slopes, q.shape[0], q.shape[2])
+    check_sink(op, learnable_sink, q, q.shape[2])
+    if not _fp8.on_triton(q):  # the reference: dequantized inputs on the PyTorch path, the output in bf16
+        deq = [_fp8.dequantize(t, d, heads_dim=-2) for t, d in zip((q, k, v), descale)]
+        out, lse = flash_attn_func(*deq, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
+                                   softcap=softcap, alibi_slopes=alibi_slopes, return_softmax_lse=True,
+                                   learnable_sink=learnable_sink)
+        return (out.bfloat16(), lse) if return_softmax_lse else out.bfloat16()
+    dispatch.record_path("attention", "triton")
+    batch, seqlen_q, heads = q.shape[:3]
+    out = torch.empty((batch, seqlen_q, heads, v.shape[3]), device=q.device, dtype=torch.bfloat16)
+    out4, lse = attention_forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), bottom_right=True,
+                                  descale=descale, out=out.transpose(1, 2), scale=_scale(softmax_scale, q.shape[-1]),
+                                  window=_window(op, window_size, causal), softcap=float(softcap),
+                                  alibi_slopes=alibi_slopes, sinks=learnable_sink)
+    return (out, lse) if return_softmax_lse else out
+
+
+def _fp8_varlen(q, k, v, descale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table,
+                return_softmax_lse, mods):
+    """:func:`flash_attn_varlen_func` on float8_e4m3fn inputs (packed, or paged k and v)."""
+    if not _fp8.on_triton(q):  # the reference: dequantized inputs on the PyTorch path, the output in bf16
+        seq_q = _token_sequences(cu_seqlens_q, q.shape[0])
+        if block_table is None:
+            seq_k = _token_sequences(cu_seqlens_k, k.shape[0])
+            k, v = (_fp8.dequantize(t, d, heads_dim=-2, batch_of=seq_k) for t, d in zip((k, v), descale[1:]))
+        else:  # each page takes the descales of the sequence whose table names it
+            seq_page = torch.zeros(k.shape[0], dtype=torch.long, device=k.device)
+            for b, n in enumerate((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()):
+                seq_page[block_table[b, :-(-n // k.shape[1])].long()] = b
+            k, v = (_fp8.dequantize(t, d, heads_dim=-2, batch_of=seq_page) for t, d in zip((k, v), descale[1:]))
+        q = _fp8.dequantize(q, descale[0], heads_dim=-2, batch_of=seq_q)
+        out, lse = flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                          softmax_scale=mods["scale"], window_size=mods["window"],
+                                          softcap=mods["softcap"], alibi_slopes=mods["alibi_slopes"],
+                                          block_table=block_table, return_softmax_lse=True,
+                                          learnable_sink=mods["sinks"])
+        return (out.bfloat16(), lse) if return_softmax_lse else out.bfloat16()
+    dispatch.record_path("attention", "triton")
+    q4 = q.transpose(0, 1).unsqueeze(0)
+    k4, v4 = (t.transpose(1, 2) if block_table is not None else t.transpose(0, 1).unsqueeze(0) for t in (k, v))
+    out = torch.empty((q.shape[0], q.shape[1], v.shape[-1]), device=q.device, dtype=torch.bfloat16)
+    _, lse = attention_forward(q4, k4, v4, bottom_right=True, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                               max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, block_table=block_table,
+                               descale=descale, out=out.transpose(0, 1).unsqueeze(0), **mods)
+    return (out, lse[0]) if return_softmax_lse else out
+
+
+def _token_sequences(cu_seqlens, total: int) -> torch.Tensor:
+    """The sequence of each of ``total`` packed tokens (int64); tokens past the last sequence count as its."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    seq = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu_seqlens.device), lengths)
+    return torch.cat([seq, seq.new_full((total - seq.numel(),), max(lengths.numel() - 1, 0))])
 
 
 def _sequences(cu_seqlens_q, cu_seqlens_k):
@@ -397,7 +483,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                             cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
                             softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                             rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False, *,
-                            learnable_sink=None):
+                            learnable_sink=None, q_descale=None, k_descale=None, v_descale=None):
     """Attention of a few new query tokens against a KV cache, for incremental decoding (forward only).
 
     If ``k`` and ``v`` are given they are first written into ``k_cache``/``v_cache`` *in place* at
@@ -429,6 +515,14 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         num_splits: key slices per query block; 0 = a heuristic, 1 = no split.
         return_softmax_lse: also return the logsumexp ``(batch, nheads, seqlen_q)``.
         learnable_sink (keyword): ``(nheads,)`` sink logits, as :func:`flash_attn_func`.
+        q_descale, k_descale, v_descale (keyword): an FP8 cache (``torch.float8_e4m3fn`` k_cache and
+            v_cache, contiguous or paged): float32 descales that broadcast to ``(batch, nheads_k)``, per
+            tensor ``(1, 1)``, per KV head ``(nheads_k,)`` or per batch entry and KV head (None = 1);
+            the real value of a cached element is ``x.float() * descale``. New ``k``/``v`` in another
+            dtype are quantized as they are written (``k / k_descale``, rounded to nearest, saturated to
+            +-448). A bf16/fp16 ``q`` is quantized per call (one descale per batch entry and KV head,
+            its largest magnitude at 448); an fp8 ``q`` takes ``q_descale``. The output is bfloat16
+            (``transformer_kernels.attention.fp8``).
 
     Returns:
         ``out`` ``(batch, seqlen_q, nheads, headdim_v)``, or ``(out, softmax_lse)``. No backward.
@@ -439,7 +533,11 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         a sink of the wrong shape; checked on the host: one device sync when cache_seqlens is a tensor).
     """
     op = "flash_attn_with_kvcache"
-    check_qkv(op, q[:1], k_cache[:1], v_cache[:1], heads_dim=-2, gqa=True, names=("q", "k_cache", "v_cache"))
+    descale = None
+    if _fp8.requested((k_cache, v_cache), (q_descale, k_descale, v_descale)):
+        descale = _fp8_cache_query(op, q, k_cache, v_cache, q_descale, k_descale, v_descale, k, v)
+    check_qkv(op, q[:1], k_cache[:1], v_cache[:1], heads_dim=-2, gqa=True, names=("q", "k_cache", "v_cache"),
+              fp8=descale is not None)
     if q.dim() != 4:
         raise InputValueError(f"{op}: q must be (batch, seqlen, nheads, headdim), got shape {tuple(q.shape)}")
     batch = q.shape[0]
@@ -462,7 +560,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if rotary_cos is not None and k is None:
         raise InputValueError(f"{op}: rotary_cos/rotary_sin rotate the new k: pass k and v with them")
     if k is not None:
-        check_qkv(op, k_cache[:1], k[:1], v[:1], heads_dim=-2, gqa=False, names=("k_cache", "k", "v"))
+        check_qkv(op, k_cache[:1], k[:1], v[:1], heads_dim=-2, gqa=False, names=("k_cache", "k", "v"),
+                  fp8=descale is not None)
         if k.shape[0] != batch or v.shape[0] != batch or v.shape[-1] != v_cache.shape[-1]:
             raise InputValueError(f"{op}: k and v must be (batch={batch}, seqlen_new, nheads_k, headdim), got "
                                   f"{tuple(k.shape)} and {tuple(v.shape)}")
@@ -482,10 +581,15 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         q = _rotate_queries(q, rotary_cos, rotary_sin, offsets, rotary_interleaved, window != (-1, -1))
         k = rotary(k, rotary_cos, rotary_sin, interleaved=rotary_interleaved, seqlen_offsets=offsets)
     if k is not None:
+        if descale is not None:  # quantized as written: each batch entry and KV head by its own descale
+            k, v = (_fp8_store(t, d) for t, d in ((k, descale[1]), (v, descale[2])))
         _append(k_cache, v_cache, k, v, lengths, cache_idx, block_table)
         lengths = lengths + k.shape[1]
     mods = dict(scale=_scale(softmax_scale, q.shape[-1]), window=window, softcap=float(softcap),
                 alibi_slopes=alibi_slopes, sinks=learnable_sink)
+    if descale is not None:
+        return _fp8_kvcache(q, k_cache, v_cache, descale, lengths, leftpad, cache_idx, block_table, capacity,
+                            cache_batch_idx is not None, int(num_splits), return_softmax_lse, mods)
     if not dispatch.triton_available_for(q):
         out, lse = _kvcache_reference(q, k_cache, v_cache, lengths, leftpad, cache_idx, block_table, capacity, mods)
     else:
@@ -496,6 +600,56 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                                    kv_batch_idx=None if cache_batch_idx is None else cache_idx,
                                    num_splits=int(num_splits), block_table=block_table, leftpad=leftpad, **mods)
         out = out.transpose(1, 2)
+    return (out, lse) if return_softmax_lse else out
+
+
+def _fp8_cache_query(op, q, k_cache, v_cache, q_descale, k_descale, v_descale, k, v):
+    """An FP8 cache's checks; returns the stacked descales (q's row is replaced where q is quantized later)."""
+    batch = q.shape[0] if isinstance(q, torch.Tensor) and q.dim() == 4 else 0
+    heads_k = k_cache.shape[-2] if isinstance(k_cache, torch.Tensor) and k_cache.dim() == 4 else 0
+    descale = _fp8.check(op, q, k_cache, v_cache, q_descale, k_descale, v_descale, batch=batch, heads_k=heads_k,
+                         quantize_q=True)
+    for name, t in (("k", k), ("v", v)):
+        if t is not None and (not isinstance(t, torch.Tensor) or t.dtype not in (
+                _fp8.FP8_DTYPE, torch.float16, torch.bfloat16, torch.float32)):
+            raise InputTypeError(f"{op}: new {name} for an FP8 cache must be float8_e4m3fn (written as is) or "
+                                 f"float16/bfloat16/float32 (quantized by its descale), got "
+                                 f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+    return descale
+
+
+def _fp8_store(t, descale):
+    """New (batch, seqlen_new, nheads_k, headdim) keys or values as e4m3 in the cache's units."""
+    if t.dtype == _fp8.FP8_DTYPE:
+        return t
+    return (t.float() / descale[:, None, :, None]).clamp(-_fp8.FP8_MAX, _fp8.FP8_MAX).to(_fp8.FP8_DTYPE)
+
+
+def _fp8_kvcache(q, k_cache, v_cache, descale, lengths, leftpad, cache_idx, block_table, capacity, has_idx,
+                 num_splits, return_softmax_lse, mods):
+    """Decoding from an FP8 cache: the Triton kernel, or the dequantized PyTorch path."""
+    batch = q.shape[0]
+    if q.dtype != _fp8.FP8_DTYPE:  # after the rotary embedding: one descale per batch entry and KV head
+        q, q_descale = _fp8.quantize(q, group=q.shape[2] // k_cache.shape[2])
+        descale = torch.stack([q_descale, descale[1], descale[2]])
+    if not _fp8.on_triton(q):  # dequantize the cache rows (pages) each batch entry reads by its descales
+        owner = torch.zeros(k_cache.shape[0], dtype=torch.long, device=q.device)
+        for b in range(batch):  # only the pages a sequence holds (a table's padding may name any page)
+            pages = None if lengths is None else -(-int(lengths[b]) // k_cache.shape[1])
+            owner[(cache_idx[b] if block_table is None else block_table[b, :pages]).long()] = b
+        k_deq, v_deq = (c.float() * d[owner][:, None, :, None] for c, d in ((k_cache, descale[1]), (v_cache, descale[2])))
+        q_deq = _fp8.dequantize(q, descale[0], heads_dim=-2)
+        out, lse = _kvcache_reference(q_deq, k_deq, v_deq, lengths, leftpad, cache_idx, block_table, capacity, mods)
+        out = out.bfloat16()
+    else:
+        dispatch.record_path("attention", "triton")
+        if lengths is None and block_table is not None:
+            lengths = torch.full((batch,), capacity, dtype=torch.int32, device=q.device)
+        out = torch.empty((*q.shape[:3], v_cache.shape[-1]), device=q.device, dtype=torch.bfloat16)
+        _, lse = attention_forward(q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2),
+                                   bottom_right=True, seqused_k=lengths, kv_batch_idx=cache_idx if has_idx else None,
+                                   num_splits=num_splits, block_table=block_table, leftpad=leftpad, descale=descale,
+                                   out=out.transpose(1, 2), **mods)
     return (out, lse) if return_softmax_lse else out
 
 

@@ -212,6 +212,17 @@ def _record_launches() -> list[Launch]:
                 cu = torch.empty(9, dtype=torch.int32, **meta)
                 attn(f"attention {name} d={head_dim} varlen causal", packed, packed, packed, window=(-1, 0),
                      bottom_right=True, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=2048, max_seqlen_k=2048)
+    if dispatch.target_arch(torch.device("meta")) != "sm_80":  # FP8 tensor cores (inference forward)
+        fp8 = torch.float8_e4m3fn
+        for head_dim in (64, 128, 256):
+            q = torch.empty(4, 16, 1024, head_dim, dtype=fp8, **meta)
+            attn(f"attention float8_e4m3fn d={head_dim} causal", q, q, q, backward=False, window=(-1, 0),
+                 descale=torch.empty(3, 4, 16, dtype=torch.float32, **meta))
+            if head_dim <= 128:  # decoding from an FP8 cache, keys split 4 ways
+                kv = torch.empty(4, 8, 8192, head_dim, dtype=fp8, **meta)
+                attn(f"attention float8_e4m3fn d={head_dim} decode", q[:, :, :4], kv, kv, backward=False,
+                     bottom_right=True, window=(-1, 0), seqused_k=torch.empty(4, dtype=torch.int32, **meta),
+                     num_splits=4, descale=torch.empty(3, 4, 8, dtype=torch.float32, **meta))
     with _recording(attention._kernels, attn_kernels, launches, "attention dropout mask"):
         attention.dropout_keep_mask(4, 16, 1024, 1024, 0.1, 0, "meta")
 

@@ -8,8 +8,8 @@ per warp and iteration: instructions, tensor-core instructions by shape, ``MUFU`
 
 A crude throughput model turns the counts into time per CTA-iteration on one SM, in clocks:
 
-* ``t_tensor`` = executed tensor-core FLOPs / the SM's dense rate (HGMMA issued per warpgroup, HMMA
-  per warp);
+* ``t_tensor`` = executed tensor-core FLOPs / the SM's dense rate (HGMMA and QGMMA issued per warpgroup,
+  QGMMA's 8-bit products at twice the rate; HMMA per warp);
 * ``t_issue`` = loop instructions x warps / 4 (four schedulers, one instruction per clock each);
 * ``t_mufu`` = MUFU instructions x 32 lanes x warps / 16 (the SM's 16 special-function lanes per clock).
 
@@ -51,7 +51,8 @@ MACHINES = {
 
 _LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Za-z0-9_.]*)([^;]*);")
 _BRANCH = re.compile(r"0x([0-9a-f]+)")
-_HGMMA = re.compile(r"HGMMA\.(\d+)x(\d+)x(\d+)\.F32(?:\.(\w+))?")
+# warpgroup MMA: HGMMA (fp16, bf16, tf32) and QGMMA (e4m3 / e5m2 operands, twice the fp16 rate)
+_HGMMA = re.compile(r"[HQ]GMMA\.(\d+)x(\d+)x(\d+)\.F32(?:\.(\w+))?")
 _HMMA = re.compile(r"HMMA\.(16)(8)(\d+)\.F32(?:\.(\w+))?")  # m16n8k16, m16n8k8
 _LOADS = ("LDG", "LDGSTS", "UTMALDG", "UBLKCP")
 
@@ -97,6 +98,12 @@ def mma_flops(opcode: str) -> tuple[int, bool]:
     return 0, False
 
 
+def mma_rate(opcode: str) -> float:
+    """An instruction's tensor-core rate relative to fp16's: 2 for 8-bit operands (QGMMA; H100's dense FP8
+    is twice its fp16 figure), else 1 (tf32's half rate is already in :func:`mma_flops`)."""
+    return 2.0 if opcode.startswith("QGMMA") else 1.0
+
+
 def _load_bytes(ins: Instr) -> int:
     """Bytes one lane moves with a global load or store (vector width from the opcode)."""
     for width, nbytes in ((".128", 16), (".64", 8), (".U16", 2), (".S16", 2), (".U8", 1), (".S8", 1)):
@@ -108,7 +115,7 @@ def _load_bytes(ins: Instr) -> int:
 @dataclass
 class LoopStats:
     instructions: int = 0
-    hgmma: Counter = field(default_factory=Counter)  # opcode -> count
+    hgmma: Counter = field(default_factory=Counter)  # warpgroup MMA (HGMMA, QGMMA): opcode -> count
     hmma: Counter = field(default_factory=Counter)
     mufu: int = 0
     fmul: int = 0
@@ -123,6 +130,13 @@ class LoopStats:
         warp = sum(mma_flops(op)[0] * n for op, n in self.hmma.items()) * num_warps
         return wg, warp
 
+    def tensor_clocks(self, num_warps: int, machine: "Machine") -> float:
+        """Clocks one CTA-iteration keeps the SM's tensor cores busy, each instruction at its own rate."""
+        wg_rate = machine.hgmma_flops_per_clock or machine.hmma_flops_per_clock
+        wg = sum(mma_flops(op)[0] * n / mma_rate(op) for op, n in self.hgmma.items()) * num_warps / 4
+        warp = sum(mma_flops(op)[0] * n for op, n in self.hmma.items()) * num_warps
+        return wg / wg_rate + warp / machine.hmma_flops_per_clock
+
     def shapes(self) -> str:
         """e.g. ``4*m64n128k16 8*m64n64k16``: count and shape of each tensor-core instruction."""
         out = []
@@ -136,7 +150,7 @@ def region_stats(instrs: list[Instr]) -> LoopStats:
     st = LoopStats(instructions=len(instrs))
     for ins in instrs:
         op = ins.opcode
-        if op.startswith("HGMMA"):
+        if op.startswith(("HGMMA", "QGMMA")):
             st.hgmma[op] += 1
         elif op.startswith("HMMA"):
             st.hmma[op] += 1
@@ -183,9 +197,7 @@ class Cost:
 
 def cost(stats: LoopStats, num_warps: int, useful_flops: float, arch: str) -> Cost:
     machine = MACHINES[arch]
-    wg, warp = stats.executed_flops(num_warps)
-    wg_rate = machine.hgmma_flops_per_clock or machine.hmma_flops_per_clock
-    t_tensor = wg / wg_rate + warp / machine.hmma_flops_per_clock
+    t_tensor = stats.tensor_clocks(num_warps, machine)
     t_issue = stats.instructions * num_warps / machine.issue_per_clock
     t_mufu = stats.mufu * 32 * num_warps / machine.mufu_per_clock
     per_second = machine.ghz * 1e9 * machine.sms / 1e12

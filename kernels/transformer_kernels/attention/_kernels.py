@@ -6,11 +6,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .._triton_utils import dot, tanh
+from .._triton_utils import dot, tanh, to_fp8
 
 # Globals read inside @triton.jit code must be constexpr to compile (the interpreter does not check).
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+# FP8 forward: P is computed as 2^P_LOG2 x the probabilities (FlashAttention-3 offsets its FP8 row max by 8
+# likewise, hopper/softmax.h), so the largest is 256 and e4m3 keeps 3 mantissa bits down to 2^-14.
+P_LOG2 = tl.constexpr(8.0)
+P_ONE = tl.constexpr(256.0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -225,7 +229,7 @@ def _dropout_keep(seed, row_base, i, j, philox_seqlen_k, philox_offset, dropout_
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, STATS, MASK, ALIBI, CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, KV_BATCH_IDX,
-    SINKS, BLOCK_TABLE, LEFTPAD,
+    SINKS, BLOCK_TABLE, LEFTPAD, DESCALE,
     sq_b, sq_h, sq_m, sq_d,
     sk_b, sk_h, sk_n, sk_d,
     sv_b, sv_h, sv_n, sv_d,
@@ -233,6 +237,7 @@ def _attn_fwd_kernel(
     sl_s, sl_b, sl_h, sl_m, sst_s,  # sst_s: from the row maxima to the row sums in STATS
     smask_b, smask_h, smask_m, smask_n,
     salibi_b, salibi_h,
+    sds_t, sds_b, sds_h,  # DESCALE (3, batch, heads_k): q, k, v descales of FP8 inputs
     num_heads, group_size, seqlen_q, seqlen_k, head_dim, head_dim_v,
     qk_scale_log2, softcap_scale, softcap_log2, window_left, window_right,
     dropout_p, dropout_scale, seed, philox_seqlen_q, philox_seqlen_k, philox_heads, philox_offset,
@@ -244,6 +249,7 @@ def _attn_fwd_kernel(
     SPLIT_WALK: tl.constexpr, FOLD: tl.constexpr, EVEN_D: tl.constexpr, FIXED_OFFSETS: tl.constexpr,
     TMA: tl.constexpr, PERSISTENT: tl.constexpr, ROW_STATS: tl.constexpr, NATURAL: tl.constexpr,
     HAS_SINKS: tl.constexpr, PAGED: tl.constexpr, PAGE_TILES: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
+    FP8: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -257,33 +263,33 @@ def _attn_fwd_kernel(
             _attn_fwd_tile(
                 m_blocks - 1 - tile // batch_heads, tile % batch_heads, 0,
                 Q, K, V, O, LSE, STATS, MASK, ALIBI, CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, KV_BATCH_IDX,
-                SINKS, BLOCK_TABLE, LEFTPAD,
+                SINKS, BLOCK_TABLE, LEFTPAD, DESCALE,
                 sq_b, sq_h, sq_m, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d, so_s, so_b, so_h, so_m, so_d,
                 sl_s, sl_b, sl_h, sl_m, sst_s, smask_b, smask_h, smask_m, smask_n, salibi_b, salibi_h,
-                num_heads, group_size, seqlen_q, seqlen_k, head_dim, head_dim_v,
+                sds_t, sds_b, sds_h, num_heads, group_size, seqlen_q, seqlen_k, head_dim, head_dim_v,
                 qk_scale_log2, softcap_scale, softcap_log2, window_left, window_right,
                 dropout_p, dropout_scale, seed, philox_seqlen_q, philox_seqlen_k, philox_heads, philox_offset,
                 split_size, batch_heads,
                 sbt_b, page_size,
                 BOTTOM_RIGHT, HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, DROPOUT, VARLEN, HAS_SEQUSED_K,
                 HAS_KV_BATCH_IDX, NUM_SPLITS, SPLIT_WALK, FOLD, EVEN_D, FIXED_OFFSETS, TMA, ROW_STATS, NATURAL,
-                HAS_SINKS, PAGED, PAGE_TILES, HAS_LEFTPAD,
+                HAS_SINKS, PAGED, PAGE_TILES, HAS_LEFTPAD, FP8,
                 BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, UPCAST, PRECISION)
     else:
         _attn_fwd_tile(
             tl.program_id(0) // NUM_SPLITS, tl.program_id(1), tl.program_id(0) % NUM_SPLITS,
             Q, K, V, O, LSE, STATS, MASK, ALIBI, CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, KV_BATCH_IDX,
-            SINKS, BLOCK_TABLE, LEFTPAD,
+            SINKS, BLOCK_TABLE, LEFTPAD, DESCALE,
             sq_b, sq_h, sq_m, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d, so_s, so_b, so_h, so_m, so_d,
             sl_s, sl_b, sl_h, sl_m, sst_s, smask_b, smask_h, smask_m, smask_n, salibi_b, salibi_h,
-            num_heads, group_size, seqlen_q, seqlen_k, head_dim, head_dim_v,
+            sds_t, sds_b, sds_h, num_heads, group_size, seqlen_q, seqlen_k, head_dim, head_dim_v,
             qk_scale_log2, softcap_scale, softcap_log2, window_left, window_right,
             dropout_p, dropout_scale, seed, philox_seqlen_q, philox_seqlen_k, philox_heads, philox_offset,
             split_size, batch_heads,
             sbt_b, page_size,
             BOTTOM_RIGHT, HAS_LEFT, HAS_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, DROPOUT, VARLEN, HAS_SEQUSED_K,
             HAS_KV_BATCH_IDX, NUM_SPLITS, SPLIT_WALK, FOLD, EVEN_D, FIXED_OFFSETS, TMA, ROW_STATS, NATURAL,
-            HAS_SINKS, PAGED, PAGE_TILES, HAS_LEFTPAD,
+            HAS_SINKS, PAGED, PAGE_TILES, HAS_LEFTPAD, FP8,
             BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, UPCAST, PRECISION)
 
 
@@ -291,7 +297,7 @@ def _attn_fwd_kernel(
 def _attn_fwd_tile(
     pid_m, pid_bh, split,
     Q, K, V, O, LSE, STATS, MASK, ALIBI, CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, KV_BATCH_IDX,
-    SINKS, BLOCK_TABLE, LEFTPAD,
+    SINKS, BLOCK_TABLE, LEFTPAD, DESCALE,
     sq_b, sq_h, sq_m, sq_d,
     sk_b, sk_h, sk_n, sk_d,
     sv_b, sv_h, sv_n, sv_d,
@@ -299,6 +305,7 @@ def _attn_fwd_tile(
     sl_s, sl_b, sl_h, sl_m, sst_s,  # sst_s: from the row maxima to the row sums in STATS
     smask_b, smask_h, smask_m, smask_n,
     salibi_b, salibi_h,
+    sds_t, sds_b, sds_h,  # DESCALE (3, batch, heads_k): q, k, v descales of FP8 inputs
     num_heads, group_size, seqlen_q, seqlen_k, head_dim, head_dim_v,
     qk_scale_log2, softcap_scale, softcap_log2, window_left, window_right,
     dropout_p, dropout_scale, seed, philox_seqlen_q, philox_seqlen_k, philox_heads, philox_offset,
@@ -310,6 +317,7 @@ def _attn_fwd_tile(
     SPLIT_WALK: tl.constexpr, FOLD: tl.constexpr, EVEN_D: tl.constexpr, FIXED_OFFSETS: tl.constexpr,
     TMA: tl.constexpr, ROW_STATS: tl.constexpr, NATURAL: tl.constexpr,
     HAS_SINKS: tl.constexpr, PAGED: tl.constexpr, PAGE_TILES: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
+    FP8: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -344,6 +352,11 @@ def _attn_fwd_tile(
     MASK += b64 * smask_b + h64 * smask_h
     diag = seqlen_k - seqlen_q if BOTTOM_RIGHT else 0
     slope_log2 = _slope(ALIBI + b * salibi_b + h * salibi_h, HAS_ALIBI, NATURAL)
+    if FP8:  # q.k is in units of 1 / (q_descale k_descale): both scales of the raw scores take the product
+        DESCALE += b64 * sds_b + hk64 * sds_h
+        qk_descale = tl.load(DESCALE) * tl.load(DESCALE + sds_t)
+        qk_scale_log2 = qk_scale_log2 * qk_descale
+        softcap_scale = softcap_scale * qk_descale
 
     rows = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -361,7 +374,7 @@ def _attn_fwd_tile(
             if not NATURAL:
                 sink = sink * LOG2E
             m_i = tl.full([BLOCK_M], 1.0, tl.float32) * sink
-            l_i += 1.0
+            l_i += P_ONE if FP8 else 1.0
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     lo, hi, first, limit = _key_range(m0, seqlen_k, diag, window_left, window_right, BLOCK_M, BLOCK_N,
                                       HAS_LEFT, HAS_RIGHT)
@@ -406,7 +419,9 @@ def _attn_fwd_tile(
             m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale_log2 if FOLD else tl.max(s, 1))
             # A row with nothing visible yet keeps m = -inf; subtracting 0 instead avoids inf - inf.
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = _exp2_scaled(s, qk_scale_log2, m_use[:, None], FOLD, NATURAL)
+            # FP8: P in units of 2^-P_LOG2 (at most 2^P_LOG2 = 256 < e4m3's 448), so probabilities
+            # down to 2^-14 stay normal numbers when P is quantized for the PV product
+            p = _exp2_scaled(s, qk_scale_log2, (m_use - P_LOG2 if FP8 else m_use)[:, None], FOLD, NATURAL)
             if NATURAL:
                 alpha = tl.exp(m_i - m_use)
             else:
@@ -426,15 +441,20 @@ def _attn_fwd_tile(
                 else:
                     v_ptrs = V + cols[:, None] * sv_n + offs_dv[None, :] * sv_d
                 v = _load_tile(v_ptrs, col_ok[:, None], offs_dv[None, :] < head_dim_v, part != 1, not EVEN_D)
-            acc = dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, PRECISION)
+            acc = dot(to_fp8(p) if FP8 else p.to(v.dtype), v, acc * alpha[:, None], UPCAST, PRECISION)
             m_i = m_new
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
-    tl.store(O + rows[:, None] * so_m + offs_dv[None, :] * so_d, (acc / l_safe[:, None]).to(O.dtype.element_ty),
+    o = acc / l_safe[:, None]
+    if FP8:
+        o = o * tl.load(DESCALE + 2 * sds_t)
+    tl.store(O + rows[:, None] * so_m + offs_dv[None, :] * so_d, o.to(O.dtype.element_ty),
              mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v))
     if NATURAL:
         lse = m_i + tl.log2(l_safe) * LN2
+    elif FP8:
+        lse = (m_i + tl.log2(l_safe) - P_LOG2) * LN2
     else:
         lse = (m_i + tl.log2(l_safe)) * LN2
     tl.store(LSE + rows * sl_m, tl.where(empty, float("-inf"), lse), mask=row_ok)

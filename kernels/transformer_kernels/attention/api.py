@@ -29,13 +29,16 @@ def _as_4d(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, *t.shape[-3:])
 
 
-def check_qkv(op: str, q, k, v, *, heads_dim: int, gqa: bool, names=("q", "k", "v"), float64: bool = False) -> None:
+def check_qkv(op: str, q, k, v, *, heads_dim: int, gqa: bool, names=("q", "k", "v"), float64: bool = False,
+              fp8: bool = False) -> None:
     """Dtypes, devices, ranks and sizes shared by every attention entry point. ``heads_dim`` is where
     the heads sit (-3 in torch's layout, -2 in flash-attention's); ``gqa`` allows fewer K/V heads;
-    ``float64`` accepts float64 (torch's SDPA runs it)."""
+    ``float64`` accepts float64 (torch's SDPA runs it); ``fp8``: the dtypes were checked by
+    :func:`transformer_kernels.attention.fp8.check`."""
     for name, t in zip(names, (q, k, v)):
-        check_tensor(name, t, op=op, float64=float64)
-    check_same(op, dict(zip(names, (q, k, v))))
+        if not fp8:
+            check_tensor(name, t, op=op, float64=float64)
+    check_same(op, dict(zip(names, (q, k, v))), dtype=not fp8)
     qn, kn, vn = names
     if not (q.dim() == k.dim() == v.dim()):
         raise InputValueError(f"{op}: {qn}, {kn} and {vn} must have the same number of dims, got {q.dim()}, {k.dim()}, {v.dim()}")

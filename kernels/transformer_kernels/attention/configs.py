@@ -63,7 +63,8 @@ def fwd_candidates(block_d: int, dtype: torch.dtype, seqlen_q: int, heavy: bool,
     if (pin := _pinned("fwd")) is not None:
         return [pin]
     default = dict(_config(block_d, dtype, seqlen_q, heavy, arch), TMA=False, PERSISTENT=False)
-    if dispatch.INTERPRETER or arch != "sm_90a" or dtype == torch.float32:
+    # FP8 (inference) runs its default tile alone until a device has timed the alternatives
+    if dispatch.INTERPRETER or arch != "sm_90a" or dtype in (torch.float32, torch.float8_e4m3fn):
         return [default]
     if not dispatch.hopper_candidates():
         return [default]

@@ -119,7 +119,7 @@ def attention_forward(q, k, v, *, scale: float, bottom_right: bool = False, wind
                       alibi_slopes=None, attn_mask=None, dropout_p: float = 0.0, seed: int = 0,
                       cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
                       seqused_k=None, kv_batch_idx=None, num_splits: int = 1, out=None, lse=None,
-                      stats=None, sinks=None, block_table=None, leftpad=None, philox=None):
+                      stats=None, sinks=None, block_table=None, leftpad=None, philox=None, descale=None):
     """Launch the forward on 4-D ``(batch, heads, seqlen, head_dim)`` views of any strides.
 
     Packed batches: ``q`` is ``(1, heads, total_q, head_dim)`` with ``cu_seqlens_q/k`` (int32, batch+1)
@@ -137,6 +137,10 @@ def attention_forward(q, k, v, *, scale: float, bottom_right: bool = False, wind
     where each sequence's keys start (``seqused_k`` stays the row where they end).
     ``philox``: ``(seqlen_q, seqlen_k, heads, offset)`` of the dropout stream when this call is a part of
     a larger one (see :func:`_philox_scalars`); default: its own.
+    ``descale``: float32 ``(3, batch, heads_k)``, the q, k and v descales of float8_e4m3fn inputs
+    (FlashAttention-3's ``q/k/v_descale`` stacked; a view of any strides): q . k is multiplied by
+    ``q_descale * k_descale`` and the output by ``v_descale``; ``out`` is then bfloat16 by default and P
+    is quantized to e4m3 for the PV product (:data:`_kernels.P_LOG2`).
     """
     pb = _problem(q, k, v, scale=scale, bottom_right=bottom_right, window=window, softcap=softcap,
                   alibi_slopes=alibi_slopes, attn_mask=attn_mask, dropout_p=dropout_p, seed=seed,
@@ -144,15 +148,18 @@ def attention_forward(q, k, v, *, scale: float, bottom_right: bool = False, wind
     batch, num_heads, seqlen_q = pb["batch"], pb["num_heads"], pb["seqlen_q"]
     if block_table is not None and not pb["varlen"]:  # the longest sequence the page table can hold
         pb["seqlen_k"] = block_table.shape[1] * k.shape[2]
+    fp8 = descale is not None
     if out is None:
-        out = torch.empty((*q.shape[:3], pb["head_dim_v"]), device=q.device, dtype=q.dtype)
+        out = torch.empty((*q.shape[:3], pb["head_dim_v"]), device=q.device,
+                          dtype=torch.bfloat16 if fp8 else q.dtype)
     if lse is None:
         lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
     if stats is not None and stats[0].stride() != lse.stride():
         raise ValueError("attention_forward: stats must be laid out as the logsumexp")
     if out.numel() == 0 or batch == 0:
         return out, lse
-    block_d, block_dv = block_size(pb["head_dim"]), block_size(pb["head_dim_v"])
+    # an 8-bit tensor-core product takes 32 along its reduced dim (wgmma's k for e4m3)
+    block_d, block_dv = block_size(pb["head_dim"], 32 if fp8 else 16), block_size(pb["head_dim_v"])
     candidates = configs.fwd_candidates(max(block_d, block_dv), q.dtype, seqlen_q, pb["heavy"],
                                         dispatch.target_arch(q.device))
     if block_table is not None or not _tma_ok((k, v), pb["varlen"]):  # a page table: rows found per tile
@@ -187,16 +194,17 @@ def attention_forward(q, k, v, *, scale: float, bottom_right: bool = False, wind
                 dummy if cu_seqlens_q is None else cu_seqlens_q, dummy if cu_seqlens_k is None else cu_seqlens_k,
                 dummy if seqused_k is None else seqused_k, dummy if kv_batch_idx is None else kv_batch_idx,
                 dummy if sinks is None else sinks, dummy if block_table is None else block_table,
-                dummy if leftpad is None else leftpad,
+                dummy if leftpad is None else leftpad, descale if fp8 else dummy,
                 *_strides4(q, pb["varlen"]), *_strides4(k, kv_packed), *_strides4(v, kv_packed),
                 *o_strides, *l_strides, 0 if stats is None else stats.stride(0), *pb["mask_strides"],
-                *pb["alibi_strides"],
+                *pb["alibi_strides"], *(descale.stride() if fp8 else (0, 0, 0)),
                 num_heads, pb["group_size"], seqlen_q, pb["seqlen_k"], pb["head_dim"], pb["head_dim_v"],
                 **pb["scalars"], split_size=split_size, batch_heads=batch * num_heads, sbt_b=page_args[0],
                 page_size=page_args[1],
                 **pb["flags"], HAS_SEQUSED_K=seqused_k is not None, HAS_KV_BATCH_IDX=kv_batch_idx is not None,
                 NUM_SPLITS=splits, ROW_STATS=stats is not None, HAS_SINKS=sinks is not None,
-                PAGED=block_table is not None, HAS_LEFTPAD=leftpad is not None, BLOCK_D=block_d, BLOCK_DV=block_dv,
+                PAGED=block_table is not None, HAS_LEFTPAD=leftpad is not None, FP8=fp8,
+                BLOCK_D=block_d, BLOCK_DV=block_dv,
                 # Pages a multiple of the key tile (and no left padding): a tile never straddles two pages.
                 PAGE_TILES=block_table is not None and leftpad is None and page_args[1] % cfg["BLOCK_N"] == 0,
                 **cfg,

@@ -80,6 +80,8 @@ lease)
     step tests "${LEASE_TESTS_S:-200}" "$PY" -m pytest -q -p no:cacheprovider -n 14 --dist worksteal -rfE --tb=short \
         --ignore tests/test_static_check.py --ignore tests/test_context_parallel.py \
         --ignore tests/test_parallel_training.py --ignore tests/test_dtensor.py
+    # FP8 attention's accuracy contract compiled on the device (the kernels suite times it against bf16)
+    step fp8-accuracy 60 "$PY" -m benchmarks.fp8_accuracy --device "$DEVICE" --out "$DIR/fp8_accuracy.json"
     for suite in kernels attention; do
         KERNELS_AUTOTUNE_CACHE="$DIR/autotune" step "bench-$suite" "${LEASE_BENCH_S:-150}" "$PY" -m benchmarks "$suite" \
             --quick --device "$DEVICE" --no-progress --out "$DIR/$suite"

@@ -189,6 +189,38 @@ def attention_rows(cfg: Config, device: str, dtype, limits: dict) -> list[dict]:
     return rows
 
 
+def attention_fp8_rows(cfg: Config, device: str, limits: dict) -> list[dict]:
+    """Inference forward at the same shapes: our FP8 (e4m3, FlashAttention-3's descales) against our bf16
+    and torch SDPA in bf16 (issue 22). Needs FP8 tensor cores (compute capability 8.9+)."""
+    from transformer_kernels.attention import fp8
+
+    rows = []
+    fp8_ok = device == "cuda" and torch.cuda.get_device_capability() >= (8, 9)
+    for batch, heads, seqlen, head_dim, causal in cfg.attention_shapes:
+        q, k, v = (torch.randn(batch, seqlen, heads, head_dim, device=device, dtype=torch.bfloat16) for _ in range(3))
+        (qf, qd), (kf, kd), (vf, vd) = (fp8.quantize(t) for t in (q, k, v))
+        flops = attention_flops(batch, heads, seqlen, head_dim, causal)
+        variants = {
+            "ours FP8 (e4m3)": (lambda: tk.flash_attn_func(qf, kf, vf, causal=causal, q_descale=qd, k_descale=kd,
+                                                          v_descale=vd)) if fp8_ok else None,
+            "ours bf16": (lambda: tk.flash_attn_func(q, k, v, causal=causal)) if device == "cuda" else None,
+            "torch SDPA bf16": lambda: F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)),
+                                                                      is_causal=causal),
+        }
+        for label, fn in variants.items():
+            with torch.no_grad():
+                row = _timed(label, fn, device, batch=batch, heads=heads, seqlen=seqlen, head_dim=head_dim,
+                             causal=causal, flops=flops)
+            if fn is None and device == "cuda":
+                row["status"] = "not timed: no FP8 tensor cores (compute capability < 8.9)"
+            if row["status"] == "measured":
+                row["tflop_per_s"] = flops / row["time"]["median_s"] / 1e12
+                row["pct_of_matmul_peak"] = 100 * row["tflop_per_s"] / limits["matmul_tflop_per_s"]
+            rows.append(row)
+        del q, k, v, qf, kf, vf
+    return rows
+
+
 # --------------------------------------------------------------------------------------------------
 def training_step_rows(cfg: Config, device: str, dtype) -> list[dict]:
     """Tokens/s of one optimizer step of the paper's base model (Vaswani et al., 2017, Table 3)."""
@@ -228,6 +260,7 @@ def run(cfg: Config, device: str, progress: bool = True) -> dict:
     for name, fn in tqdm((("layer_norm", lambda: layer_norm_rows(cfg, device, dtype, limits)),
                           ("ffn", lambda: ffn_rows(cfg, device, dtype, limits)),
                           ("attention", lambda: attention_rows(cfg, device, dtype, limits)),
+                          ("attention_fp8", lambda: attention_fp8_rows(cfg, device, limits)),
                           ("training_step", lambda: training_step_rows(cfg, device, dtype))),
                          desc="kernels", disable=not progress, unit="section"):
         sections[name] = fn()

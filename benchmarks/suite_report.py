@@ -206,6 +206,14 @@ def write_kernels(results: dict, out: Path) -> list[Path]:
                       "status"],
                      [[r["peer"], r["batch"], r["heads"], r["seqlen"], r["head_dim"], r["causal"], _ms(r, "time"),
                        _fmt(r.get("tflop_per_s")), _fmt(r.get("pct_of_matmul_peak")), r["status"]] for r in att]), ""]
+    fp8 = results.get("attention_fp8", [])  # runs before issue 22 have none
+    if fp8:
+        lines += ["## Attention forward for inference: FP8 (e4m3) against bf16 (% of the bf16 matmul peak)", "",
+                  _table(["peer", "batch", "heads", "seqlen", "head_dim", "causal", "ms", "TFLOP/s",
+                          "% of matmul peak", "status"],
+                         [[r["peer"], r["batch"], r["heads"], r["seqlen"], r["head_dim"], r["causal"], _ms(r, "time"),
+                           _fmt(r.get("tflop_per_s")), _fmt(r.get("pct_of_matmul_peak")), r["status"]] for r in fp8]),
+                  ""]
     step = results["training_step"]
     lines += ["## Training step of the base Transformer (forward, label-smoothed loss, backward, Adam)", "",
               _table(["peer", "sentences x length", "d_model", "ms", "tokens/s", "status"],
@@ -214,7 +222,8 @@ def write_kernels(results: dict, out: Path) -> list[Path]:
     lines += ["![layer norm](layer_norm.png)", ""]
     (out / "report.md").write_text("\n".join(lines))
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    _write_csv([dict(section=s, **r) for s in ("layer_norm", "ffn", "attention", "training_step") for r in results[s]],
+    _write_csv([dict(section=s, **r) for s in ("layer_norm", "ffn", "attention", "attention_fp8", "training_step")
+                for r in results.get(s, [])],
                out / "results.csv")
     return [out / "report.md", out / "results.json", out / "results.csv", _layer_norm_plot(ln, out / "layer_norm.png")]
 

@@ -265,3 +265,13 @@ def test_fp8_kv_cache_bad_input_writes_nothing():
         assert torch.equal(k_cache.view(torch.uint8), saved.view(torch.uint8)), "an error wrote into the cache"
     with pytest.raises(InputTypeError, match="e4m3 only"):
         tk.flash_attn_with_kvcache(q, k_cache.float().to(torch.float8_e5m2), v_cache, cache_seqlens=lengths)
+
+
+def test_fp8_accuracy_benchmark_reports_the_contract():
+    """benchmarks/fp8_accuracy.py (the README's figures) on a small case: the Triton kernel ran, and the
+    ratios it reports are the contract's."""
+    from benchmarks import fp8_accuracy
+
+    q, k, v = fp8_accuracy.inputs(1, 48, 2, 1, 64, outliers=True)
+    row = fp8_accuracy.errors(q, k, v, causal=True)
+    assert row["path"] == "triton" and row["fp8_over_floor"] <= 2 and row["fp8"] > row["bf16"]

@@ -9,7 +9,8 @@ holds (the backward never uses atomics); ``return_attn_probs`` returns exact pro
 plain-PyTorch recomputation, for testing, as flash-attention intends); any page size >= 1 for paged
 KV caches (flash-attention 2: a multiple of 256); the rotary embedding of ``flash_attn_with_kvcache``
 runs as one fused pre-pass per tensor rather than inside the attention kernel. Beyond flash-attention
-2: ``return_softmax_lse`` on every function and ``learnable_sink`` (FlashAttention-3's names).
+2: ``return_softmax_lse`` on every function, ``learnable_sink``, and the FP8 forward's ``q_descale`` /
+``k_descale`` / ``v_descale`` on float8_e4m3fn inputs (FlashAttention-3's names; ``transformer_kernels.attention.fp8``).
 
 Causal masks are aligned to the bottom-right corner (what decoding with a KV cache needs); with
 seqlen_q=2, seqlen_k=5 and seqlen_q=5, seqlen_k=2 (1 = attend)::

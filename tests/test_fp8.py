@@ -275,3 +275,19 @@ def test_fp8_accuracy_benchmark_reports_the_contract():
     q, k, v = fp8_accuracy.inputs(1, 48, 2, 1, 64, outliers=True)
     row = fp8_accuracy.errors(q, k, v, causal=True)
     assert row["path"] == "triton" and row["fp8_over_floor"] <= 2 and row["fp8"] > row["bf16"]
+
+
+def test_fp8_forward_compiles_without_graph_breaks():
+    """A torch.library custom op (transformer_kernels::attention_forward_fp8) with a fake implementation:
+    torch.compile(fullgraph=True) traces through and gives the eager result."""
+    q, k, v = _inputs(1, 24, 24, 2, 1, 32, seed=9)
+    quantized, descales = _quantize(q, k, v)
+
+    def f(q, k, v, q_descale, k_descale, v_descale):
+        return tk.flash_attn_func(q, k, v, causal=True, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale)
+
+    explanation = torch._dynamo.explain(f)(*quantized, **descales)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(*quantized, **descales)
+    torch.testing.assert_close(compiled, f(*quantized, **descales), rtol=0, atol=0)

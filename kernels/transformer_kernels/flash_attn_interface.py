@@ -40,7 +40,7 @@ from . import dispatch
 from ._triton_utils import InputTypeError, InputValueError, autocast_to
 from .attention import MAX_HEAD_DIM, attention_op, attention_reference, check_qkv, check_sink, dropout_keep_mask
 from .attention import fp8 as _fp8
-from .attention.launch import attention_forward
+from .attention.ops import attention_fp8_op
 from .rotary import rotary
 
 __all__ = [
@@ -330,13 +330,10 @@ def _fp8_dense(op, q, k, v, descales, *, dropout_p, return_attn_probs, return_so
                                    softcap=softcap, alibi_slopes=alibi_slopes, return_softmax_lse=True,
                                    learnable_sink=learnable_sink)
         return (out.bfloat16(), lse) if return_softmax_lse else out.bfloat16()
-    dispatch.record_path("attention", "triton")
-    batch, seqlen_q, heads = q.shape[:3]
-    out = torch.empty((batch, seqlen_q, heads, v.shape[3]), device=q.device, dtype=torch.bfloat16)
-    out4, lse = attention_forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), bottom_right=True,
-                                  descale=descale, out=out.transpose(1, 2), scale=_scale(softmax_scale, q.shape[-1]),
-                                  window=_window(op, window_size, causal), softcap=float(softcap),
-                                  alibi_slopes=alibi_slopes, sinks=learnable_sink)
+    out, lse = attention_fp8_op(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), descale,
+                                scale=_scale(softmax_scale, q.shape[-1]), window=_window(op, window_size, causal),
+                                softcap=float(softcap), alibi_slopes=alibi_slopes, sinks=learnable_sink)
+    out = out.transpose(1, 2)
     return (out, lse) if return_softmax_lse else out
 
 
@@ -360,13 +357,11 @@ def _fp8_varlen(q, k, v, descale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
                                           block_table=block_table, return_softmax_lse=True,
                                           learnable_sink=mods["sinks"])
         return (out.bfloat16(), lse) if return_softmax_lse else out.bfloat16()
-    dispatch.record_path("attention", "triton")
     q4 = q.transpose(0, 1).unsqueeze(0)
     k4, v4 = (t.transpose(1, 2) if block_table is not None else t.transpose(0, 1).unsqueeze(0) for t in (k, v))
-    out = torch.empty((q.shape[0], q.shape[1], v.shape[-1]), device=q.device, dtype=torch.bfloat16)
-    _, lse = attention_forward(q4, k4, v4, bottom_right=True, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                               max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, block_table=block_table,
-                               descale=descale, out=out.transpose(0, 1).unsqueeze(0), **mods)
+    out, lse = attention_fp8_op(q4, k4, v4, descale, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                                max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, block_table=block_table, **mods)
+    out = out[0].transpose(0, 1)
     return (out, lse[0]) if return_softmax_lse else out
 
 
@@ -643,14 +638,12 @@ def _fp8_kvcache(q, k_cache, v_cache, descale, lengths, leftpad, cache_idx, bloc
         out, lse = _kvcache_reference(q_deq, k_deq, v_deq, lengths, leftpad, cache_idx, block_table, capacity, mods)
         out = out.bfloat16()
     else:
-        dispatch.record_path("attention", "triton")
         if lengths is None and block_table is not None:
             lengths = torch.full((batch,), capacity, dtype=torch.int32, device=q.device)
-        out = torch.empty((*q.shape[:3], v_cache.shape[-1]), device=q.device, dtype=torch.bfloat16)
-        _, lse = attention_forward(q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2),
-                                   bottom_right=True, seqused_k=lengths, kv_batch_idx=cache_idx if has_idx else None,
-                                   num_splits=num_splits, block_table=block_table, leftpad=leftpad, descale=descale,
-                                   out=out.transpose(1, 2), **mods)
+        out, lse = attention_fp8_op(q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2), descale,
+                                    seqused_k=lengths, kv_batch_idx=cache_idx if has_idx else None,
+                                    num_splits=num_splits, block_table=block_table, leftpad=leftpad, **mods)
+        out = out.transpose(1, 2)
     return (out, lse) if return_softmax_lse else out
 
 

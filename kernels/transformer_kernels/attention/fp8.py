@@ -131,7 +131,7 @@ def quantize(x: torch.Tensor, *, heads_dim: int = -2, group: int = 1, batch_of=N
     scale = descale.repeat_interleave(group, dim=1)
     scale = scale[batch_of] if batch_of is not None else scale
     scaled = (moved / scale.reshape(*scale.shape, *[1] * (moved.dim() - 2))).clamp(-FP8_MAX, FP8_MAX)
-    return scaled.movedim(1, heads_dim).to(FP8_DTYPE), descale
+    return scaled.movedim(1, heads_dim).contiguous().to(FP8_DTYPE), descale
 
 
 def on_triton(q) -> bool:

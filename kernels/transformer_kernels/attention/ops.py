@@ -12,13 +12,13 @@ from .. import dispatch
 from .launch import attention_backward, attention_forward
 
 
-def _new_out(q: torch.Tensor, head_dim_v: int) -> torch.Tensor:
+def _new_out(q: torch.Tensor, head_dim_v: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Output shaped like the 4-D q view, laid out as q is: (batch, seqlen, heads) order when q's heads
     are the faster dim (flash-attention / packed layouts), else (batch, heads, seqlen)."""
     batch, heads, seqlen, _ = q.shape
     if q.stride(1) < q.stride(2):
-        return q.new_empty((batch, seqlen, heads, head_dim_v)).transpose(1, 2)
-    return q.new_empty((batch, heads, seqlen, head_dim_v))
+        return q.new_empty((batch, seqlen, heads, head_dim_v), dtype=dtype).transpose(1, 2)
+    return q.new_empty((batch, heads, seqlen, head_dim_v), dtype=dtype)
 
 
 def _new_stats(q: torch.Tensor, row_stats: bool) -> torch.Tensor:
@@ -136,6 +136,42 @@ def _sinks_grad(dout, out, lse, sinks, cu_seqlens_q):
 
 
 torch.library.register_autograd("transformer_kernels::attention_forward", _backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("transformer_kernels::attention_forward_fp8", mutates_args=())
+def _attention_forward_fp8_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, descale: torch.Tensor, alibi_slopes: Optional[torch.Tensor],
+    cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor], seqused_k: Optional[torch.Tensor],
+    kv_batch_idx: Optional[torch.Tensor], sinks: Optional[torch.Tensor], block_table: Optional[torch.Tensor],
+    leftpad: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int, scale: float, bottom_right: bool,
+    window_left: int, window_right: int, softcap: float, num_splits: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The FP8 forward (``transformer_kernels.attention.fp8``): (out in bfloat16, logsumexp). No autograd."""
+    out, lse = attention_forward(
+        q, k, v, scale=scale, bottom_right=bottom_right, window=(window_left, window_right), softcap=softcap,
+        alibi_slopes=alibi_slopes, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k, seqused_k=seqused_k, kv_batch_idx=kv_batch_idx, num_splits=num_splits,
+        out=_new_out(q, v.shape[3], torch.bfloat16), lse=q.new_empty(q.shape[:3], dtype=torch.float32), sinks=sinks,
+        block_table=block_table, leftpad=leftpad, descale=descale)
+    return out, lse
+
+
+@_attention_forward_fp8_op.register_fake
+def _(q, k, v, descale, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k, kv_batch_idx, sinks, block_table, leftpad,
+      max_seqlen_q, max_seqlen_k, scale, bottom_right, window_left, window_right, softcap, num_splits):
+    return _new_out(q, v.shape[3], torch.bfloat16), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+def attention_fp8_op(q, k, v, descale, *, scale, bottom_right=True, window=(-1, -1), softcap=0.0, alibi_slopes=None,
+                     cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, seqused_k=None,
+                     kv_batch_idx=None, num_splits=1, sinks=None, block_table=None, leftpad=None):
+    """The FP8 forward on 4-D views, compile-safe (a torch.library custom op); see :func:`attention_forward`'s
+    ``descale``. Returns ``(out, logsumexp)``, out in bfloat16 laid out as q. Counted as a Triton call."""
+    dispatch.record_path("attention", "triton")
+    return _attention_forward_fp8_op(
+        q, k, v, descale, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k, kv_batch_idx, sinks, block_table,
+        leftpad, int(max_seqlen_q), int(max_seqlen_k), float(scale), bool(bottom_right), int(window[0]),
+        int(window[1]), float(softcap), int(num_splits))
 
 
 def attention_op(q, k, v, *, scale, bottom_right=False, window=(-1, -1), softcap=0.0, alibi_slopes=None,

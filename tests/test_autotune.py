@@ -389,3 +389,24 @@ def test_hopper_candidates_follow_the_triton_release(monkeypatch):
         assert any(c["WS"] for c in matmul) == offered, release
         assert fwd[0] == dict(configs._config(64, torch.float16, 1024, False, "sm_90a"), TMA=False, PERSISTENT=False)
         assert len(dkdv) == len(dq) == (3 if offered else 2) and any(c["TMA"] for c in matmul)
+
+
+def test_blackwell_runs_sm80_tiles_and_times_hopper_ones(monkeypatch):
+    """Compute capability 10.x is its own family (sm_100a): sm_80's tiles by default (spill-free there),
+    Hopper's as run-time candidates where they compile spill-free for it (not the d=128 forward's 128x128),
+    no TMA candidates; FP8 keeps its default alone. 12.x (consumer Blackwell) stays on sm_80."""
+    for major, family in ((8, "sm_80"), (9, "sm_90a"), (10, "sm_100a"), (12, "sm_80")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, m=major: (m, 0))
+        assert dispatch.target_arch(torch.device("cuda")) == family
+    monkeypatch.setattr(dispatch, "INTERPRETER", False)
+    sm80 = lambda d: configs._config(d, torch.bfloat16, 1024, False, "sm_80")  # noqa: E731
+    fwd64 = configs.fwd_candidates(64, torch.bfloat16, 1024, False, "sm_100a")
+    assert fwd64[0] == dict(sm80(64), TMA=False, PERSISTENT=False) and len(fwd64) == 2
+    assert fwd64[1]["BLOCK_N"] == 128 and not fwd64[1]["TMA"]
+    assert len(configs.fwd_candidates(128, torch.bfloat16, 1024, False, "sm_100a")) == 1
+    assert len(configs.fwd_candidates(128, torch.float8_e4m3fn, 1024, False, "sm_100a")) == 1
+    assert len(configs.fwd_candidates(64, torch.bfloat16, 1024, False, "sm_100a", varlen=True)) == 1
+    dkdv, dq = configs.bwd_candidates(128, torch.bfloat16, False, "sm_100a")
+    sm80_dkdv, sm80_dq = configs._bwd_configs(128, torch.bfloat16, False, "sm_80")
+    assert dkdv[0] == dict(sm80_dkdv, TMA=False) and dq[0] == dict(sm80_dq, TMA=False)
+    assert len(dkdv) == len(dq) == 2 and not any(c["TMA"] for c in dkdv + dq)

@@ -89,3 +89,30 @@ def test_the_model_reads_the_loop(reports):
     rows = fwd["useful_flops"] / (2 * 2 * 128)  # BLOCK_M x BLOCK_N of the tile
     assert fwd["mufu"] >= rows / (32 * fwd["num_warps"])  # one exp2 per score, spread over the threads
     assert 0 < fwd["serial_tflops"] <= fwd["overlap_tflops"]
+
+
+def test_fp8_forward_runs_8bit_warpgroup_mma(reports):
+    """Issue 22, item 5: the FP8 forward's loop is QGMMA (k = 32, e4m3 operands) on sm_90a, both products,
+    executed == useful tensor FLOPs (test_tensor_cores_execute_only_useful_work), no spills."""
+    reports, _ = reports
+    (fp8,) = [r for r in reports if r["case"] == "attention float8_e4m3fn d=128 causal" and r["kernel"] == "_attn_fwd_kernel"]
+    assert fp8["arch"] == "sm_90a" and fp8["ok"]
+    assert "k32" in fp8["mma_shapes"] and "k16" not in fp8["mma_shapes"]
+    assert fp8["executed_flops"] == fp8["useful_flops"] > 0
+
+
+def test_the_model_counts_blackwell_and_fp8_mma():
+    """QGMMA counts as warpgroup MMA at twice HGMMA's rate; Blackwell's tcgen05 MMAs are counted (the
+    instruction count; their shapes are in descriptors)."""
+    sys.path.insert(0, str(ROOT / "kernels"))
+    from transformer_kernels import static_model as m
+
+    sass = "\n".join(f"        /*{16 * i:04x}*/                   {op} ;" for i, op in enumerate(
+        ["QGMMA.64x128x32.F32.E4M3.E4M3 R24, gdesc[UR4], RZ", "HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], RZ",
+         "UTCHMMA gdesc[UR4], gdesc[UR6], tmem[UR8], tmem[UR10], idesc[UR12], UPT", "UTCBAR [UR4], URZ"]))
+    st = m.region_stats(m.parse_sass(sass))
+    assert sum(st.hgmma.values()) == 2 and st.tcgen05 == 1
+    assert m.mma_flops("QGMMA.64x128x32.F32.E4M3.E4M3") == (2 * 64 * 128 * 32, True)
+    qg = m.LoopStats(hgmma={"QGMMA.64x128x32.F32.E4M3.E4M3": 1})
+    hg = m.LoopStats(hgmma={"HGMMA.64x128x32.F32.BF16": 1})
+    assert qg.tensor_clocks(4, m.MACHINES["sm_90a"]) * 2 == hg.tensor_clocks(4, m.MACHINES["sm_90a"])

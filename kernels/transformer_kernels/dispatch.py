@@ -68,13 +68,19 @@ def triton_available_for(t: torch.Tensor) -> bool:
 
 def target_arch(device: torch.device) -> str:
     """The config family of the GPU a call runs on: ``"sm_90a"`` for Hopper (compute capability 9.x,
-    warpgroup MMA, 228 KB of shared memory per SM), ``"sm_80"`` for everything else (Ampere, Ada and
-    newer parts get the conservative tiles). Launchers pick tiles per family; the static check compiles
-    each family's tiles for its own arch."""
+    warpgroup MMA, 228 KB of shared memory per SM), ``"sm_100a"`` for data-centre Blackwell (10.x: B200,
+    GB200; tcgen05 MMA into tensor memory), ``"sm_80"`` for everything else (Ampere, Ada, consumer
+    Blackwell 12.x get the conservative tiles). Blackwell's defaults are sm_80's, which compile there
+    spill-free; Hopper's tiles are its run-time candidates (attention/configs.py). Launchers pick tiles per
+    family; the static check compiles each family's tiles for its own arch (sm_100a on request)."""
     if _assumed_arch is not None:
         return _assumed_arch
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9:
-        return "sm_90a"
+    if device.type == "cuda":
+        major = torch.cuda.get_device_capability(device)[0]
+        if major == 9:
+            return "sm_90a"
+        if major == 10:
+            return "sm_100a"
     return "sm_80"
 
 

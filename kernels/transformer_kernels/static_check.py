@@ -51,6 +51,11 @@ layer_norm = importlib.import_module("transformer_kernels.layer_norm")
 rotary = importlib.import_module("transformer_kernels.rotary")
 
 ARCHS = {"sm_80": GPUTarget("cuda", 80, 32), "sm_90a": GPUTarget("cuda", 90, 32)}
+# Compiled on request only (``--arch sm_100a``, to keep the test suite's time): data-centre Blackwell
+# (B200, compute capability 10.0; dispatch.target_arch). Its tensor-core instructions (tcgen05: UTCHMMA,
+# UTCQMMA) are counted, but their shapes live in descriptors, so the cycle model has no figures for it
+# (issue 22, item 4).
+EXPERIMENTAL_ARCHS = {"sm_100a": GPUTarget("cuda", 100, 32)}
 _CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
 
@@ -275,7 +280,7 @@ def _record_launches() -> list[Launch]:
 
 def compile_launch(launch: Launch, arch: str):
     """Compile one recorded launch for ``arch`` exactly as the JIT would specialize it; returns the kernel."""
-    fn, target = launch.fn, ARCHS[arch]
+    fn, target = launch.fn, {**ARCHS, **EXPERIMENTAL_ARCHS}[arch]
     backend = make_backend(target)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, specialization, options = binder(*launch.args, **launch.kwargs)
@@ -300,7 +305,7 @@ def inspect_cubin(cubin: bytes, arch: str) -> tuple[dict, str]:
         "stack_bytes": int(stack.group(1)) if stack else 0,
         "spill_instructions": len(re.findall(r"\b(?:LDL|STL)\b", sass)),
         # the whole kernel's tensor-core instructions and warpgroup waits, counted as the loop model counts them
-        "mma_instructions": sum(whole.hgmma.values()) + sum(whole.hmma.values()),
+        "mma_instructions": sum(whole.hgmma.values()) + sum(whole.hmma.values()) + whole.tcgen05,
         "wgmma_instructions": sum(whole.hgmma.values()),
         "wgmma_waits": whole.waits,
     }, sass
@@ -350,7 +355,7 @@ QUICK_CASES = (
     "attention float16 d=128 decode", "attention float32 d=64 causal", "attention dropout mask",
     "layer_norm float16 N=4096", f"add_layer_norm+dropout float16 N={4 * layer_norm.MAX_SINGLE_PASS_N}",
     "ffn float16 gelu triton", "ffn float16 gelu cublas+fused", "ffn bfloat16 swiglu triton",
-    "rotate_half bfloat16 d=128",
+    "rotate_half bfloat16 d=128", "attention float8_e4m3fn d=128 causal",
 )
 
 
@@ -494,7 +499,8 @@ def main(argv=None) -> int:
     parser.add_argument("--filter", action="append", default=[],
                         help="only cases whose name contains this text (repeatable: any of them)")
     parser.add_argument("--quick", action="store_true", help="the representative subset the test suite checks")
-    parser.add_argument("--arch", action="append", choices=sorted(ARCHS), help="only this arch (repeatable)")
+    parser.add_argument("--arch", action="append", choices=sorted({**ARCHS, **EXPERIMENTAL_ARCHS}),
+                        help="only this arch (repeatable; sm_100a only when named)")
     parser.add_argument("--markdown", action="store_true", help="print the model's figures as Markdown tables")
     parser.add_argument("--before", type=Path, help="with --markdown: an earlier --json run, shown as before -> after")
     args = parser.parse_args(argv)

@@ -117,6 +117,7 @@ class LoopStats:
     instructions: int = 0
     hgmma: Counter = field(default_factory=Counter)  # warpgroup MMA (HGMMA, QGMMA): opcode -> count
     hmma: Counter = field(default_factory=Counter)
+    tcgen05: int = 0  # Blackwell's tensor-core MMAs (UTCHMMA, UTCQMMA, ...): shapes in descriptors, not counted
     mufu: int = 0
     fmul: int = 0
     ffma: int = 0
@@ -154,6 +155,8 @@ def region_stats(instrs: list[Instr]) -> LoopStats:
             st.hgmma[op] += 1
         elif op.startswith("HMMA"):
             st.hmma[op] += 1
+        elif op.startswith("UTC") and op.split(".")[0].endswith("MMA"):
+            st.tcgen05 += 1
         elif op.startswith("MUFU"):
             st.mufu += 1
         elif op.startswith("FMUL"):
@@ -179,7 +182,7 @@ def steady_loop(instrs: list[Instr]) -> tuple[LoopStats, bool]:
     if not spans:
         return region_stats(instrs), False
     stats = [region_stats(instrs[a:b + 1]) for a, b in spans]
-    mma = [s for s in stats if s.hgmma or s.hmma]
+    mma = [s for s in stats if s.hgmma or s.hmma or s.tcgen05]
     if mma:
         return min(mma, key=lambda s: s.instructions), True
     return max(stats, key=lambda s: s.instructions), True
@@ -196,6 +199,8 @@ class Cost:
 
 
 def cost(stats: LoopStats, num_warps: int, useful_flops: float, arch: str) -> Cost:
+    if arch not in MACHINES:  # no model for this arch (sm_100a: tcgen05 shapes are not in the opcodes)
+        return Cost(0.0, 0.0, 0.0, 0.0, 0.0)
     machine = MACHINES[arch]
     t_tensor = stats.tensor_clocks(num_warps, machine)
     t_issue = stats.instructions * num_warps / machine.issue_per_clock

@@ -50,7 +50,8 @@ def _pinned(kind: str) -> dict | None:
 _CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 
 
-def fwd_candidates(block_d: int, dtype: torch.dtype, seqlen_q: int, heavy: bool, arch: str = "sm_80") -> list[dict]:
+def fwd_candidates(block_d: int, dtype: torch.dtype, seqlen_q: int, heavy: bool, arch: str = "sm_80",
+                   varlen: bool = False) -> list[dict]:
     """The forward's launch candidates, the default (:func:`_config`) first; the device picks among them
     (:func:`transformer_kernels.autotune.choose`). ``TMA`` True loads K and V through tensor descriptors (sm_90a,
     inputs with a contiguous head_dim and 16-byte aligned strides; the launcher drops it otherwise): one
@@ -63,6 +64,12 @@ def fwd_candidates(block_d: int, dtype: torch.dtype, seqlen_q: int, heavy: bool,
     if (pin := _pinned("fwd")) is not None:
         return [pin]
     default = dict(_config(block_d, dtype, seqlen_q, heavy, arch), TMA=False, PERSISTENT=False)
+    if arch == "sm_100a" and dtype in (torch.float16, torch.bfloat16) and not dispatch.INTERPRETER:
+        # Blackwell: sm_80's tile by default, Hopper's where it compiles there spill-free (static check
+        # --arch sm_100a: at head_dim 128 its 128x128 tile spills, 139 instructions; so does the packed-batch
+        # kernel's at 64, 93)
+        hopper = dict(_config(block_d, dtype, seqlen_q, heavy, "sm_90a"), TMA=False, PERSISTENT=False)
+        return [default] + ([hopper] if hopper != default and block_d != 128 and not varlen else [])
     # FP8 (inference) runs its default tile alone until a device has timed the alternatives
     if dispatch.INTERPRETER or arch != "sm_90a" or dtype in (torch.float32, torch.float8_e4m3fn):
         return [default]
@@ -123,6 +130,12 @@ def bwd_candidates(block_d: int, dtype: torch.dtype, heavy: bool, arch: str = "s
     dkdv, dq = (dict(cfg, TMA=False) for cfg in _bwd_configs(block_d, dtype, heavy, arch))
     pins = _pinned("dkdv"), _pinned("dq")
     dkdv_list, dq_list = [dkdv], [dq]
+    if arch == "sm_100a" and dtype != torch.float32 and block_d <= 128 and not dispatch.INTERPRETER:
+        # Blackwell: sm_80's tiles by default, Hopper's as candidates (spill-free there, static check;
+        # at head_dim 256 they are sm_80's but for the heavy dK/dV's two stages, which spill there)
+        hopper_dkdv, hopper_dq = (dict(cfg, TMA=False) for cfg in _bwd_configs(block_d, dtype, heavy, "sm_90a"))
+        dkdv_list += [hopper_dkdv] if hopper_dkdv != dkdv else []
+        dq_list += [hopper_dq] if hopper_dq != dq else []
     if arch == "sm_90a" and dtype != torch.float32 and not dispatch.INTERPRETER:
         if dispatch.hopper_candidates():
             dkdv_list.append(dict(dkdv, TMA=True))  # Q and dO through descriptors
@@ -173,7 +186,8 @@ def _bwd_table(block_d: int, dtype: torch.dtype, heavy: bool, arch: str) -> tupl
         # Two fp32 accumulators of own x 256 cost 16 x own / warps registers per thread: 16 own rows
         # over 4 warps (mma.sync; the warps split head_dim, so no product is computed twice). With every
         # modifier the dK/dV kernel needs 8 warps over 32 keys (known 2.5x tensor work, no spills).
-        dkdv = (32, 16, 8, 2) if heavy else (16, 32, 4, 2)
+        # (One stage on sm_100a: two spill there, static check --arch sm_100a.)
+        dkdv = (32, 16, 8, 1 if arch == "sm_100a" else 2) if heavy else (16, 32, 4, 2)
         return pair(*dkdv, 16, 32, 4, 2)
     if arch == "sm_90a":
         if heavy:  # Philox state, mask, ALiBi beside the tile: one warpgroup, 16 streamed rows

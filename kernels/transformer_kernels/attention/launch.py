@@ -161,7 +161,7 @@ def attention_forward(q, k, v, *, scale: float, bottom_right: bool = False, wind
     # an 8-bit tensor-core product takes 32 along its reduced dim (wgmma's k for e4m3)
     block_d, block_dv = block_size(pb["head_dim"], 32 if fp8 else 16), block_size(pb["head_dim_v"])
     candidates = configs.fwd_candidates(max(block_d, block_dv), q.dtype, seqlen_q, pb["heavy"],
-                                        dispatch.target_arch(q.device), pb["varlen"])
+                                        dispatch.target_arch(q.device), varlen=pb["varlen"])
     if block_table is not None or not _tma_ok((k, v), pb["varlen"]):  # a page table: rows found per tile
         candidates = [c for c in candidates if not c["TMA"]] or [dict(candidates[0], TMA=False)]
     page_args = (block_table.stride(0), k.shape[2]) if block_table is not None else (0, 1)

@@ -291,3 +291,32 @@ def test_fp8_forward_compiles_without_graph_breaks():
     torch._dynamo.reset()
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(*quantized, **descales)
     torch.testing.assert_close(compiled, f(*quantized, **descales), rtol=0, atol=0)
+
+
+def test_fp8_transposed_v_candidate(gpu_tiles, monkeypatch):
+    """Hopper's FP8 prefill candidate ``V_T`` (attention/configs.py): V copied head_dim-major once, so the
+    kernel reads it K-major; the same output as the default (which the autotune guard also checks on a
+    device), and the kernel really received the copy (unit stride along the keys)."""
+    from transformer_kernels import autotune
+    from transformer_kernels.attention import _kernels
+
+    gpu_tiles("sm_90a")
+    real, strides = _kernels._attn_fwd_kernel, []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                strides.append(args[2].stride())
+                return real[grid](*args, **kwargs)
+            return run
+
+    monkeypatch.setattr(_kernels, "_attn_fwd_kernel", Spy())
+    q, k, v = _inputs(1, 40, 40, 2, 2, 64, seed=13)
+    quantized, descales = _quantize(q, k, v)
+    outs = []
+    for index in (0, 1):
+        with autotune.forced(index):
+            outs.append(tk.flash_attn_func(*quantized, causal=True, **descales))
+    assert strides[0][2] != 1 and strides[1][2] == 1, strides  # (batch, heads, keys, dim) strides of V
+    torch.testing.assert_close(outs[1].float(), outs[0].float(), rtol=0, atol=2e-2)
+    _check_contract(outs[1], q, k, v, quantized, descales, causal=True)

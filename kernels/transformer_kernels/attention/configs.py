@@ -70,7 +70,11 @@ def fwd_candidates(block_d: int, dtype: torch.dtype, seqlen_q: int, heavy: bool,
         # kernel's at 64, 93)
         hopper = dict(_config(block_d, dtype, seqlen_q, heavy, "sm_90a"), TMA=False, PERSISTENT=False)
         return [default] + ([hopper] if hopper != default and block_d != 128 and not varlen else [])
-    # FP8 (inference) runs its default tile alone until a device has timed the alternatives
+    if dtype == torch.float8_e4m3fn and arch == "sm_90a" and seqlen_q > 16 and not dispatch.INTERPRETER:
+        # FP8 prefill: V copied head_dim-major once per call (``V_T``; the launcher drops it for pages and
+        # for a V that already is): Hopper's 8-bit MMA reads B only K-major, and transposing flash
+        # layout's V tiles in the loop costs 97 of its 649 instructions at d=128 (static check: 552)
+        return [default, dict(default, V_T=True)]
     if dispatch.INTERPRETER or arch != "sm_90a" or dtype in (torch.float32, torch.float8_e4m3fn):
         return [default]
     if not dispatch.hopper_candidates():

@@ -164,10 +164,20 @@ def attention_forward(q, k, v, *, scale: float, bottom_right: bool = False, wind
                                         dispatch.target_arch(q.device), varlen=pb["varlen"])
     if block_table is not None or not _tma_ok((k, v), pb["varlen"]):  # a page table: rows found per tile
         candidates = [c for c in candidates if not c["TMA"]] or [dict(candidates[0], TMA=False)]
+    if block_table is not None or v.stride(2) == 1:  # pages cannot be transposed; a V^T view needs no copy
+        candidates = [c for c in candidates if not c.get("V_T")] or [candidates[0]]
+    v_t = None
     page_args = (block_table.stride(0), k.shape[2]) if block_table is not None else (0, 1)
     kv_packed = pb["varlen"] and block_table is None  # paged K/V keep their page stride in the batch slot
 
     def launch(cfg):
+        nonlocal v_t
+        cfg = dict(cfg)
+        v_in = v
+        if cfg.pop("V_T", False):  # FP8: V copied head_dim-major once, so 8-bit wgmma reads it K-major
+            if v_t is None:
+                v_t = v.transpose(2, 3).contiguous().transpose(2, 3)
+            v_in = v_t
         m_blocks = triton.cdiv(seqlen_q, cfg["BLOCK_M"])
         unsplit = dropout_p > 0 or pb["varlen"] or cfg["PERSISTENT"] or stats is not None
         splits = 1 if unsplit else configs._num_splits(num_splits, m_blocks * batch * num_heads, pb["seqlen_k"],
@@ -189,13 +199,13 @@ def attention_forward(q, k, v, *, scale: float, bottom_right: bool = False, wind
         dummy = q
         with _scratch(q.device, cfg["TMA"]):
             K._attn_fwd_kernel[grid](
-                q, k, v, o_dst, l_dst, dummy if stats is None else stats, dummy if attn_mask is None else attn_mask,
+                q, k, v_in, o_dst, l_dst, dummy if stats is None else stats, dummy if attn_mask is None else attn_mask,
                 dummy if alibi_slopes is None else alibi_slopes,
                 dummy if cu_seqlens_q is None else cu_seqlens_q, dummy if cu_seqlens_k is None else cu_seqlens_k,
                 dummy if seqused_k is None else seqused_k, dummy if kv_batch_idx is None else kv_batch_idx,
                 dummy if sinks is None else sinks, dummy if block_table is None else block_table,
                 dummy if leftpad is None else leftpad, descale if fp8 else dummy,
-                *_strides4(q, pb["varlen"]), *_strides4(k, kv_packed), *_strides4(v, kv_packed),
+                *_strides4(q, pb["varlen"]), *_strides4(k, kv_packed), *_strides4(v_in, kv_packed),
                 *o_strides, *l_strides, 0 if stats is None else stats.stride(0), *pb["mask_strides"],
                 *pb["alibi_strides"], *(descale.stride() if fp8 else (0, 0, 0)),
                 num_heads, pb["group_size"], seqlen_q, pb["seqlen_k"], pb["head_dim"], pb["head_dim_v"],

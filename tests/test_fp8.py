@@ -125,6 +125,10 @@ def test_fp8_varlen_and_paged_sequences_take_their_own_descales():
             table[b, p], used = slot, used + 1
     paged = tk.flash_attn_varlen_func(qf, k_pool, v_pool, cu, cu, 33, 33, causal=True, block_table=table, **descales)
     torch.testing.assert_close(paged.float(), out.float(), rtol=0, atol=0)
+    # the PyTorch path dequantizes each page by the descales of the sequence that holds it
+    paged_ref = _dequantized_path(tk.flash_attn_varlen_func, qf, k_pool, v_pool, cu, cu, 33, 33, causal=True,
+                                  block_table=table, **descales)
+    torch.testing.assert_close(paged_ref.float(), ref.float(), rtol=0, atol=0)
 
 
 def _dequantized_path(fn, *args, **kw):

@@ -346,10 +346,8 @@ def _fp8_varlen(q, k, v, descale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
             seq_k = _token_sequences(cu_seqlens_k, k.shape[0])
             k, v = (_fp8.dequantize(t, d, heads_dim=-2, batch_of=seq_k) for t, d in zip((k, v), descale[1:]))
         else:  # each page takes the descales of the sequence whose table names it
-            seq_page = torch.zeros(k.shape[0], dtype=torch.long, device=k.device)
-            for b, n in enumerate((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()):
-                seq_page[block_table[b, :-(-n // k.shape[1])].long()] = b
-            k, v = (_fp8.dequantize(t, d, heads_dim=-2, batch_of=seq_page) for t, d in zip((k, v), descale[1:]))
+            owner = _page_owners(block_table, (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist(), *k.shape[:2])
+            k, v = (_fp8.dequantize(t, d, heads_dim=-2, batch_of=owner) for t, d in zip((k, v), descale[1:]))
         q = _fp8.dequantize(q, descale[0], heads_dim=-2, batch_of=seq_q)
         out, lse = flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                           softmax_scale=mods["scale"], window_size=mods["window"],
@@ -363,6 +361,15 @@ def _fp8_varlen(q, k, v, descale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
                                 max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, block_table=block_table, **mods)
     out = out[0].transpose(0, 1)
     return (out, lse[0]) if return_softmax_lse else out
+
+
+def _page_owners(block_table, lengths, num_pages: int, page_size: int) -> torch.Tensor:
+    """The sequence that holds each page of a pool (int64; 0 for pages none holds), from the pages each
+    sequence's length needs: a table's padding may name any page."""
+    owner = torch.zeros(num_pages, dtype=torch.long, device=block_table.device)
+    for b, n in enumerate(lengths):
+        owner[block_table[b, :-(-n // page_size)].long()] = b
+    return owner
 
 
 def _token_sequences(cu_seqlens, total: int) -> torch.Tensor:
@@ -616,9 +623,7 @@ def _fp8_cache_query(op, q, k_cache, v_cache, q_descale, k_descale, v_descale, k
 
 def _fp8_store(t, descale):
     """New (batch, seqlen_new, nheads_k, headdim) keys or values as e4m3 in the cache's units."""
-    if t.dtype == _fp8.FP8_DTYPE:
-        return t
-    return (t.float() / descale[:, None, :, None]).clamp(-_fp8.FP8_MAX, _fp8.FP8_MAX).to(_fp8.FP8_DTYPE)
+    return t if t.dtype == _fp8.FP8_DTYPE else _fp8.to_e4m3(t, descale[:, None, :, None])
 
 
 def _fp8_kvcache(q, k_cache, v_cache, descale, lengths, leftpad, cache_idx, block_table, capacity, has_idx,
@@ -629,11 +634,14 @@ def _fp8_kvcache(q, k_cache, v_cache, descale, lengths, leftpad, cache_idx, bloc
         q, q_descale = _fp8.quantize(q, group=q.shape[2] // k_cache.shape[2])
         descale = torch.stack([q_descale, descale[1], descale[2]])
     if not _fp8.on_triton(q):  # dequantize the cache rows (pages) each batch entry reads by its descales
-        owner = torch.zeros(k_cache.shape[0], dtype=torch.long, device=q.device)
-        for b in range(batch):  # only the pages a sequence holds (a table's padding may name any page)
-            pages = None if lengths is None else -(-int(lengths[b]) // k_cache.shape[1])
-            owner[(cache_idx[b] if block_table is None else block_table[b, :pages]).long()] = b
-        k_deq, v_deq = (c.float() * d[owner][:, None, :, None] for c, d in ((k_cache, descale[1]), (v_cache, descale[2])))
+        if block_table is None:
+            owner = torch.zeros(k_cache.shape[0], dtype=torch.long, device=q.device)
+            owner[cache_idx.long()] = torch.arange(batch, device=q.device)
+        else:
+            rows = [capacity] * batch if lengths is None else lengths.tolist()
+            owner = _page_owners(block_table, rows, *k_cache.shape[:2])
+        k_deq, v_deq = (_fp8.dequantize(c, d, heads_dim=-2, batch_of=owner)
+                        for c, d in ((k_cache, descale[1]), (v_cache, descale[2])))
         q_deq = _fp8.dequantize(q, descale[0], heads_dim=-2)
         out, lse = _kvcache_reference(q_deq, k_deq, v_deq, lengths, leftpad, cache_idx, block_table, capacity, mods)
         out = out.bfloat16()

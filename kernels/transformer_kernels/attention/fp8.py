@@ -99,13 +99,12 @@ def check(op: str, q, k, v, q_descale, k_descale, v_descale, *, batch: int, head
 
 def dequantize(x: torch.Tensor, descale: torch.Tensor, *, heads_dim: int, batch_of=None) -> torch.Tensor:
     """float32 values of an FP8 tensor: ``x * descale[b, head // group]``. ``heads_dim``: where the heads
-    sit; ``batch_of``: for a packed (total, heads, dim) tensor, each token's sequence (else dim 0 is the
-    batch)."""
+    sit; ``batch_of``: the sequence of each entry along dim 0 when that is not the batch (the tokens of a
+    packed (total, heads, dim) tensor, the pages of a (num_pages, page_size, heads, dim) pool)."""
     heads = x.shape[heads_dim]
     scale = descale.repeat_interleave(heads // descale.shape[1], dim=1)  # (batch, heads)
     if batch_of is not None:
-        scale = scale[batch_of]  # (total, heads)
-        return x.float() * scale[:, :, None]
+        scale = scale[batch_of]  # (entries of dim 0, heads)
     shape = [1] * x.dim()
     shape[0], shape[heads_dim] = scale.shape
     return x.float() * scale.reshape(shape)
@@ -130,8 +129,13 @@ def quantize(x: torch.Tensor, *, heads_dim: int = -2, group: int = 1, batch_of=N
     descale = (per / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
     scale = descale.repeat_interleave(group, dim=1)
     scale = scale[batch_of] if batch_of is not None else scale
-    scaled = (moved / scale.reshape(*scale.shape, *[1] * (moved.dim() - 2))).clamp(-FP8_MAX, FP8_MAX)
-    return scaled.movedim(1, heads_dim).contiguous().to(FP8_DTYPE), descale
+    scaled = to_e4m3(moved, scale.reshape(*scale.shape, *[1] * (moved.dim() - 2)))
+    return scaled.movedim(1, heads_dim).contiguous(), descale
+
+
+def to_e4m3(x: torch.Tensor, descale: torch.Tensor) -> torch.Tensor:
+    """``x / descale`` (broadcast) as e4m3, rounded to nearest and saturated to +-448."""
+    return (x.float() / descale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
 def on_triton(q) -> bool:

@@ -20,6 +20,7 @@ from .flash_attn_interface import (
 )
 from .layer_norm import LayerNorm, RMSNorm, add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from .patching import PatchEntry, PatchReport, override_sdpa, patch, unpatch
+from .quantize import FP8Linear, QuantizeReport, quantize_fp8
 from .rotary import apply_rotary_emb, apply_rotary_pos_emb
 from . import context_parallel  # noqa: E402
 from . import _sharding  # noqa: E402
@@ -48,6 +49,9 @@ __all__ = [
     "ffn",
     "FFN",
     "GatedFFN",
+    "quantize_fp8",
+    "FP8Linear",
+    "QuantizeReport",
     "patch",
     "unpatch",
     "override_sdpa",

@@ -65,6 +65,17 @@ def to_fp8(x):
 
 
 @triton.jit
+def to_out(x, dtype: tl.constexpr):
+    """fp32 ``x`` cast to ``dtype`` for a store. Triton 3.9's interpreter truncates fp32 -> bfloat16 (about
+    half of random values land one bf16 ulp toward zero; a GPU rounds to nearest even): under it the
+    value is first rounded to bf16's 8 mantissa bits in fp32, so the cast is exact."""
+    if _ROUND_FP8_FIRST and dtype == tl.bfloat16:
+        bits = x.to(tl.int32, bitcast=True)
+        x = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
 def tanh(x):
     """tanh in fp32 to about an ulp, as ``torch.tanh``: below |x| = 0.5 the odd Taylor series to x^17
     (truncation under 1e-9 relative), above it ``(1 - e) / (1 + e)`` with ``e = exp(-2|x|)``, where the

@@ -46,7 +46,8 @@ import triton.language as tl
 
 from . import autotune, dispatch
 from ._triton_utils import (InputValueError, autocast_to, check_same, check_tensor, dot, dot_flags,
-                            persistent_programs, pow2_bucket, scratch_allocator, tanh, tma_device)
+                            persistent_programs, pow2_bucket, scratch_allocator, tanh, tma_device, to_fp8,
+                            to_out)
 
 
 PLAIN_ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "quick_gelu")
@@ -60,6 +61,8 @@ _RSQRT_2PI = tl.constexpr(0.3989422804014327)
 _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 _GELU_TANH_C = tl.constexpr(0.044715)
 _QUICK_GELU_C = tl.constexpr(1.702)
+_FP8_MAX = tl.constexpr(448.0)  # torch.finfo(torch.float8_e4m3fn).max
+_AMAX_FLOOR = tl.constexpr(448.0 * 1.1754943508222875e-38)  # the descale's floor: fp32's smallest normal
 
 
 # --------------------------------------------------------------------------------------------------
@@ -126,7 +129,7 @@ def _descriptor_load(desc, r, c, R_CONTIG: tl.constexpr):
 
 @triton.jit
 def _matmul_kernel(
-    A, B, C, BIAS, AUX, B2, BIAS2, A2, RES,
+    A, B, C, BIAS, AUX, B2, BIAS2, A2, RES, SA, SB, SB2, AMAX,
     M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_xm, stride_xn,
     stride_b2k, stride_b2n, stride_a2m, stride_a2k, stride_rm, stride_rn,
@@ -137,8 +140,18 @@ def _matmul_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     TMA: tl.constexpr, WS: tl.constexpr, PERSISTENT: tl.constexpr, A_COLS: tl.constexpr, B_COLS: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    A_FP8: tl.constexpr = "none",  # "none" | "e4m3" | "amax" | "sweep": see below
+    AMAX_OUT: tl.constexpr = False,
 ):
     """C = epilogue(A @ B + bias) for A (M, K), B (K, N) of any strides; fp32 accumulation.
+
+    FP8 (``A_FP8`` not "none"): B (and B2) are e4m3 with per-column float32 descales SB (SB2), and the
+    product runs on e4m3 operands, dequantized in the epilogue as ``acc * SA[m] * SB[n]`` (the row-wise
+    scaling of ``torch._scaled_mm``). A is either e4m3 with per-row descales SA ("e4m3"), or a float
+    tensor quantized to e4m3 per row as it is loaded, with the dynamic descale amax / 448 of its row:
+    the amax read from SA ("amax": computed by the producer's epilogue) or found by a first sweep over
+    the program's row block ("sweep"). ``AMAX_OUT``: each row's largest |C| (as stored) is max-reduced
+    into AMAX (float32, zeroed by the caller) with atomics across the column tiles.
 
     ``TMA``: A and B (and B2) are read through tensor descriptors (Hopper), each along its contiguous
     dim (``A_COLS`` / ``B_COLS``: the operand is column-major, e.g. a transposed weight).
@@ -159,22 +172,26 @@ def _matmul_kernel(
     if PERSISTENT:
         num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
         for pid in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
-            _matmul_tile(pid, A, B, C, BIAS, AUX, B2, BIAS2, A2, RES, a_desc, b_desc, b2_desc, M, N, K,
+            _matmul_tile(pid, A, B, C, BIAS, AUX, B2, BIAS2, A2, RES, SA, SB, SB2, AMAX, a_desc, b_desc, b2_desc,
+                         M, N, K,
                          stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_xm, stride_xn,
                          stride_b2k, stride_b2n, stride_a2m, stride_a2k, stride_rm, stride_rn,
                          HAS_BIAS, HAS_BIAS2, HAS_RESIDUAL, EPILOGUE, ACTIVATION, STORE_AUX, SECOND,
-                         BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, TMA, WS, A_COLS, B_COLS, UPCAST, PRECISION)
+                         BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, TMA, WS, A_COLS, B_COLS, UPCAST, PRECISION, A_FP8,
+                         AMAX_OUT)
     else:
-        _matmul_tile(tl.program_id(0), A, B, C, BIAS, AUX, B2, BIAS2, A2, RES, a_desc, b_desc, b2_desc, M, N, K,
+        _matmul_tile(tl.program_id(0), A, B, C, BIAS, AUX, B2, BIAS2, A2, RES, SA, SB, SB2, AMAX, a_desc, b_desc,
+                     b2_desc, M, N, K,
                      stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_xm, stride_xn,
                      stride_b2k, stride_b2n, stride_a2m, stride_a2k, stride_rm, stride_rn,
                      HAS_BIAS, HAS_BIAS2, HAS_RESIDUAL, EPILOGUE, ACTIVATION, STORE_AUX, SECOND,
-                     BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, TMA, WS, A_COLS, B_COLS, UPCAST, PRECISION)
+                     BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, TMA, WS, A_COLS, B_COLS, UPCAST, PRECISION, A_FP8,
+                     AMAX_OUT)
 
 
 @triton.jit
 def _matmul_tile(
-    pid, A, B, C, BIAS, AUX, B2, BIAS2, A2, RES, a_desc, b_desc, b2_desc,
+    pid, A, B, C, BIAS, AUX, B2, BIAS2, A2, RES, SA, SB, SB2, AMAX, a_desc, b_desc, b2_desc,
     M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_xm, stride_xn,
     stride_b2k, stride_b2n, stride_a2m, stride_a2k, stride_rm, stride_rn,
@@ -184,7 +201,7 @@ def _matmul_tile(
     SECOND: tl.constexpr,  # "none" | "dual_b": acc2 = A @ B2 (the gate) | "sum_pair": acc += A2 @ B2
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     TMA: tl.constexpr, WS: tl.constexpr, A_COLS: tl.constexpr, B_COLS: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, A_FP8: tl.constexpr, AMAX_OUT: tl.constexpr,
 ):
     """Tile ``pid`` (grouped order) of :func:`_matmul_kernel`."""
     # Grouped ordering: GROUP_M row-blocks share each column-block while it is hot in L2.
@@ -206,9 +223,26 @@ def _matmul_tile(
     b2_ptrs = B2 + rk[:, None] * stride_b2k + rn[None, :] * stride_b2n
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    quant = A_FP8 == "amax" or A_FP8 == "sweep"
+    if A_FP8 == "e4m3":
+        sa = tl.load(SA + rm, mask=m_ok, other=0.0)
+    elif quant:
+        if A_FP8 == "sweep":  # the row block's amax: a first pass whose tiles the product then rereads
+            amax = tl.zeros([BLOCK_M], tl.float32)
+            for k in range(0, K, BLOCK_K):
+                k_ok = (k + rk) < K
+                a = tl.load(a_ptrs + k * stride_ak, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                amax = tl.maximum(amax, tl.max(tl.abs(a.to(tl.float32)), axis=1))
+        else:
+            amax = tl.load(SA + rm, mask=m_ok, other=0.0)
+        amax = tl.maximum(amax, _AMAX_FLOOR)  # (448 / amax stays finite: an all-zero row quantizes to zeros)
+        sa = amax / _FP8_MAX  # the dynamic per-row descale
+        a_mult = _FP8_MAX / amax  # (reference: transformer_kernels.ffn_fp8.quantize_rows)
     if TMA:
         for k in tl.range(0, K, BLOCK_K, warp_specialize=WS):
             a = _descriptor_load(a_desc, pid_m * BLOCK_M, k, A_COLS)
+            if quant:
+                a = _quantize_rows(a, a_mult)
             acc = dot(a, _descriptor_load(b_desc, k, pid_n * BLOCK_N, B_COLS), acc, UPCAST, PRECISION)
             if SECOND == "dual_b":
                 acc2 = dot(a, _descriptor_load(b2_desc, k, pid_n * BLOCK_N, B_COLS), acc2, UPCAST, PRECISION)
@@ -216,6 +250,8 @@ def _matmul_tile(
         for k in range(0, K, BLOCK_K):
             k_ok = (k + rk) < K
             a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            if quant:
+                a = _quantize_rows(a, a_mult)
             acc = dot(a, tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0), acc, UPCAST, PRECISION)
             if SECOND == "dual_b":
                 acc2 = dot(a, tl.load(b2_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0), acc2, UPCAST,
@@ -233,6 +269,10 @@ def _matmul_tile(
             b2_ptrs += BLOCK_K * stride_b2k
 
     mask = m_ok[:, None] & n_ok[None, :]
+    if A_FP8 != "none":  # row-wise dequantization (torch._scaled_mm's scale_a (M, 1), scale_b (1, N))
+        acc = acc * sa[:, None] * tl.load(SB + rn, mask=n_ok, other=0.0)[None, :]
+        if SECOND == "dual_b":
+            acc2 = acc2 * sa[:, None] * tl.load(SB2 + rn, mask=n_ok, other=0.0)[None, :]
     if HAS_BIAS:
         acc += tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     aux_ptrs = AUX + rm[:, None] * stride_xm + rn[None, :] * stride_xn
@@ -258,7 +298,16 @@ def _matmul_tile(
         c_ptrs += N * stride_cn
     if HAS_RESIDUAL:
         acc += tl.load(RES + rm[:, None] * stride_rm + rn[None, :] * stride_rn, mask=mask, other=0.0).to(tl.float32)
-    tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=mask)
+    out = to_out(acc, C.dtype.element_ty)
+    tl.store(c_ptrs, out, mask=mask)
+    if AMAX_OUT:  # the next product's per-row quantization scale, from the values as stored
+        tl.atomic_max(AMAX + rm, tl.max(tl.where(mask, tl.abs(out.to(tl.float32)), 0.0), axis=1), mask=m_ok)
+
+
+@triton.jit
+def _quantize_rows(a, a_mult):
+    """A float tile as e4m3, row m scaled by ``a_mult[m]`` (448 / the row's amax), saturated."""
+    return to_fp8(tl.minimum(tl.maximum(a.to(tl.float32) * a_mult[:, None], -_FP8_MAX), _FP8_MAX))
 
 
 @triton.jit
@@ -303,10 +352,14 @@ def _config(dtype: torch.dtype, epilogue: str, second: str) -> dict:
     epilogues that also hold a loaded pre-activation tile (act_grad, gated_grad) and the dual-product
     gated forward (two accumulators) narrow to 128x64 (x64 along K) to stay spill-free. True fp32 (no
     tensor cores) uses 64x64x16 tiles, halved along N when two accumulators or tiles are live. Every entry
-    compiles without spills for sm_80 and sm_90a (``python -m transformer_kernels.static_check``). Interpreter:
+    compiles without spills for sm_80 and sm_90a (``python -m transformer_kernels.static_check``). FP8
+    (``dtype`` float8_e4m3fn: the products' operand type): 128x128x128, the gated forward 128x64x128. Interpreter:
     32^3 tiles so small test shapes still cross several tiles and every tail mask."""
     if dispatch.INTERPRETER:
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
+    if dtype == torch.float8_e4m3fn:  # FP8: 128 along K moves the bf16 tile's bytes per step
+        return dict(BLOCK_M=128, BLOCK_N=64 if second == "dual_b" else 128, BLOCK_K=128, GROUP_M=8, num_warps=8,
+                    num_stages=3)
     wide = epilogue in ("act_grad", "gated_grad") or second == "dual_b"
     if dtype == torch.float32:
         return dict(BLOCK_M=64, BLOCK_N=32 if wide else 64, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=2)
@@ -329,6 +382,8 @@ def candidates(dtype: torch.dtype, epilogue: str, second: str, arch: str = "sm_8
     default = dict(_config(dtype, epilogue, second), TMA=False, WS=False, PERSISTENT=False)
     if dispatch.INTERPRETER or arch != "sm_90a" or dtype == torch.float32:
         return [default]
+    if dtype == torch.float8_e4m3fn:
+        return [default, dict(default, TMA=True)]
     found = [default, dict(default, TMA=True)]
     if epilogue == "none" and second == "none" and not residual:
         found.append(dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=True,
@@ -386,7 +441,7 @@ def _tma_operands(*operands) -> tuple[bool, list[bool]]:
 
 
 def matmul(a, b, bias=None, *, epilogue="none", activation="none", aux=None, store_aux=False, b2=None, bias2=None,
-           a2=None, residual=None, out=None):
+           a2=None, residual=None, out=None, fp8=None):
     """``epilogue(a @ b + bias) [+ residual]`` for 2-D ``a`` (M, K) and ``b`` (K, N) of any strides.
 
     ``b2`` with ``epilogue="gated"``: the gate's weights (K, N), one kernel computing both products;
@@ -394,41 +449,53 @@ def matmul(a, b, bias=None, *, epilogue="none", activation="none", aux=None, sto
     (M, N), or (M, 2N) ``[gate | up]`` for the gated epilogues (written when ``store_aux``, read by the
     "_grad" ones). Writes into ``out`` if given, else a new contiguous tensor of a's dtype, (M, N) or
     (M, 2N) for "gated_grad".
+
+    ``fp8``: a dict for the FP8 products (``_matmul_kernel``'s ``A_FP8``): ``"a"`` one of "e4m3", "amax",
+    "sweep"; ``"sa"`` a's per-row descales ("e4m3") or amaxes ("amax"); ``"sb"`` (``"sb2"``) b's (b2's)
+    per-column descales; ``"amax_out"`` a float32 (M,) (zeroed here) that receives the rows' amax of the output;
+    ``"out_dtype"`` the output dtype. b and b2 are e4m3.
     """
     m, k = a.shape
     n = b.shape[1]
     width = 2 * n if epilogue == "gated_grad" else n
-    c = torch.empty((m, width), device=a.device, dtype=a.dtype) if out is None else out
+    fp8 = fp8 or {}
+    mode = fp8.get("a", "none")
+    c = torch.empty((m, width), device=a.device, dtype=fp8.get("out_dtype", a.dtype)) if out is None else out
     if c.numel() == 0:
         return c
     if k == 0:  # an empty sum; only the empty-batch backward (dW of zero tokens) reaches this
         return c.zero_()
     second = "dual_b" if epilogue == "gated" else ("sum_pair" if a2 is not None else "none")
-    found = candidates(a.dtype, epilogue, second, dispatch.target_arch(a.device), residual is not None)
+    operand = torch.float8_e4m3fn if fp8 else a.dtype
+    found = candidates(operand, epilogue, second, dispatch.target_arch(a.device), residual is not None)
     tma_ok, cols = _tma_operands(a, b, *([b2] if second == "dual_b" else []))
     if not tma_ok or len(set(cols[1:])) > 1:  # b and b2 share the kernel's B_COLS
         found, cols = [c for c in found if not c["TMA"]] or [dict(found[0], TMA=False, WS=False)], [False, False]
     a_cols, b_cols = cols[:2]
     aux_arg, b2_arg, a2_arg, res_arg = (t if t is not None else c for t in (aux, b2, a2, residual))
+    sa, sb, sb2, amax = (fp8.get(n, c) for n in ("sa", "sb", "sb2", "amax_out"))
 
     def launch(cfg):
         tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
         with scratch_allocator(a.device) if cfg["TMA"] else contextlib.nullcontext():
             _matmul_kernel[(min(tiles, persistent_programs(a.device)) if cfg["PERSISTENT"] else tiles,)](
                 a, b, c, bias if bias is not None else c, aux_arg, b2_arg, bias2 if bias2 is not None else c, a2_arg,
-                res_arg, m, n, k,
+                res_arg, sa, sb, sb2, amax, m, n, k,
                 a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
                 aux_arg.stride(0), aux_arg.stride(1), b2_arg.stride(0), b2_arg.stride(1),
                 a2_arg.stride(0), a2_arg.stride(1), res_arg.stride(0), res_arg.stride(1),
                 HAS_BIAS=bias is not None, HAS_BIAS2=bias2 is not None, HAS_RESIDUAL=residual is not None,
                 EPILOGUE=epilogue, ACTIVATION=activation, STORE_AUX=store_aux, SECOND=second,
-                A_COLS=a_cols, B_COLS=b_cols, **cfg, **dot_flags(a.dtype),
+                A_COLS=a_cols, B_COLS=b_cols, A_FP8=mode, AMAX_OUT="amax_out" in fp8, **cfg, **dot_flags(operand),
             )
 
-    key = (str(a.dtype), epilogue, activation, second, store_aux, residual is not None, a_cols, b_cols,
+    key = (str(a.dtype), mode, epilogue, activation, second, store_aux, residual is not None, a_cols, b_cols,
            pow2_bucket(m), pow2_bucket(n), pow2_bucket(k))
-    launch(autotune.choose("ffn_matmul", key, found, launch, a.device, kernel=_matmul_kernel,
-                           outputs=lambda: [c] + ([aux] if store_aux else [])))
+    chosen = autotune.choose("ffn_matmul", key, found, launch, a.device, kernel=_matmul_kernel,
+                             outputs=lambda: [c] + ([aux] if store_aux else []))
+    if "amax_out" in fp8:  # (timed candidates max-reduced into it too)
+        fp8["amax_out"].zero_()
+    launch(chosen)
     dispatch.record_launch("ffn_matmul")
     return c
 
@@ -584,7 +651,8 @@ torch.library.register_autograd("transformer_kernels::ffn_forward", _ffn_autogra
 # --------------------------------------------------------------------------------------------------
 # Public function, reference, modules
 # --------------------------------------------------------------------------------------------------
-def _check_ffn_inputs(input, weight1, bias1, weight2, bias2, activation, weight_gate, bias_gate, residual, gemm):
+def _check_ffn_inputs(input, weight1, bias1, weight2, bias2, activation, weight_gate, bias_gate, residual, gemm,
+                      fp8=False):
     op = "ffn"
     if activation not in ACTIVATIONS:
         raise InputValueError(f"{op}: activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -599,8 +667,11 @@ def _check_ffn_inputs(input, weight1, bias1, weight2, bias2, activation, weight_
              "weight_gate": weight_gate, "bias_gate": bias_gate, "residual": residual}
     for name, t in named.items():
         if t is not None or name in ("input", "weight1", "weight2"):
-            check_tensor(name, t, op=op, float64=True)
-    check_same(op, named)
+            if fp8 and not isinstance(t, torch.Tensor):
+                raise InputTypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+            elif not fp8:
+                check_tensor(name, t, op=op, float64=True)
+    check_same(op, named, dtype=not fp8)
     if input.dim() < 1 or weight1.dim() != 2 or weight2.dim() != 2:
         raise InputValueError(f"{op}: expected input (..., d_model), weight1 (d_ff, d_model), weight2 (d_model, d_ff); "
                          f"got {tuple(input.shape)}, {tuple(weight1.shape)}, {tuple(weight2.shape)}")
@@ -618,7 +689,8 @@ def _check_ffn_inputs(input, weight1, bias1, weight2, bias2, activation, weight_
 
 
 def ffn(input, weight1, bias1, weight2, bias2, activation="relu", *, weight_gate=None, bias_gate=None, residual=None,
-        recompute=False, gemm="auto"):
+        recompute=False, gemm="auto", weight1_scale=None, weight2_scale=None, weight_gate_scale=None, input_scale=None,
+        out_dtype=None):
     """Position-wise feed-forward network (Vaswani et al., 2017, eq. 2), plain or gated (Shazeer, 2020).
 
     Plain: ``act(input W1^T + b1) W2^T + b2``; gated (``"swiglu"``, ``"geglu"``, ``"geglu_tanh"``):
@@ -639,16 +711,34 @@ def ffn(input, weight1, bias1, weight2, bias2, activation="relu", *, weight_gate
             (one more product; saves 1-3 (tokens, d_ff) tensors of activation memory).
         gemm: ``"triton"`` (fused epilogues), ``"torch"`` (cuBLAS products + one fused elementwise
             kernel), or ``"auto"`` (the shape rule :func:`_use_torch_gemm`).
+        weight1_scale, weight2_scale, weight_gate_scale: FP8 inference (:mod:`transformer_kernels.ffn_fp8`):
+            with ``torch.float8_e4m3fn`` weights, their float32 scales per output channel (``(d_ff,)``,
+            ``(d_model,)``; ``(n, 1)`` or one element per tensor also taken): ``W = W_fp8 * scale[:, None]``
+            (:func:`transformer_kernels.ffn_fp8.quantize_rows` makes them). The input is then float16,
+            bfloat16 or float32, quantized per token inside the first GEMM, or float8_e4m3fn with
+            ``input_scale`` (float32, one per token: ``input.shape[:-1]``) and ``out_dtype`` (default
+            bfloat16). Biases and residual in the output dtype. Both products run on FP8 tensor cores
+            with row-wise scaling (``torch._scaled_mm``'s); the hidden activation is quantized per token
+            with a dynamic scale. No backward (inference only: a tensor that requires grad while autograd
+            records is refused); ``recompute`` does not apply; ``gemm="torch"`` is refused.
 
     Returns:
         ``(..., d_model)`` in input's dtype. Differentiable in every tensor argument.
 
     Raises:
         TypeError: non-tensor, unsupported or mixed dtypes. ValueError: shape mismatch, mixed devices,
-        unknown activation or gemm, a gate given for a plain activation or missing for a gated one.
+        unknown activation or gemm, a gate given for a plain activation or missing for a gated one. FP8:
+        see :func:`transformer_kernels.ffn_fp8.check` (a float8 dtype other than e4m3fn, missing or
+        misshapen scales, grad, a GPU before compute capability 8.9).
 
     Under ``torch.autocast`` every tensor is first cast to the autocast dtype, as ``F.linear`` would.
     """
+    if _fp8_requested(input, weight1, weight2, weight_gate, weight1_scale, weight2_scale, weight_gate_scale,
+                      input_scale):
+        return _ffn_fp8(input, weight1, bias1, weight2, bias2, activation, weight_gate, bias_gate, residual, gemm,
+                        weight1_scale, weight2_scale, weight_gate_scale, input_scale, out_dtype)
+    if out_dtype is not None:
+        raise InputValueError("ffn: out_dtype is for FP8 calls (a float8_e4m3fn input); the output has input's dtype")
     input, weight1, bias1, weight2, bias2, weight_gate, bias_gate, residual = autocast_to(
         input, weight1, bias1, weight2, bias2, weight_gate, bias_gate, residual)
     _check_ffn_inputs(input, weight1, bias1, weight2, bias2, activation, weight_gate, bias_gate, residual, gemm)
@@ -667,6 +757,46 @@ def ffn(input, weight1, bias1, weight2, bias2, activation="relu", *, weight_gate
     return y.view(*input.shape[:-1], d_model)
 
 
+def _fp8_requested(input, weight1, weight2, weight_gate, *scales) -> bool:
+    """Whether an :func:`ffn` call is an FP8 one: a float8 input or weight, or any FP8 scale given."""
+    from .attention.fp8 import requested
+    return requested((input, weight1, weight2, weight_gate), scales)
+
+
+def _ffn_fp8(input, weight1, bias1, weight2, bias2, activation, weight_gate, bias_gate, residual, gemm,
+             weight1_scale, weight2_scale, weight_gate_scale, input_scale, out_dtype):
+    """:func:`ffn`'s FP8 route (:mod:`transformer_kernels.ffn_fp8`)."""
+    from . import ffn_fp8
+
+    _check_ffn_inputs(input, weight1, bias1, weight2, bias2, activation, weight_gate, bias_gate, residual, gemm,
+                      fp8=True)
+    d_ff, d_model = weight1.shape
+    weights = {"weight1": weight1, "weight2": weight2, "weight_gate": weight_gate}
+    biases = {"bias1": bias1, "bias2": bias2, "bias_gate": bias_gate}
+    out = ffn_fp8.check("ffn", input, weights, {"weight1_scale": weight1_scale, "weight2_scale": weight2_scale,
+                                                 "weight_gate_scale": weight_gate_scale},
+                        biases, residual, input_scale, out_dtype, gemm)
+    s1 = ffn_fp8.weight_scale_vector("ffn", "weight1_scale", weight1_scale, d_ff, weight1.device)
+    s2 = ffn_fp8.weight_scale_vector("ffn", "weight2_scale", weight2_scale, d_model, weight1.device)
+    sg = None if weight_gate is None else ffn_fp8.weight_scale_vector("ffn", "weight_gate_scale", weight_gate_scale,
+                                                                       d_ff, weight1.device)
+    if weight_gate is None and weight_gate_scale is not None:
+        raise InputValueError("ffn: weight_gate_scale without weight_gate")
+    sx = None if input_scale is None else input_scale.reshape(input.shape[:-1])
+    if not ffn_fp8.on_triton(input):
+        dispatch.record_path("ffn", "torch")
+        return ffn_fp8.ffn_fp8_reference(input, weight1, s1, bias1, weight2, s2, bias2, activation,
+                                         weight_gate=weight_gate, weight_gate_scale=sg, bias_gate=bias_gate,
+                                         residual=residual, input_scale=sx, out_dtype=out)
+    dispatch.record_path("ffn", "triton")
+    x2d = input.reshape(-1, d_model)
+    y = ffn_fp8._ffn_fp8_op(x2d, weight1, s1.contiguous(), bias1, weight2, s2.contiguous(), bias2, weight_gate,
+                            None if sg is None else sg.contiguous(), bias_gate,
+                            None if residual is None else residual.reshape(-1, d_model),
+                            None if sx is None else sx.reshape(-1).contiguous(), activation, out)
+    return y.view(*input.shape[:-1], d_model)
+
+
 _TORCH_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
                       "silu": F.silu, "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x)}
 
@@ -681,6 +811,15 @@ def ffn_reference(input, weight1, bias1, weight2, bias2, activation="relu", *, w
         hidden = act(F.linear(input, weight1, bias1))
     out = F.linear(hidden, weight2, bias2)
     return out if residual is None else out + residual
+
+
+def _fp8_scales(*linears) -> dict:
+    """``ffn``'s FP8 scale arguments for the modules' Linears (weight1, weight2[, weight_gate]) once
+    :func:`transformer_kernels.quantize_fp8` made them FP8 (a ``weight_scale`` buffer); else nothing."""
+    scales = [getattr(linear, "weight_scale", None) for linear in linears]
+    if scales[0] is None:
+        return {}
+    return dict(zip(("weight1_scale", "weight2_scale", "weight_gate_scale"), scales))
 
 
 class FFN(nn.Module):
@@ -709,7 +848,10 @@ class FFN(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         return ffn(x, self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias, self.activation,
-                   residual=residual, recompute=self.recompute)
+                   residual=residual, recompute=self.recompute, **_fp8_scales(self.linear1, self.linear2))
+
+    def _fp8_linears(self):  # transformer_kernels.quantize_fp8
+        return self.linear1, self.linear2
 
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}, recompute={self.recompute}"
@@ -738,7 +880,11 @@ class GatedFFN(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         return ffn(x, self.up_proj.weight, self.up_proj.bias, self.down_proj.weight, self.down_proj.bias,
                    self.activation, weight_gate=self.gate_proj.weight, bias_gate=self.gate_proj.bias,
-                   residual=residual, recompute=self.recompute)
+                   residual=residual, recompute=self.recompute,
+                   **_fp8_scales(self.up_proj, self.down_proj, self.gate_proj))
+
+    def _fp8_linears(self):  # transformer_kernels.quantize_fp8
+        return self.gate_proj, self.up_proj, self.down_proj
 
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}, recompute={self.recompute}"

@@ -66,6 +66,7 @@ import torch.nn.functional as F
 from .attention import scaled_dot_product_attention
 from .ffn import ACTIVATIONS as FFN_ACTIVATIONS
 from .ffn import ffn
+from .quantize import FP8Linear, fp8_scale
 from .layer_norm import LayerNorm, RMSNorm, add_layer_norm, layer_norm, rms_norm
 
 __all__ = ["PatchEntry", "PatchReport", "patch", "unpatch", "override_sdpa"]
@@ -159,8 +160,8 @@ def plain_linear(module) -> bool:
     """An ``nn.Linear`` whose forward is ``nn.Linear.forward`` (parametrized weights are fine: they are
     read through ``.weight``), which has no hooks and whose weight is not a DTensor (tensor parallelism's
     sharded Linears keep their own forward)."""
-    return (isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward and not has_hooks(module)
-            and type(module.weight).__name__ != "DTensor")
+    return (isinstance(module, nn.Linear) and type(module).forward in (nn.Linear.forward, FP8Linear.forward)
+            and not has_hooks(module) and type(module.weight).__name__ != "DTensor")
 
 
 def dropout_draws(module) -> bool:
@@ -221,7 +222,7 @@ GATED = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu_tanh"}
 
 
 def fused_ffn(x, weight1, bias1, act, weight2, bias2, *, dropout=None, weight_gate=None, bias_gate=None,
-              gated: bool = False):
+              gated: bool = False, scales=(None, None, None)):
     """``act(x W1^T + b1) W2^T + b2`` (dropout between, if given) through :func:`transformer_kernels.ffn`, or None
     when that cannot reproduce the original exactly right now (the caller then runs its own code).
 
@@ -230,6 +231,10 @@ def fused_ffn(x, weight1, bias1, act, weight2, bias2, *, dropout=None, weight_ga
     Conv1D passes ``weight.t()``). None is returned for: an activation the installed kernels lack,
     dropout that would draw random numbers, global module hooks, dtypes/devices the kernel does not
     take. The caller checks that the modules it fuses are plain and hook-free.
+
+    ``scales``: ``(weight1_scale, weight2_scale, weight_gate_scale)`` of FP8 weights
+    (:func:`transformer_kernels.quantize_fp8`): the call is then :func:`transformer_kernels.ffn`'s FP8 one,
+    with x cast as autocast would and the biases in x's dtype.
     """
     name = activation_name(act)
     if gated and name is not None:
@@ -239,6 +244,15 @@ def fused_ffn(x, weight1, bias1, act, weight2, bias2, *, dropout=None, weight_ga
     if dropout is not None and has_hooks(dropout):
         return None
     extra_tensors = (weight_gate, bias_gate) if gated else ()
+    if scales[0] is not None:  # FP8 weights
+        (x,) = cast_like_autocast("linear", x.device.type, x)
+        if x.dtype not in KERNEL_DTYPES or x.is_nested:
+            return None
+        bias1, bias2, bias_gate = (b if b is None else b.to(x.dtype) for b in (bias1, bias2, bias_gate))
+        extra = {"weight_gate": weight_gate, "bias_gate": bias_gate, "weight_gate_scale": scales[2]} if gated else {}
+        with autocast_off(x.device.type):
+            return ffn(x, weight1, bias1, weight2, bias2, activation=name, weight1_scale=scales[0],
+                       weight2_scale=scales[1], **extra)
     tensors = cast_like_autocast("linear", x.device.type, x, weight1, bias1, weight2, bias2, *extra_tensors)
     if not kernel_can_take(*tensors) or tensors[0].dim() < 1:
         return None
@@ -251,7 +265,8 @@ def fused_linear_ffn(x, linear1, act, linear2, dropout=None):
     """:func:`fused_ffn` for two ``nn.Linear`` (None unless both are plain and hook-free)."""
     if not (plain_linear(linear1) and plain_linear(linear2)):
         return None
-    return fused_ffn(x, linear1.weight, linear1.bias, act, linear2.weight, linear2.bias, dropout=dropout)
+    return fused_ffn(x, linear1.weight, linear1.bias, act, linear2.weight, linear2.bias, dropout=dropout,
+                     scales=(fp8_scale(linear1), fp8_scale(linear2), None))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -481,6 +496,9 @@ class _FeedForwardBlockMixin:
     _kernels_fuse_ffn = True
     _kernels_ff_dropout = "dropout2"  # the dropout after the block: dropout2 (encoder), dropout3 (decoder)
 
+    def _fp8_linears(self):  # transformer_kernels.quantize_fp8
+        return (self.linear1, self.linear2) if self._kernels_fuse_ffn else None
+
     def _ff_block(self, x):
         y = None
         if self._kernels_fuse_ffn:
@@ -529,6 +547,10 @@ class _SequentialMLPMixin:
         if parts is not None and not (parts[4] is not None and (dropout_draws(parts[4]) or has_hooks(parts[4]))):
             y = fused_linear_ffn(input, parts[0], parts[1], parts[3], parts[2])
         return super().forward(input) if y is None else y
+
+    def _fp8_linears(self):  # transformer_kernels.quantize_fp8
+        parts = mlp_parts(self)
+        return None if parts is None else (parts[0], parts[3])
 
 
 def mlp_parts(seq: nn.Sequential):

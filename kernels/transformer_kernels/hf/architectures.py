@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from .. import patching
 from ..patching import Leave, Options, Replace, activation_name, fused_ffn, has_hooks, kernel_can_take, plain_linear
+from ..quantize import fp8_scale
 from ._common import _ffn_refusal, _forward_is, _hf_module
 
 
@@ -68,8 +69,11 @@ class _GatedMLPMixin:
         if all(plain_linear(p) for p in parts):
             y = fused_ffn(x, self.up_proj.weight, self.up_proj.bias, self.act_fn, self.down_proj.weight,
                           self.down_proj.bias, weight_gate=self.gate_proj.weight, bias_gate=self.gate_proj.bias,
-                          gated=True)
+                          gated=True, scales=tuple(fp8_scale(p) for p in (self.up_proj, self.down_proj, self.gate_proj)))
         return super().forward(x) if y is None else y
+
+    def _fp8_linears(self):  # transformer_kernels.quantize_fp8
+        return self.gate_proj, self.up_proj, self.down_proj
 
 
 def _plain_conv1d(m) -> bool:
@@ -88,6 +92,11 @@ class _GPT2MLPMixin:
                           self.c_proj.bias)
         return super().forward(hidden_states) if y is None else self.dropout(y)
 
+    _fp8_skip_reason = "GPT-2's Conv1D weights (stored transposed): not quantized"
+
+    def _fp8_linears(self):
+        return None
+
 
 class _NeoXMLPMixin:
     """GPTNeoXMLP ``dense_4h_to_h(act(dense_h_to_4h(x)))`` as one transformer_kernels.ffn call."""
@@ -95,6 +104,9 @@ class _NeoXMLPMixin:
     def forward(self, hidden_states):
         y = patching.fused_linear_ffn(hidden_states, self.dense_h_to_4h, self.act, self.dense_4h_to_h)
         return super().forward(hidden_states) if y is None else y
+
+    def _fp8_linears(self):
+        return self.dense_h_to_4h, self.dense_4h_to_h
 
 
 class _T5DenseMixin:
@@ -105,6 +117,9 @@ class _T5DenseMixin:
         y = patching.fused_linear_ffn(hidden_states, self.wi, self.act, self.wo, dropout=self.dropout)
         return super().forward(hidden_states) if y is None else y
 
+    def _fp8_linears(self):
+        return self.wi, self.wo
+
 
 class _T5GatedDenseMixin:
     """T5DenseGatedActDense ``wo(dropout(act(wi_0(x)) * wi_1(x)))`` as one gated transformer_kernels.ffn call."""
@@ -114,8 +129,12 @@ class _T5GatedDenseMixin:
         y = None
         if all(plain_linear(p) for p in (gate, up, down)):
             y = fused_ffn(hidden_states, up.weight, up.bias, self.act, down.weight, down.bias, dropout=self.dropout,
-                          weight_gate=gate.weight, bias_gate=gate.bias, gated=True)
+                          weight_gate=gate.weight, bias_gate=gate.bias, gated=True,
+                          scales=(fp8_scale(up), fp8_scale(down), fp8_scale(gate)))
         return super().forward(hidden_states) if y is None else y
+
+    def _fp8_linears(self):
+        return self.wi_0, self.wi_1, self.wo
 
 
 class _CLIPMLPMixin:
@@ -125,6 +144,9 @@ class _CLIPMLPMixin:
     def forward(self, hidden_states):
         y = patching.fused_linear_ffn(hidden_states, self.fc1, self.activation_fn, self.fc2)
         return super().forward(hidden_states) if y is None else y
+
+    def _fp8_linears(self):
+        return self.fc1, self.fc2
 
 
 class _FusedGateUpMLPMixin:
@@ -136,11 +158,15 @@ class _FusedGateUpMLPMixin:
         y = None
         if plain_linear(fused) and plain_linear(down) and fused.weight.shape[0] % 2 == 0:
             d_ff = fused.weight.shape[0] // 2
-            bias = fused.bias
+            bias, scale = fused.bias, fp8_scale(fused)
             y = fused_ffn(hidden_states, fused.weight[d_ff:], None if bias is None else bias[d_ff:],
                           self.activation_fn, down.weight, down.bias, weight_gate=fused.weight[:d_ff],
-                          bias_gate=None if bias is None else bias[:d_ff], gated=True)
+                          bias_gate=None if bias is None else bias[:d_ff], gated=True,
+                          scales=(None, None, None) if scale is None else (scale[d_ff:], fp8_scale(down), scale[:d_ff]))
         return super().forward(hidden_states) if y is None else y
+
+    def _fp8_linears(self):
+        return self.gate_up_proj, self.down_proj
 
 
 class _BertLayerMixin:
@@ -152,10 +178,13 @@ class _BertLayerMixin:
         y = None
         if not (has_hooks(inter) or has_hooks(out)) and plain_linear(inter.dense) and plain_linear(out.dense):
             y = fused_ffn(attention_output, inter.dense.weight, inter.dense.bias, inter.intermediate_act_fn,
-                          out.dense.weight, out.dense.bias)
+                          out.dense.weight, out.dense.bias, scales=(fp8_scale(inter.dense), fp8_scale(out.dense), None))
         if y is None:
             return super().feed_forward_chunk(attention_output)
         return patching.add_and_norm(out.LayerNorm, out.dropout(y), attention_output)
+
+    def _fp8_linears(self):  # transformer_kernels.quantize_fp8
+        return self.intermediate.dense, self.output.dense
 
 
 class _BertSelfOutputMixin:

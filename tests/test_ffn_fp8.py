@@ -215,3 +215,53 @@ def test_quantize_fp8_makes_a_patched_model_fp8(tmp_path):
         tk.unpatch(model)
         unfused = model(x)  # nn.Sequential's own forward: FP8Linear, GELU, FP8Linear
         assert _rel(unfused, after) < 0.05  # (the unfused GELU runs on bf16-rounded pre-activations)
+
+
+@pytest.mark.parametrize("rms", [False, True])
+def test_norm_fp8_quantizes_what_the_norm_stores(rms):
+    """norm_fp8 = the (add &) norm's output quantized per token by quantize_rows, bit for bit, for a row in
+    registers and a wide row (more than the interpreter's 64-wide single pass); the sum comes back; the
+    FFN fed from it gives what the FFN gives from the stored norm."""
+    for n in (48, 200):
+        g = torch.Generator().manual_seed(n)
+        x, r = (torch.randn(5, n, generator=g).to(torch.bfloat16) for _ in range(2))
+        w, b = torch.randn(n, generator=g), None if rms else torch.randn(n, generator=g)
+        y_fp8, scale, z = tk.norm_fp8(x, n, w, b, rms=rms, residual=r)
+        assert tk.last_path("layer_norm") == "triton" and y_fp8.dtype == E4M3 and scale.shape == (5,)
+        stored, z_ref = (tk.add_rms_norm(x, r, n, w, prenorm=True) if rms
+                         else tk.add_layer_norm(x, r, n, w, b, prenorm=True))
+        q, s = ffn_fp8.quantize_rows(stored)
+        torch.testing.assert_close(y_fp8.float(), q.float(), rtol=0, atol=0)
+        torch.testing.assert_close(scale, s, rtol=0, atol=0)
+        torch.testing.assert_close(z, z_ref, rtol=0, atol=0)
+    y_plain, s_plain = tk.norm_fp8(x, n, w, b, rms=rms)  # no residual: two outputs
+    q, s = ffn_fp8.quantize_rows(tk.rms_norm(x, n, w) if rms else tk.layer_norm(x, n, w, b))
+    torch.testing.assert_close(y_plain.float(), q.float(), rtol=0, atol=0)
+    p = _weights(n, 64, False, seed=2)
+    args, kw = _quantized(p)
+    from_norm = tk.ffn(y_plain, *args, "gelu", input_scale=s_plain, **kw)
+    torch.testing.assert_close(from_norm, tk.ffn(tk.rms_norm(x, n, w) if rms else tk.layer_norm(x, n, w, b), *args,
+                                                 "gelu", **kw), rtol=0, atol=0)
+    with pytest.raises(InputValueError, match="inference-only"):
+        tk.norm_fp8(x, n, nn.Parameter(w), rms=rms)
+
+
+def test_quantized_prenorm_transformer_feeds_the_ffn_from_the_norm(monkeypatch):
+    """The pre-norm Transformer with FP8 FFN weights: each FFN's input comes from norm_fp8 in e4m3 (no
+    float activation reaches the first GEMM), and the logits stay close to the bf16 model's."""
+    from transformer import TransformerConfig, TransformerLM
+
+    torch.manual_seed(0)
+    cfg = TransformerConfig(vocab_size=64, d_model=64, num_heads=4, d_ff=128, num_encoder_layers=2,
+                            num_decoder_layers=2, norm_first=True, dropout=0.0, activation="gelu")
+    model = TransformerLM(cfg).to(torch.bfloat16).eval()
+    ids = torch.randint(0, 64, (2, 12))
+    seen = []
+    forward = ffn_fp8.ffn_fp8_forward
+    monkeypatch.setattr(ffn_fp8, "ffn_fp8_forward", lambda x, *a, **k: seen.append(x.dtype) or forward(x, *a, **k))
+    with torch.no_grad():
+        before = model(ids)
+        assert tk.quantize_fp8(model).quantized == ["layers.0.ffn", "layers.1.ffn"]
+        after = model(ids)
+    assert seen == [E4M3, E4M3]
+    assert _rel(after, before) < 0.1

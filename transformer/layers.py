@@ -100,11 +100,12 @@ class FeedForward(tk.FFN):
         super().__init__(d_model, d_ff, activation=activation)
         self.backend = check_backend(backend)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        if self.backend == "triton":
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                input_scale: torch.Tensor | None = None) -> torch.Tensor:
+        if self.backend == "triton" or input_scale is not None:
             if _is_dtensor(self.linear1.weight):  # tensor parallel (transformer.parallel.apply_tensor_parallel)
                 return _tensor_parallel_ffn(self, x, residual)
-            return super().forward(x, residual)  # transformer_kernels.ffn
+            return super().forward(x, residual, input_scale)  # transformer_kernels.ffn
         out = self.linear2(_TORCH_ACTIVATIONS[self.activation](self.linear1(x)))
         return out if residual is None else out + residual
 
@@ -306,8 +307,7 @@ class EncoderLayer(nn.Module):
         if not self.norm_first:
             x = self.norm1(attend(x), residual=x, dropout_p=p)
             return self.norm2(self.ffn(x), residual=x, dropout_p=p)
-        h, x = self.norm2(attend(self.norm1(x)), residual=x, dropout_p=p, prenorm=True)
-        return _add_sublayer(self.ffn, h, x, self.dropout)
+        return _prenorm_ffn(self.norm2, self.ffn, attend(self.norm1(x)), x, p, self.dropout)
 
 
 class DecoderLayer(nn.Module):
@@ -343,8 +343,7 @@ class DecoderLayer(nn.Module):
             x = self.norm2(attend_memory(x), residual=x, dropout_p=p)
             return self.norm3(self.ffn(x), residual=x, dropout_p=p)
         h, x = self.norm2(attend_self(self.norm1(x)), residual=x, dropout_p=p, prenorm=True)
-        h, x = self.norm3(attend_memory(h), residual=x, dropout_p=p, prenorm=True)
-        return _add_sublayer(self.ffn, h, x, self.dropout)
+        return _prenorm_ffn(self.norm3, self.ffn, attend_memory(h), x, p, self.dropout)
 
 
 def _add_sublayer(ffn: FeedForward, h: torch.Tensor, x: torch.Tensor, dropout: nn.Dropout) -> torch.Tensor:
@@ -352,6 +351,21 @@ def _add_sublayer(ffn: FeedForward, h: torch.Tensor, x: torch.Tensor, dropout: n
     if dropout.p > 0 and dropout.training:
         return x + dropout(ffn(h))
     return ffn(h, residual=x)
+
+
+def _prenorm_ffn(norm: LayerNorm, ffn: FeedForward, sublayer_out: torch.Tensor, x: torch.Tensor, p: float,
+                 dropout: nn.Dropout) -> torch.Tensor:
+    """The pre-norm block's tail ``s + Dropout(FFN(LayerNorm(s)))``, ``s = x + Dropout(sublayer_out)``.
+    With FP8 FFN weights (``transformer_kernels.quantize_fp8``) in inference, the norm writes its output
+    in e4m3 with per-token scales (``transformer_kernels.norm_fp8``): the FFN's input is quantized inside
+    the norm, and its first GEMM runs at the FP8 rate."""
+    if (isinstance(ffn.linear1, tk.FP8Linear) and norm.backend == "triton" and p == 0
+            and not (dropout.p > 0 and dropout.training)):
+        h, h_scale, x = tk.norm_fp8(sublayer_out, norm.normalized_shape, norm.weight, norm.bias, norm.eps,
+                                    residual=x)
+        return ffn(h, residual=x, input_scale=h_scale)
+    h, x = norm(sublayer_out, residual=x, dropout_p=p, prenorm=True)
+    return _add_sublayer(ffn, h, x, dropout)
 
 
 BACKEND_MODULES = (LayerNorm, FeedForward, MultiHeadAttention)

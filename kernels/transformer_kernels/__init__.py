@@ -18,7 +18,7 @@ from .flash_attn_interface import (
     flash_attn_varlen_qkvpacked_func,
     flash_attn_with_kvcache,
 )
-from .layer_norm import LayerNorm, RMSNorm, add_layer_norm, add_rms_norm, layer_norm, rms_norm
+from .layer_norm import LayerNorm, RMSNorm, add_layer_norm, add_rms_norm, layer_norm, norm_fp8, rms_norm
 from .patching import PatchEntry, PatchReport, override_sdpa, patch, unpatch
 from .quantize import FP8Linear, QuantizeReport, quantize_fp8
 from .rotary import apply_rotary_emb, apply_rotary_pos_emb
@@ -44,6 +44,7 @@ __all__ = [
     "rms_norm",
     "add_layer_norm",
     "add_rms_norm",
+    "norm_fp8",
     "LayerNorm",
     "RMSNorm",
     "ffn",

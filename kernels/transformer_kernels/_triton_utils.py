@@ -65,6 +65,17 @@ def to_fp8(x):
 
 
 @triton.jit
+def fp8_row_scales(amax):
+    """``(descale, multiplier)`` of rows quantized to e4m3 by their amax: ``amax / 448`` and ``448 / amax``,
+    both correctly rounded (``div_rn``; :func:`transformer_kernels.ffn_fp8.quantize_rows` divides the same
+    way), the amax floored so that the descale is at least fp32's smallest normal and the multiplier
+    finite (an all-zero row quantizes to zeros)."""
+    amax = tl.maximum(amax, 448.0 * 1.1754943508222875e-38)
+    fp8_max = tl.full(amax.shape, 448.0, tl.float32)
+    return tl.math.div_rn(amax, fp8_max), tl.math.div_rn(fp8_max, amax)
+
+
+@triton.jit
 def to_out(x, dtype: tl.constexpr):
     """fp32 ``x`` cast to ``dtype`` for a store. Triton 3.9's interpreter truncates fp32 -> bfloat16 (about
     half of random values land one bf16 ulp toward zero; a GPU rounds to nearest even): under it the

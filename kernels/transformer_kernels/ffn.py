@@ -47,7 +47,7 @@ import triton.language as tl
 from . import autotune, dispatch
 from ._triton_utils import (InputValueError, autocast_to, check_same, check_tensor, dot, dot_flags,
                             persistent_programs, pow2_bucket, scratch_allocator, tanh, tma_device, to_fp8,
-                            to_out)
+                            to_out, fp8_row_scales)
 
 
 PLAIN_ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "quick_gelu")
@@ -62,7 +62,7 @@ _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 _GELU_TANH_C = tl.constexpr(0.044715)
 _QUICK_GELU_C = tl.constexpr(1.702)
 _FP8_MAX = tl.constexpr(448.0)  # torch.finfo(torch.float8_e4m3fn).max
-_AMAX_FLOOR = tl.constexpr(448.0 * 1.1754943508222875e-38)  # the descale's floor: fp32's smallest normal
+_CLAMP_FP8 = tl.constexpr(dispatch.INTERPRETER)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -223,10 +223,9 @@ def _matmul_tile(
     b2_ptrs = B2 + rk[:, None] * stride_b2k + rn[None, :] * stride_b2n
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    quant = A_FP8 == "amax" or A_FP8 == "sweep"
     if A_FP8 == "e4m3":
         sa = tl.load(SA + rm, mask=m_ok, other=0.0)
-    elif quant:
+    elif A_FP8 == "amax" or A_FP8 == "sweep":
         if A_FP8 == "sweep":  # the row block's amax: a first pass whose tiles the product then rereads
             amax = tl.zeros([BLOCK_M], tl.float32)
             for k in range(0, K, BLOCK_K):
@@ -235,13 +234,11 @@ def _matmul_tile(
                 amax = tl.maximum(amax, tl.max(tl.abs(a.to(tl.float32)), axis=1))
         else:
             amax = tl.load(SA + rm, mask=m_ok, other=0.0)
-        amax = tl.maximum(amax, _AMAX_FLOOR)  # (448 / amax stays finite: an all-zero row quantizes to zeros)
-        sa = amax / _FP8_MAX  # the dynamic per-row descale
-        a_mult = _FP8_MAX / amax  # (reference: transformer_kernels.ffn_fp8.quantize_rows)
+        sa, a_mult = fp8_row_scales(amax)  # the dynamic per-row descale (ffn_fp8.quantize_rows's arithmetic)
     if TMA:
         for k in tl.range(0, K, BLOCK_K, warp_specialize=WS):
             a = _descriptor_load(a_desc, pid_m * BLOCK_M, k, A_COLS)
-            if quant:
+            if A_FP8 == "amax" or A_FP8 == "sweep":
                 a = _quantize_rows(a, a_mult)
             acc = dot(a, _descriptor_load(b_desc, k, pid_n * BLOCK_N, B_COLS), acc, UPCAST, PRECISION)
             if SECOND == "dual_b":
@@ -250,7 +247,7 @@ def _matmul_tile(
         for k in range(0, K, BLOCK_K):
             k_ok = (k + rk) < K
             a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            if quant:
+            if A_FP8 == "amax" or A_FP8 == "sweep":
                 a = _quantize_rows(a, a_mult)
             acc = dot(a, tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0), acc, UPCAST, PRECISION)
             if SECOND == "dual_b":
@@ -306,8 +303,14 @@ def _matmul_tile(
 
 @triton.jit
 def _quantize_rows(a, a_mult):
-    """A float tile as e4m3, row m scaled by ``a_mult[m]`` (448 / the row's amax), saturated."""
-    return to_fp8(tl.minimum(tl.maximum(a.to(tl.float32) * a_mult[:, None], -_FP8_MAX), _FP8_MAX))
+    """A float tile as e4m3, row m scaled by ``a_mult[m]`` (448 / the row's amax). |a| <= amax, so only
+    fp32 rounding can pass 448, by an ulp: the GPU's conversion saturates (``cvt.rn.satfinite``, the only
+    form PTX has for e4m3x2), the interpreter's is clamped first (two FMNMX per element less in the
+    compiled loop: 521 -> 393 instructions, benchmarks/NOTES.md)."""
+    x = a.to(tl.float32) * a_mult[:, None]
+    if _CLAMP_FP8:
+        x = tl.minimum(tl.maximum(x, -_FP8_MAX), _FP8_MAX)
+    return to_fp8(x)
 
 
 @triton.jit
@@ -813,13 +816,18 @@ def ffn_reference(input, weight1, bias1, weight2, bias2, activation="relu", *, w
     return out if residual is None else out + residual
 
 
-def _fp8_scales(*linears) -> dict:
-    """``ffn``'s FP8 scale arguments for the modules' Linears (weight1, weight2[, weight_gate]) once
-    :func:`transformer_kernels.quantize_fp8` made them FP8 (a ``weight_scale`` buffer); else nothing."""
+def _fp8_scales(*linears, input_scale=None, residual=None) -> dict:
+    """``ffn``'s FP8 arguments for the modules' Linears (weight1, weight2[, weight_gate]) once
+    :func:`transformer_kernels.quantize_fp8` made them FP8 (a ``weight_scale`` buffer); else nothing.
+    ``input_scale``: the input is e4m3 (:func:`transformer_kernels.norm_fp8`); the output then takes the
+    residual's dtype (bfloat16 without one)."""
     scales = [getattr(linear, "weight_scale", None) for linear in linears]
     if scales[0] is None:
-        return {}
-    return dict(zip(("weight1_scale", "weight2_scale", "weight_gate_scale"), scales))
+        return {} if input_scale is None else {"input_scale": input_scale}
+    found = dict(zip(("weight1_scale", "weight2_scale", "weight_gate_scale"), scales))
+    if input_scale is not None:
+        found.update(input_scale=input_scale, out_dtype=torch.bfloat16 if residual is None else residual.dtype)
+    return found
 
 
 class FFN(nn.Module):
@@ -833,7 +841,9 @@ class FFN(nn.Module):
         d_model: model width (512 in the paper's base model). d_ff: inner width (2048).
         activation: ``"relu"``, ``"gelu"``, ``"gelu_tanh"``, ``"silu"`` or ``"quick_gelu"``. bias: whether the projections
             have biases. recompute: see :func:`ffn`.
-    ``forward(x, residual=None)``: ``(..., d_model)`` in and out; ``residual`` is added in the epilogue.
+    ``forward(x, residual=None, input_scale=None)``: ``(..., d_model)`` in and out; ``residual`` is added
+    in the epilogue; after :func:`transformer_kernels.quantize_fp8`, ``x`` may be e4m3 with its per-token
+    ``input_scale`` (:func:`transformer_kernels.norm_fp8`'s output), the output in the residual's dtype.
     """
 
     def __init__(self, d_model: int, d_ff: int, activation: str = "relu", bias: bool = True, recompute: bool = False,
@@ -846,9 +856,11 @@ class FFN(nn.Module):
         self.linear1 = nn.Linear(d_model, d_ff, bias=bias, device=device, dtype=dtype)
         self.linear2 = nn.Linear(d_ff, d_model, bias=bias, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, input_scale: torch.Tensor | None = None,
+                ) -> torch.Tensor:
         return ffn(x, self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias, self.activation,
-                   residual=residual, recompute=self.recompute, **_fp8_scales(self.linear1, self.linear2))
+                   residual=residual, recompute=self.recompute,
+                   **_fp8_scales(self.linear1, self.linear2, input_scale=input_scale, residual=residual))
 
     def _fp8_linears(self):  # transformer_kernels.quantize_fp8
         return self.linear1, self.linear2
@@ -877,11 +889,13 @@ class GatedFFN(nn.Module):
         self.up_proj = nn.Linear(d_model, d_ff, bias=bias, device=device, dtype=dtype)
         self.down_proj = nn.Linear(d_ff, d_model, bias=bias, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, input_scale: torch.Tensor | None = None,
+                ) -> torch.Tensor:
         return ffn(x, self.up_proj.weight, self.up_proj.bias, self.down_proj.weight, self.down_proj.bias,
                    self.activation, weight_gate=self.gate_proj.weight, bias_gate=self.gate_proj.bias,
                    residual=residual, recompute=self.recompute,
-                   **_fp8_scales(self.up_proj, self.down_proj, self.gate_proj))
+                   **_fp8_scales(self.up_proj, self.down_proj, self.gate_proj, input_scale=input_scale,
+                                 residual=residual))
 
     def _fp8_linears(self):  # transformer_kernels.quantize_fp8
         return self.gate_proj, self.up_proj, self.down_proj

@@ -47,9 +47,10 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     its row (shape ``x.shape[:-1]``), so ``x ~ x_fp8.float() * scale[..., None]``. Per token for
     activations, per output channel for an ``nn.Linear`` weight (d_out, d_in). An all-zero row gets
     fp32's smallest normal as its scale (its values stay 0). The kernels quantize with the same arithmetic
-    (``x * (448 / amax)``, rounded to nearest even and saturated)."""
+    (``x * (448 / amax)``, both divisions correctly rounded, then to nearest even, saturated)."""
     amax = x.detach().float().abs().amax(-1).clamp_min(_AMAX_FLOOR)
-    return (x.detach().float() * (FP8_MAX / amax)[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), amax / FP8_MAX
+    fp8_max = torch.full_like(amax, FP8_MAX)  # (a scalar / tensor multiplies by the reciprocal: two roundings)
+    return (x.detach().float() * (fp8_max / amax)[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), amax / fp8_max
 
 
 def dequantize_rows(x_fp8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,11 @@ import triton
 import triton.language as tl
 
 from . import dispatch
-from ._triton_utils import InputTypeError, InputValueError, check_same, check_tensor
+from ._triton_utils import (InputTypeError, InputValueError, check_same, check_tensor, fp8_row_scales, to_fp8,
+                            to_out)
+
+_FP8_MAX = tl.constexpr(448.0)  # e4m3 (transformer_kernels.ffn_fp8)
+_CLAMP_FP8 = tl.constexpr(dispatch.INTERPRETER)
 
 # Rows up to this many values stay in registers (one pass); wider rows loop over chunks of
 # _CHUNK_N. Both are spill-free on sm_80 and sm_90a (python -m transformer_kernels.static_check). The interpreter
@@ -63,15 +67,29 @@ def _load_z(X, RES, rows, cols, mask, stride_xm, stride_xn, stride_rm, stride_rn
 
 
 @triton.jit
+def _affine(z, mean, rstd, W, B, cols, col_ok, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    y = (z - mean[:, None]) * rstd[:, None]
+    if HAS_WEIGHT:
+        y = y * tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    return y
+
+
+@triton.jit
 def _norm_fwd_kernel(
-    X, RES, W, B, Y, Z, MEAN, RSTD,
+    X, RES, W, B, Y, Z, MEAN, RSTD, YS,
     stride_xm, stride_xn, stride_rm, stride_rn, stride_ym, stride_zm,
     M, N, eps, dropout_p, dropout_scale, seed,
     IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     DROPOUT: tl.constexpr, STORE_Z: tl.constexpr, SINGLE_PASS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP8_OUT: tl.constexpr = False,
 ):
-    """y = norm(z) * w + b for BLOCK_M rows, z = dropout(x) + residual; writes z when asked, and mean/rstd."""
+    """y = norm(z) * w + b for BLOCK_M rows, z = dropout(x) + residual; writes z when asked, and mean/rstd.
+
+    ``FP8_OUT``: Y is e4m3, each row quantized with the dynamic scale amax / 448 of its values as x's
+    dtype would store them (so an FP8 FFN fed from here computes what it computes from the stored
+    norm), the scale written to YS (float32, per row). Wide rows take one more pass for the amax."""
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     row_ok = rows < M
     offs = tl.arange(0, BLOCK_N)
@@ -107,6 +125,19 @@ def _norm_fwd_kernel(
     tl.store(RSTD + rows, rstd, mask=row_ok)
     if not IS_RMS:
         tl.store(MEAN + rows, mean, mask=row_ok)
+    if FP8_OUT:  # the row's amax of y (as x's dtype stores it): from registers, or one more sweep
+        amax = tl.zeros([BLOCK_M], tl.float32)
+        for c0 in range(0, N, BLOCK_N):
+            cols = c0 + offs
+            col_ok = cols < N
+            mask = row_ok[:, None] & col_ok[None, :]
+            if not SINGLE_PASS:
+                z = _load_z(X, RES, rows, cols, mask, stride_xm, stride_xn, stride_rm, stride_rn, N,
+                            dropout_p, dropout_scale, seed, HAS_RESIDUAL, DROPOUT)
+            y = to_out(_affine(z, mean, rstd, W, B, cols, col_ok, HAS_WEIGHT, HAS_BIAS), X.dtype.element_ty)
+            amax = tl.maximum(amax, tl.max(tl.where(mask, tl.abs(y.to(tl.float32)), 0.0), 1))
+        y_scale, y_mult = fp8_row_scales(amax)
+        tl.store(YS + rows, y_scale, mask=row_ok)
 
     for c0 in range(0, N, BLOCK_N):  # one iteration in single-pass mode
         cols = c0 + offs
@@ -117,12 +148,14 @@ def _norm_fwd_kernel(
                         dropout_p, dropout_scale, seed, HAS_RESIDUAL, DROPOUT)
         if STORE_Z:
             tl.store(Z + rows[:, None] * stride_zm + cols[None, :], z.to(Z.dtype.element_ty), mask=mask)
-        y = (z - mean[:, None]) * rstd[:, None]
-        if HAS_WEIGHT:
-            y = y * tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        if HAS_BIAS:
-            y = y + tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(Y + rows[:, None] * stride_ym + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+        y = _affine(z, mean, rstd, W, B, cols, col_ok, HAS_WEIGHT, HAS_BIAS)
+        if FP8_OUT:
+            y = to_out(y, X.dtype.element_ty).to(tl.float32) * y_mult[:, None]
+            if _CLAMP_FP8:  # (the GPU's e4m3 conversion saturates)
+                y = tl.minimum(tl.maximum(y, -_FP8_MAX), _FP8_MAX)
+            tl.store(Y + rows[:, None] * stride_ym + cols[None, :], to_fp8(y), mask=mask)
+        else:
+            tl.store(Y + rows[:, None] * stride_ym + cols[None, :], to_out(y, Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -244,12 +277,14 @@ def _dropout_args(dropout_p: float, seed: int) -> dict:
 
 
 def norm_forward(x, residual, weight, bias, eps: float, *, is_rms: bool, dropout_p: float = 0.0, seed: int = 0,
-                 y=None, z=None):
+                 y=None, z=None, y_scale=None):
     """Launch the forward on ``(M, N)`` views (any strides). Returns ``(y, z, mean, rstd)``: ``y`` and ``z``
     (= dropout(x) + residual, written only when there is a residual or dropout, else None) in x's dtype;
-    ``mean`` (None for RMSNorm) and ``rstd`` fp32 ``(M,)``."""
+    ``mean`` (None for RMSNorm) and ``rstd`` fp32 ``(M,)``. ``y_scale`` (float32 (M,)): ``y`` is e4m3,
+    quantized per row, its scales written there."""
     m, n = x.shape
-    y = torch.empty((m, n), device=x.device, dtype=x.dtype) if y is None else y
+    y_dtype = torch.float8_e4m3fn if y_scale is not None else x.dtype
+    y = torch.empty((m, n), device=x.device, dtype=y_dtype) if y is None else y
     store_z = residual is not None or dropout_p > 0
     if store_z and z is None:
         z = torch.empty((m, n), device=x.device, dtype=x.dtype)
@@ -261,10 +296,10 @@ def norm_forward(x, residual, weight, bias, eps: float, *, is_rms: bool, dropout
     res = residual if residual is not None else x
     _norm_fwd_kernel[(triton.cdiv(m, tiles["BLOCK_M"]),)](
         x, res, weight, bias, y, z if store_z else y, mean if mean is not None else rstd, rstd,
-        x.stride(0), x.stride(1), res.stride(0), res.stride(1), y.stride(0), (z if store_z else y).stride(0),
+        y_scale if y_scale is not None else rstd, x.stride(0), x.stride(1), res.stride(0), res.stride(1), y.stride(0), (z if store_z else y).stride(0),
         m, n, eps, **_dropout_args(dropout_p, seed),
         IS_RMS=is_rms, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-        DROPOUT=dropout_p > 0, STORE_Z=store_z, **tiles,
+        DROPOUT=dropout_p > 0, STORE_Z=store_z, FP8_OUT=y_scale is not None, **tiles,
     )
     dispatch.record_launch("layer_norm_fwd")
     return y, z, mean, rstd
@@ -490,6 +525,78 @@ def add_rms_norm(input, residual, normalized_shape, weight=None, eps=None, dropo
     shape = _normalized_shape(normalized_shape, "add_rms_norm")
     return _norm("add_rms_norm", input, shape, weight, None, eps, is_rms=True, residual=residual,
                  dropout_p=dropout_p, prenorm=prenorm)
+
+
+@torch.library.custom_op("transformer_kernels::norm_forward_fp8", mutates_args=())
+def _norm_forward_fp8_op(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+                         bias: Optional[torch.Tensor], eps: float, is_rms: bool,
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y e4m3, y_scale float32 (M,), z or empty)."""
+    scale = torch.empty(x.shape[0], device=x.device, dtype=torch.float32)
+    y, z, _, _ = norm_forward(x, residual, weight, bias, eps, is_rms=is_rms, y_scale=scale)
+    return y, scale, x.new_empty(0) if z is None else z
+
+
+@_norm_forward_fp8_op.register_fake
+def _(x, residual, weight, bias, eps, is_rms):
+    m, n = x.shape
+    return (x.new_empty((m, n), dtype=torch.float8_e4m3fn), x.new_empty(m, dtype=torch.float32),
+            x.new_empty((m, n)) if residual is not None else x.new_empty(0))
+
+
+def norm_fp8(input, normalized_shape, weight=None, bias=None, eps=None, *, rms=False, residual=None):
+    """LayerNorm (or RMSNorm with ``rms=True``) whose output is e4m3, quantized per row (token) with a
+    dynamic scale in the same kernel: what an FP8 feed-forward network takes as its input
+    (:func:`transformer_kernels.ffn` with ``input_scale``), so the activation is quantized inside the
+    norm rather than in a pass of its own (issue 22; the per-token scaling of ``torch._scaled_mm``).
+
+    Computes y as :func:`layer_norm` / :func:`rms_norm` (with ``residual``: of ``residual + input``, as
+    :func:`add_layer_norm` with ``prenorm=True``), rounds it to input's dtype as that function would
+    store it, and returns ``y_fp8 = e4m3(y * 448 / amax_row)`` with ``y_scale = amax_row / 448``, so
+    ``y ~ y_fp8.float() * y_scale[..., None]`` (:func:`transformer_kernels.ffn_fp8.quantize_rows`'s
+    arithmetic: ``ffn(norm_fp8(x)...)`` equals ``ffn(layer_norm(x))`` with FP8 weights bit for bit).
+
+    Args:
+        input: ``(*, *normalized_shape)`` float16, bfloat16 or float32. weight, bias: as :func:`layer_norm`
+            (RMSNorm takes no bias). eps: default 1e-5 (LayerNorm) or ``torch.finfo(input.dtype).eps``
+            (RMSNorm, as ``F.rms_norm``). residual: optional, input's shape and dtype.
+
+    Returns:
+        ``(y_fp8, y_scale)``: float8_e4m3fn of input's shape and float32 of shape ``input.shape[:-len(
+        normalized_shape)]``; with ``residual``, ``(y_fp8, y_scale, residual + input)``, the sum in input's
+        dtype (the pre-norm residual stream).
+
+    Raises:
+        As :func:`layer_norm`; ``ValueError`` also for a tensor that requires grad while autograd records
+        (inference only: no backward).
+    """
+    op = "norm_fp8"
+    shape = _normalized_shape(normalized_shape, op)
+    if rms and bias is not None:
+        raise InputValueError(f"{op}: RMSNorm (rms=True) takes no bias")
+    eps = (torch.finfo(input.dtype).eps if rms and isinstance(input, torch.Tensor) and input.is_floating_point()
+           else 1e-5) if eps is None else eps
+    _check_norm_inputs(op, input, shape, weight, bias, eps, residual)
+    if input.dtype == torch.float64:
+        raise InputTypeError(f"{op}: input is float64; FP8 output takes float16, bfloat16 or float32 input")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias, residual)):
+        raise InputValueError(f"{op}: FP8 output is inference-only (no backward); run under torch.no_grad() or "
+                              f"torch.inference_mode()")
+    n = math.prod(shape)
+    lead = input.shape[:input.dim() - len(shape)]
+    from .ffn_fp8 import on_triton, quantize_rows
+    if not on_triton(input) or input.numel() == 0:
+        dispatch.record_path("layer_norm", "torch")
+        y, z = norm_reference(input, shape, weight, bias, eps, is_rms=rms, residual=residual, return_residual=True)
+        y_fp8, scale = quantize_rows(y.reshape(-1, n))
+        out = (y_fp8.view(input.shape), scale.view(lead))
+        return out if residual is None else (*out, z)
+    dispatch.record_path("layer_norm", "triton")
+    flat = lambda t: None if t is None else t.reshape(n).contiguous()  # noqa: E731
+    y, scale, z = _norm_forward_fp8_op(input.reshape(-1, n), None if residual is None else residual.reshape(-1, n),
+                                       flat(weight), flat(bias), float(eps), bool(rms))
+    out = (y.view(input.shape), scale.view(lead))
+    return out if residual is None else (*out, z.view(input.shape))
 
 
 def norm_reference(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, is_rms=False, residual=None,

@@ -46,6 +46,7 @@ from . import autotune, static_model
 # The package re-exports functions named ffn and layer_norm, which shadow these modules as attributes.
 attention = importlib.import_module("transformer_kernels.attention")
 ffn = importlib.import_module("transformer_kernels.ffn")
+ffn_fp8 = importlib.import_module("transformer_kernels.ffn_fp8")
 dispatch = importlib.import_module("transformer_kernels.dispatch")
 layer_norm = importlib.import_module("transformer_kernels.layer_norm")
 rotary = importlib.import_module("transformer_kernels.rotary")
@@ -265,6 +266,23 @@ def _record_launches() -> list[Launch]:
                                                 use_torch_gemm=torch_gemm)
                     ffn.ffn_backward(y, x, w1, b1, w2, wg, bg, h, aux, activation=activation, needs=[True] * 7,
                                      use_torch_gemm=torch_gemm)
+    # FP8 inference (sm_80 has no FP8 tensor cores: the FFN refuses there): e4m3 weights, a bf16 input
+    # quantized inside the first GEMM, or an e4m3 one with its per-token scale
+    if dispatch.target_arch(torch.device("meta")) != "sm_80":
+        for activation in ("gelu", "swiglu"):
+            gated = activation in ffn.GATED_ACTIVATIONS
+            w1, w2 = (torch.empty(4096, 1024, dtype=torch.float8_e4m3fn, **meta),
+                      torch.empty(1024, 4096, dtype=torch.float8_e4m3fn, **meta))
+            s1, s2 = torch.empty(4096, **meta), torch.empty(1024, **meta)
+            b1, b2 = torch.empty(4096, dtype=torch.bfloat16, **meta), torch.empty(1024, dtype=torch.bfloat16, **meta)
+            for name, x in (("bfloat16", torch.empty(4096, 1024, dtype=torch.bfloat16, **meta)),
+                            ("float8_e4m3fn", torch.empty(4096, 1024, dtype=torch.float8_e4m3fn, **meta))):
+                sx = torch.empty(4096, **meta) if x.dtype == torch.float8_e4m3fn else None
+                with _recording(ffn, ffn_kernels, launches, f"ffn fp8 {activation} input={name}"):
+                    ffn_fp8.ffn_fp8_forward(x, w1, s1, b1, w2, s2, b2, activation=activation,
+                                            wg=w1 if gated else None, sg=s1 if gated else None,
+                                            bg=b1 if gated else None, residual=b2.expand(4096, 1024),
+                                            input_scale=sx, out_dtype=torch.bfloat16)
 
     # transformers' rotary form (kernelize's rotary_pos_emb): q as transformers hands it, (b, h, s, d) viewed
     # from (b, s, h, d); cos/sin (b, s, d) broadcast over heads; forward and the conjugate (backward)
@@ -355,7 +373,7 @@ QUICK_CASES = (
     "attention float16 d=128 decode", "attention float32 d=64 causal", "attention dropout mask",
     "layer_norm float16 N=4096", f"add_layer_norm+dropout float16 N={4 * layer_norm.MAX_SINGLE_PASS_N}",
     "ffn float16 gelu triton", "ffn float16 gelu cublas+fused", "ffn bfloat16 swiglu triton",
-    "rotate_half bfloat16 d=128", "attention float8_e4m3fn d=128 causal",
+    "rotate_half bfloat16 d=128", "attention float8_e4m3fn d=128 causal", "ffn fp8 swiglu input=bfloat16",
 )
 
 

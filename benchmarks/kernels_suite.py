@@ -221,6 +221,61 @@ def attention_fp8_rows(cfg: Config, device: str, limits: dict) -> list[dict]:
     return rows
 
 
+def ffn_fp8_rows(cfg: Config, device: str, limits: dict) -> list[dict]:
+    """Inference forward of the FFN at the suite's widths, prefill (``ffn_tokens``) and decode (16 tokens):
+    our FP8 (e4m3 weights per output channel; the input in bf16, or already e4m3 per token as
+    ``norm_fp8`` hands it over) against our bf16 and torch's own FP8 route (per-token quantization by
+    torch ops, ``torch._scaled_mm`` row-wise) and bf16 eager (issue 22). Needs compute capability 8.9+."""
+    from transformer_kernels import ffn_fp8
+
+    rows = []
+    fp8_ok = device == "cuda" and torch.cuda.get_device_capability() >= (8, 9)
+    for d_model in cfg.ffn_widths:
+        d_ff = 4 * d_model
+        for tokens in (cfg.ffn_tokens, 16):
+            for activation in ("gelu_tanh", "swiglu"):
+                gated = activation == "swiglu"
+                make = lambda *s: torch.randn(*s, device=device, dtype=torch.bfloat16) / s[-1] ** 0.5  # noqa: E731
+                x, w1, w2, wg = make(tokens, d_model), make(d_ff, d_model), make(d_model, d_ff), make(d_ff, d_model)
+                (q1, s1), (q2, s2), (qg, sg) = (ffn_fp8.quantize_rows(w) for w in (w1, w2, wg))
+                xq, sx = ffn_fp8.quantize_rows(x)
+                gate = dict(weight_gate=qg, weight_gate_scale=sg) if gated else {}
+                flops = (3 if gated else 2) * 2 * tokens * d_model * d_ff
+                eager = _eager_ffn(activation)
+                act = {"gelu_tanh": lambda h: F.gelu(h, approximate="tanh"), "swiglu": F.silu}[activation]
+
+                def scaled_mm():  # torch's FP8 route, quantizing x and h per token with torch ops
+                    def mm(a, w, sw):
+                        aq, sa = ffn_fp8.quantize_rows(a)
+                        return torch._scaled_mm(aq, w.t(), scale_a=sa[:, None], scale_b=sw[None, :],
+                                                out_dtype=torch.bfloat16)
+                    h = act(mm(x, qg, sg)) * mm(x, q1, s1) if gated else act(mm(x, q1, s1))
+                    return mm(h, q2, s2)
+
+                variants = {
+                    "ours FP8, bf16 input": (lambda: tk.ffn(x, q1, None, q2, None, activation, weight1_scale=s1,
+                                                           weight2_scale=s2, **gate)) if fp8_ok else None,
+                    "ours FP8, e4m3 input (norm_fp8)": (lambda: tk.ffn(xq, q1, None, q2, None, activation,
+                                                                      weight1_scale=s1, weight2_scale=s2,
+                                                                      input_scale=sx, **gate)) if fp8_ok else None,
+                    "torch._scaled_mm FP8 (row-wise)": scaled_mm if fp8_ok else None,
+                    "ours bf16": (lambda: tk.ffn(x, w1, None, w2, None, activation, weight_gate=wg if gated else None))
+                    if device == "cuda" else None,
+                    "torch eager bf16": lambda: eager(x, w1, None, w2, None, wg),
+                }
+                for label, fn in variants.items():
+                    with torch.no_grad():
+                        row = _timed(label, fn, device, d_model=d_model, d_ff=d_ff, tokens=tokens,
+                                     activation=activation, flops=flops)
+                    if fn is None and device == "cuda":
+                        row["status"] = "not timed: no FP8 tensor cores (compute capability < 8.9)"
+                    if row["status"] == "measured":
+                        row["tflop_per_s"] = flops / row["time"]["median_s"] / 1e12
+                        row["pct_of_matmul_peak"] = 100 * row["tflop_per_s"] / limits["matmul_tflop_per_s"]
+                    rows.append(row)
+    return rows
+
+
 # --------------------------------------------------------------------------------------------------
 def training_step_rows(cfg: Config, device: str, dtype) -> list[dict]:
     """Tokens/s of one optimizer step of the paper's base model (Vaswani et al., 2017, Table 3)."""
@@ -261,6 +316,7 @@ def run(cfg: Config, device: str, progress: bool = True) -> dict:
                           ("ffn", lambda: ffn_rows(cfg, device, dtype, limits)),
                           ("attention", lambda: attention_rows(cfg, device, dtype, limits)),
                           ("attention_fp8", lambda: attention_fp8_rows(cfg, device, limits)),
+                          ("ffn_fp8", lambda: ffn_fp8_rows(cfg, device, limits)),
                           ("training_step", lambda: training_step_rows(cfg, device, dtype))),
                          desc="kernels", disable=not progress, unit="section"):
         sections[name] = fn()

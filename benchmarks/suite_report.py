@@ -214,6 +214,13 @@ def write_kernels(results: dict, out: Path) -> list[Path]:
                          [[r["peer"], r["batch"], r["heads"], r["seqlen"], r["head_dim"], r["causal"], _ms(r, "time"),
                            _fmt(r.get("tflop_per_s")), _fmt(r.get("pct_of_matmul_peak")), r["status"]] for r in fp8]),
                   ""]
+    ffn8 = results.get("ffn_fp8", [])  # runs before issue 22, item 2 have none
+    if ffn8:
+        lines += ["## FFN forward for inference: FP8 (e4m3) against bf16 (% of the bf16 matmul peak)", "",
+                  _table(["peer", "activation", "d_model", "tokens", "ms", "TFLOP/s", "% of matmul peak", "status"],
+                         [[r["peer"], r["activation"], r["d_model"], r["tokens"], _ms(r, "time"),
+                           _fmt(r.get("tflop_per_s")), _fmt(r.get("pct_of_matmul_peak")), r["status"]] for r in ffn8]),
+                  ""]
     step = results["training_step"]
     lines += ["## Training step of the base Transformer (forward, label-smoothed loss, backward, Adam)", "",
               _table(["peer", "sentences x length", "d_model", "ms", "tokens/s", "status"],
@@ -222,7 +229,8 @@ def write_kernels(results: dict, out: Path) -> list[Path]:
     lines += ["![layer norm](layer_norm.png)", ""]
     (out / "report.md").write_text("\n".join(lines))
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    _write_csv([dict(section=s, **r) for s in ("layer_norm", "ffn", "attention", "attention_fp8", "training_step")
+    _write_csv([dict(section=s, **r) for s in ("layer_norm", "ffn", "attention", "attention_fp8", "ffn_fp8",
+                                                     "training_step")
                 for r in results.get(s, [])],
                out / "results.csv")
     return [out / "report.md", out / "results.json", out / "results.csv", _layer_norm_plot(ln, out / "layer_norm.png")]

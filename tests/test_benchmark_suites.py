@@ -53,6 +53,9 @@ def test_kernels_suite(tmp_path):
     fp8 = {r["peer"]: r["status"] for r in results["attention_fp8"]}
     assert fp8["torch SDPA bf16"] == "measured" and fp8["ours FP8 (e4m3)"].startswith("not timed")
     assert "FP8 (e4m3) against bf16" in (tmp_path / "kernels" / "report.md").read_text()
+    ffn8 = {r["peer"]: r["status"] for r in results["ffn_fp8"]}
+    assert ffn8["torch eager bf16"] == "measured" and ffn8["ours FP8, bf16 input"].startswith("not timed")
+    assert "FFN forward for inference: FP8" in (tmp_path / "kernels" / "report.md").read_text()
     eager_ffn = [r for r in results["ffn"] if r["peer"] == "torch eager"]
     assert all(r["tflop_per_s"] > 0 and r["activation_bytes"] > 0 for r in eager_ffn)
     assert results["device_limits"]["copy_gb_per_s"] > 0 and results["device_limits"]["matmul_tflop_per_s"] > 0

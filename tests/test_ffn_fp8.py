@@ -265,3 +265,27 @@ def test_quantized_prenorm_transformer_feeds_the_ffn_from_the_norm(monkeypatch):
         after = model(ids)
     assert seen == [E4M3, E4M3]
     assert _rel(after, before) < 0.1
+
+
+def test_quantize_fp8_kv_cache_of_the_transformer():
+    """kv_cache=True: the model's decoding caches are e4m3, their descales set per (sequence, head) by the
+    prompt, appends quantized by the decoding kernel; cached decoding stays close to the full forward."""
+    from transformer import TransformerConfig, TransformerLM
+
+    torch.manual_seed(1)
+    cfg = TransformerConfig(vocab_size=64, d_model=64, num_heads=4, d_ff=128, num_encoder_layers=2,
+                            num_decoder_layers=2, dropout=0.0, max_len=64)
+    model = TransformerLM(cfg).to(torch.bfloat16).eval()
+    ids = torch.randint(0, 64, (2, 9))
+    report = tk.quantize_fp8(model, kv_cache=True)
+    assert report.kv_cache_models == ["(model)"] and len(report.quantized) == 2
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.init_cache(2, 16)
+        assert cache[0].fp8 and cache[0].k_descale is None
+        count = tk.launch_count("attention_fwd")
+        steps = [model(ids[:, :6], cache=cache)] + [model(ids[:, i:i + 1], cache=cache) for i in range(6, 9)]
+        assert tk.launch_count("attention_fwd") > count and tk.last_path("attention") == "triton"
+    assert cache[0].k_descale.shape == (2, 4) and cache[0].lengths.tolist() == [9, 9]
+    assert (cache[0].k[:, :9].float().abs().amax(dim=(1, 3)) <= 448).all()
+    assert _rel(torch.cat(steps, 1), full) < 0.05

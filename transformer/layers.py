@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import transformer_kernels as tk
+from transformer_kernels.attention import fp8
 
 from .config import TransformerConfig, check_backend
 
@@ -45,6 +46,9 @@ class KVCache:
     v: torch.Tensor
     lengths: torch.Tensor
     static: bool = False
+    k_descale: torch.Tensor | None = None
+    v_descale: torch.Tensor | None = None
+    quantize_static: bool = False  # cross-attention: store the encoder's keys in e4m3 when first filled
 
     @classmethod
     def empty(cls, batch: int, max_len: int, num_heads: int, head_dim: int, *, device=None, dtype=None) -> "KVCache":
@@ -52,10 +56,29 @@ class KVCache:
         return cls(torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype),
                    torch.zeros(batch, dtype=torch.int32, device=device))
 
+    @property
+    def fp8(self) -> bool:
+        """An e4m3 cache (``transformer_kernels.quantize_fp8(model, kv_cache=True)``): a real value is
+        ``k.float() * k_descale[batch, head]``. The descales are set on the first append, per sequence and
+        head, from the prompt's amax with 2x headroom (``amax / 224``; vLLM's ``calculate_kv_scales``
+        likewise derives its scales from the first batch), and kept for the tokens that follow; a cross-
+        attention cache quantizes the encoder's keys exactly (``amax / 448``)."""
+        return self.k.dtype == torch.float8_e4m3fn
+
     def reorder(self, index: torch.Tensor) -> None:
         """Keep batch rows ``index`` (beam search), in place."""
         self.k, self.v, self.lengths = self.k.index_select(0, index), self.v.index_select(0, index), \
             self.lengths.index_select(0, index)
+        if self.k_descale is not None:
+            self.k_descale, self.v_descale = self.k_descale.index_select(0, index), self.v_descale.index_select(0, index)
+
+
+def _fp8_quantize(x: torch.Tensor, target: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x in e4m3, descale (batch, heads)) for ``x`` (batch, seqlen, heads, head_dim): each (sequence,
+    head)'s amax mapped to ``target`` (448: exact; less: headroom for values still to come)."""
+    amax = x.detach().float().abs().amax(dim=(1, 3))
+    descale = (amax / target).clamp_min(torch.finfo(torch.float32).tiny)
+    return fp8.to_e4m3(x, descale[:, None, :, None]), descale
 
 
 class LayerNorm(nn.LayerNorm):
@@ -208,6 +231,9 @@ class MultiHeadAttention(nn.Module):
             if memory is not None and cache.k.numel() == 0:
                 cache.k = self.k_proj(memory).unflatten(-1, (-1, self.head_dim))
                 cache.v = self.v_proj(memory).unflatten(-1, (-1, self.head_dim))
+                if cache.quantize_static:  # quantized exactly: the encoder's keys never grow
+                    (cache.k, cache.k_descale), (cache.v, cache.v_descale) = (_fp8_quantize(t, 448.0)
+                                                                              for t in (cache.k, cache.v))
             out = self._attend_cache(q, cache, new_k=None, new_v=None, causal=False)
         else:
             k = self.k_proj(x).unflatten(-1, (-1, self.head_dim))
@@ -218,6 +244,11 @@ class MultiHeadAttention(nn.Module):
 
     def _attend_cache(self, q, cache: KVCache, *, new_k, new_v, causal: bool) -> torch.Tensor:
         """(batch, t, heads, head_dim) attention of ``q`` over the cache (plus the appended new keys)."""
+        if cache.fp8:  # transformer_kernels' FP8 decoding (on a CPU without the interpreter: its PyTorch path)
+            if cache.k_descale is None:
+                cache.k_descale, cache.v_descale = (_fp8_quantize(t, 224.0)[1] for t in (new_k, new_v))
+            return tk.flash_attn_with_kvcache(q, cache.k, cache.v, new_k, new_v, cache_seqlens=cache.lengths,
+                                              causal=causal, k_descale=cache.k_descale, v_descale=cache.v_descale)
         if self.backend == "triton":
             return tk.flash_attn_with_kvcache(q, cache.k, cache.v, new_k, new_v, cache_seqlens=cache.lengths,
                                                    causal=causal)

@@ -132,10 +132,16 @@ class _TransformerBase(nn.Module):
             return given
         return None if self.config.pad_id is None else tokens != self.config.pad_id
 
+    # transformer_kernels.quantize_fp8(model, kv_cache=True) sets kv_cache_fp8: init_cache then allocates
+    # e4m3 caches (KVCache.fp8), the decoding kernel reads half the bytes
+    supports_fp8_kv_cache = True
+    kv_cache_fp8 = False
+
     def _new_cache(self, batch: int, max_len: int, device=None, dtype=None) -> KVCache:
         c = self.config
+        dtype = torch.float8_e4m3fn if self.kv_cache_fp8 else dtype or self.embedding.weight.dtype
         return KVCache.empty(batch, max_len, c.num_heads, c.d_model // c.num_heads,
-                             device=device or self.embedding.weight.device, dtype=dtype or self.embedding.weight.dtype)
+                             device=device or self.embedding.weight.device, dtype=dtype)
 
     def _check_tokens(self, tokens: torch.Tensor) -> None:
         if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int64, torch.int32):
@@ -206,7 +212,8 @@ class Transformer(_TransformerBase):
         lengths = torch.full((batch,), seqlen_src, dtype=torch.int32, device=memory.device) \
             if src_lengths is None else src_lengths.to(torch.int32)
         empty = memory.new_empty(0)
-        return [(self._new_cache(batch, max_len), KVCache(empty, empty, lengths, static=True))
+        return [(self._new_cache(batch, max_len), KVCache(empty, empty, lengths, static=True,
+                                                          quantize_static=self.kv_cache_fp8))
                 for _ in self.decoder.layers]
 
 

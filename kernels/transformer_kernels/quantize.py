@@ -12,8 +12,9 @@ The state_dict keys are those of vLLM's and compressed-tensors' per-channel FP8 
 (``weight`` e4m3, ``weight_scale``), with ``weight_scale`` of shape (out,).
 
 What it leaves alone, and says so in the report: GPT-2's ``Conv1D`` MLPs (weights stored transposed),
-attention projections, embeddings and heads. KV caches: :func:`transformer_kernels.flash_attn_with_kvcache`
-decodes from e4m3 caches (``k_descale`` / ``v_descale``); the model-level cache belongs to the caller.
+attention projections, embeddings and heads. KV caches (``kv_cache=True``): this repository's models
+allocate e4m3 caches; :func:`transformer_kernels.flash_attn_with_kvcache` decodes from any e4m3 cache
+(``k_descale`` / ``v_descale``), but a Hugging Face model's ``Cache`` object is transformers' own.
 """
 
 from __future__ import annotations
@@ -67,18 +68,21 @@ def fp8_scale(linear) -> torch.Tensor | None:
 @dataclasses.dataclass
 class QuantizeReport:
     """What :func:`quantize_fp8` did: ``quantized`` the FFN blocks whose Linears are now FP8 (module
-    paths), ``skipped`` the blocks it recognized but left alone, with why."""
+    paths), ``skipped`` the blocks it recognized but left alone, with why, ``kv_cache_models`` the models
+    that now decode from e4m3 caches."""
     quantized: list[str]
     skipped: dict[str, str]
+    kv_cache_models: list[str] = dataclasses.field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"FP8: {len(self.quantized)} feed-forward blocks quantized"]
         lines += [f"  {p}" for p in self.quantized]
         lines += [f"  left alone {p}: {why}" for p, why in self.skipped.items()]
+        lines += [f"FP8 KV cache: {p}" for p in self.kv_cache_models]
         return "\n".join(lines)
 
 
-def quantize_fp8(model: nn.Module) -> QuantizeReport:
+def quantize_fp8(model: nn.Module, *, kv_cache: bool = False) -> QuantizeReport:
     """Quantize, in place, the weights of every feed-forward block of ``model`` that runs on
     :func:`transformer_kernels.ffn` to e4m3 with per-output-channel scales (module docstring).
 
@@ -87,12 +91,21 @@ def quantize_fp8(model: nn.Module) -> QuantizeReport:
     under ``torch.no_grad()`` / ``torch.inference_mode()``; the quantized weights cannot train).
     Accuracy: README, "FP8 feed-forward".
 
+    ``kv_cache=True``: models that declare ``supports_fp8_kv_cache`` (this repository's ``Transformer``
+    and ``TransformerLM``) allocate their decoding caches in e4m3 from then on, read by
+    :func:`transformer_kernels.flash_attn_with_kvcache`'s FP8 path (``transformer.layers.KVCache.fp8``
+    says how their descales are chosen). Other models' caches are their own (a Hugging Face ``Cache``
+    object): ``kv_cache_models`` stays empty for them.
+
     Returns a :class:`QuantizeReport`. Raises ``TypeError`` if ``model`` is not an ``nn.Module``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize_fp8: model must be a torch.nn.Module, got {type(model).__name__}")
-    report = QuantizeReport([], {})
+    report = QuantizeReport([], {}, [])
     for path, module in model.named_modules():
+        if kv_cache and getattr(type(module), "supports_fp8_kv_cache", False):
+            module.kv_cache_fp8 = True
+            report.kv_cache_models.append(path or "(model)")
         find = getattr(module, "_fp8_linears", None)
         if find is None:
             continue

@@ -275,7 +275,14 @@ def _record_launches() -> list[Launch]:
                       torch.empty(1024, 4096, dtype=torch.float8_e4m3fn, **meta))
             s1, s2 = torch.empty(4096, **meta), torch.empty(1024, **meta)
             b1, b2 = torch.empty(4096, dtype=torch.bfloat16, **meta), torch.empty(1024, dtype=torch.bfloat16, **meta)
-            for name, x in (("bfloat16", torch.empty(4096, 1024, dtype=torch.bfloat16, **meta)),
+            x16 = torch.empty(4096, 1024, dtype=torch.bfloat16, **meta)
+            if activation == "gelu":  # the norm that hands the FFN its e4m3 input (transformer_kernels.norm_fp8)
+                with _recording(layer_norm, norm_kernels, launches, "norm_fp8 bfloat16 N=1024"):
+                    layer_norm.norm_forward(x16, x16, b2, b2, 1e-5, is_rms=False, y_scale=s1)
+                wide = torch.empty(64, 4 * layer_norm.MAX_SINGLE_PASS_N, dtype=torch.bfloat16, **meta)
+                with _recording(layer_norm, norm_kernels, launches, f"norm_fp8 bfloat16 N={wide.shape[1]}"):
+                    layer_norm.norm_forward(wide, None, wide[0], None, 1e-5, is_rms=True, y_scale=s1[:64])
+            for name, x in (("bfloat16", x16),
                             ("float8_e4m3fn", torch.empty(4096, 1024, dtype=torch.float8_e4m3fn, **meta))):
                 sx = torch.empty(4096, **meta) if x.dtype == torch.float8_e4m3fn else None
                 with _recording(ffn, ffn_kernels, launches, f"ffn fp8 {activation} input={name}"):

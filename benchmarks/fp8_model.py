@@ -79,7 +79,9 @@ def run(checkpoint: Path, *, batches: int = 2, batch_size: int = 4, seq_len: int
                       "logits_rel_error": ((logits - ref_logits).norm() / ref_logits.norm()).item(),
                       "top1_agreement": (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item(),
                       "path": tk.last_path("ffn")}
-    return {"checkpoint": str(checkpoint), "step": saved.get("step"), "config": saved["config"],
+    metrics = Path(checkpoint).with_name("metrics.json")  # transformer.train's record of the run, if beside it
+    trained = json.loads(metrics.read_text()).get("args") if metrics.exists() else None
+    return {"checkpoint": str(checkpoint), "trained_with": trained, "step": saved.get("step"), "config": saved["config"],
             "windows": f"{batches} x {batch_size} validation windows of {seq_len} bytes (seed {seed})",
             "quantized": report.quantized, "device": str(device), "torch": torch.__version__,
             "interpreter": tk.dispatch.INTERPRETER, "results": rows}

@@ -289,3 +289,24 @@ def test_quantize_fp8_kv_cache_of_the_transformer():
     assert cache[0].k_descale.shape == (2, 4) and cache[0].lengths.tolist() == [9, 9]
     assert (cache[0].k[:, :9].float().abs().amax(dim=(1, 3)) <= 448).all()
     assert _rel(torch.cat(steps, 1), full) < 0.05
+
+
+def test_fp8_ffn_and_norm_compile_without_graph_breaks():
+    """torch.library custom ops with fake implementations: torch.compile(fullgraph=True) traces norm_fp8
+    feeding the FP8 FFN, and gives the eager result."""
+    p = _weights(32, 48, True, seed=12)
+    args, kw = _quantized(p)
+    x, w = torch.randn(6, 32).to(torch.bfloat16), torch.randn(32)
+
+    def f(x, w, s1, s2, sg):
+        h, scale, z = tk.norm_fp8(x, 32, w, rms=True, residual=x)
+        return tk.ffn(h, *args, "swiglu", weight1_scale=s1, weight2_scale=s2, weight_gate=kw["weight_gate"],
+                      weight_gate_scale=sg, bias_gate=kw["bias_gate"], input_scale=scale, residual=z,
+                      out_dtype=torch.bfloat16)
+
+    scales = (kw["weight1_scale"], kw["weight2_scale"], kw["weight_gate_scale"])
+    explanation = torch._dynamo.explain(f)(x, w, *scales)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(x, w, *scales)
+    torch.testing.assert_close(compiled, f(x, w, *scales), rtol=0, atol=0)

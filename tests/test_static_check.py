@@ -101,9 +101,18 @@ def test_fp8_forward_runs_8bit_warpgroup_mma(reports):
     assert fp8["executed_flops"] == fp8["useful_flops"] > 0
 
 
+def test_fp8_ffn_runs_8bit_warpgroup_mma(reports):
+    """Issue 22, item 2: both FP8 FFN products (the first quantizing its bf16 input as it loads it, the second
+    quantizing h) run QGMMA on sm_90a, executed == useful, no spills."""
+    reports, _ = reports
+    rows = [r for r in reports if r["case"] == "ffn fp8 swiglu input=bfloat16" and r["kernel"] == "_matmul_kernel"]
+    assert len(rows) == 2 and all(r["arch"] == "sm_90a" and r["ok"] for r in rows)
+    assert all("k32" in r["mma_shapes"] and r["executed_flops"] == r["useful_flops"] > 0 for r in rows)
+
+
 def test_the_model_counts_blackwell_and_fp8_mma():
-    """QGMMA counts as warpgroup MMA at twice HGMMA's rate; Blackwell's tcgen05 MMAs are counted (the
-    instruction count; their shapes are in descriptors)."""
+    """QGMMA counts as warpgroup MMA at twice HGMMA's rate; Blackwell's tcgen05 MMAs are counted, their
+    shapes (in descriptors, not opcodes) read from the TTGIR loop that issues as many of them."""
     sys.path.insert(0, str(ROOT / "kernels"))
     from transformer_kernels import static_model as m
 
@@ -116,3 +125,23 @@ def test_the_model_counts_blackwell_and_fp8_mma():
     qg = m.LoopStats(hgmma={"QGMMA.64x128x32.F32.E4M3.E4M3": 1})
     hg = m.LoopStats(hgmma={"HGMMA.64x128x32.F32.BF16": 1})
     assert qg.tensor_clocks(4, m.MACHINES["sm_90a"]) * 2 == hg.tensor_clocks(4, m.MACHINES["sm_90a"])
+    # tcgen05's shapes come from the TTGIR: the loop whose products issue as many MMAs as the SASS loop
+    ttgir = "\n".join([
+        "tt.func @k() {",
+        "  ttng.tc_gen5_mma %a, %b, %c : !ttg.memdesc<128x64xbf16, #s>, !ttg.memdesc<64x256xbf16, #s>, !x",
+        "  %r = scf.for %i = %c0 to %n step %c1 iter_args() -> () {",
+        "    ttng.tc_gen5_mma %q, %k, %s : !ttg.memdesc<128x128xf8E4M3FN, #s>, !ttg.memdesc<128x64xf8E4M3FN, #s>, !x",
+        "    scf.if %p {",
+        "      ttng.tc_gen5_mma %p, %v, %o : !ttg.memdesc<128x64xf8E4M3FN, #t>, !ttg.memdesc<64x128xf8E4M3FN, #s>, !x",
+        "    }",
+        "  }",
+        "}"])
+    assert m.tcgen05_loops(ttgir) == [[(128, 64, 128, 8), (128, 128, 64, 8)]]
+    st = m.LoopStats(tcgen05=6)  # 128/32 + 64/32 instructions
+    m.attach_tcgen05(st, ttgir)
+    assert st.executed_flops(4)[0] == 2 * 128 * 64 * 128 + 2 * 128 * 128 * 64
+    bf16 = m.LoopStats(tcgen05_products=[(128, 64, 128, 16), (128, 128, 64, 16)])
+    assert bf16.tensor_clocks(4, m.MACHINES["sm_100a"]) == 2 * st.tensor_clocks(4, m.MACHINES["sm_100a"]) > 0
+    miss = m.LoopStats(tcgen05=5)
+    m.attach_tcgen05(miss, ttgir)
+    assert miss.tcgen05_products == []

@@ -383,6 +383,10 @@ def candidates(dtype: torch.dtype, epilogue: str, second: str, arch: str = "sm_8
     if (pin := _pinned()) is not None:
         return [pin]
     default = dict(_config(dtype, epilogue, second), TMA=False, WS=False, PERSISTENT=False)
+    if arch == "sm_100a" and dtype == torch.float32 and not dispatch.INTERPRETER:
+        # Blackwell's ptxas held the plain fp32 product (dx) at 96 registers with 2 spill instructions over
+        # 4 warps; 8 warps halve each thread's accumulators: 70 registers, none (benchmarks/NOTES.md)
+        default["num_warps"] = 8
     if dispatch.INTERPRETER or arch != "sm_90a" or dtype == torch.float32:
         return [default]
     if dtype == torch.float8_e4m3fn:

@@ -54,8 +54,8 @@ rotary = importlib.import_module("transformer_kernels.rotary")
 ARCHS = {"sm_80": GPUTarget("cuda", 80, 32), "sm_90a": GPUTarget("cuda", 90, 32)}
 # Compiled on request only (``--arch sm_100a``, to keep the test suite's time): data-centre Blackwell
 # (B200, compute capability 10.0; dispatch.target_arch). Its tensor-core instructions (tcgen05: UTCHMMA,
-# UTCQMMA) are counted, but their shapes live in descriptors, so the cycle model has no figures for it
-# (issue 22, item 4).
+# UTCQMMA) keep their shapes in descriptors: the model reads them from Triton's TTGIR
+# (static_model.attach_tcgen05) and rates them at B200's figures (issue 22, item 4).
 EXPERIMENTAL_ARCHS = {"sm_100a": GPUTarget("cuda", 100, 32)}
 _CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
@@ -336,9 +336,12 @@ def inspect_cubin(cubin: bytes, arch: str) -> tuple[dict, str]:
     }, sass
 
 
-def model_fields(sass: str, arch: str, kernel: str, kwargs: dict, num_warps: int) -> dict:
-    """The steady-state loop's counts and the cycle model's figures (kernels/transformer_kernels/static_model.py)."""
+def model_fields(sass: str, arch: str, kernel: str, kwargs: dict, num_warps: int, ttgir: str = "") -> dict:
+    """The steady-state loop's counts and the cycle model's figures (kernels/transformer_kernels/static_model.py);
+    ``ttgir`` gives Blackwell's tcgen05 products their shapes."""
     stats, has_loop = static_model.steady_loop(static_model.parse_sass(sass))
+    if stats.tcgen05 and ttgir:
+        static_model.attach_tcgen05(stats, ttgir)
     useful = static_model.useful_flops(kernel, kwargs)
     if kwargs.get("WS") and num_warps > kwargs["num_warps"]:
         # Warp-specialized: the steady loop is the consumers'; the producer warpgroup (the 4 warps
@@ -399,7 +402,7 @@ def _launches(case_filters: tuple[str, ...], arch: str) -> tuple[Launch, ...]:
 
 # Bump when what a report holds or how inspect_cubin / model_fields derive it changes (static_model.py's
 # own source is part of the key already).
-_REPORT_VERSION = 2
+_REPORT_VERSION = 3
 
 
 def _cache_path(launch: Launch, arch: str) -> Path:
@@ -424,7 +427,8 @@ def _report(job: tuple[tuple[str, ...], str, int]) -> Report:
     except (OSError, ValueError):
         kernel = compile_launch(launch, arch)
         info, sass = inspect_cubin(kernel.asm["cubin"], arch)
-        fields = info | model_fields(sass, arch, launch.kernel, launch.kwargs, kernel.metadata.num_warps)
+        fields = info | model_fields(sass, arch, launch.kernel, launch.kwargs, kernel.metadata.num_warps,
+                                     kernel.asm.get("ttgir", ""))
         fields["shared_bytes"] = kernel.metadata.shared
         with contextlib.suppress(OSError):
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -478,8 +482,9 @@ def _print_tables(reports: list[Report]) -> None:
               f"{r.serial_tflops:6.0f} {r.overlap_tflops:6.0f}  {'yes' if r.ok else 'NO'}")
     figures = attention_figures(reports)
     if figures:
-        print(f"\nAttention, the model's TFLOP/s (steady state; {static_model.MACHINES['sm_90a'].name} for sm_90a, "
-              f"{static_model.MACHINES['sm_80'].name} for sm_80; backward counted as 2.5x the forward's FLOPs)")
+        machines = ", ".join(f"{m.name} for {a}" for a, m in static_model.MACHINES.items())
+        print(f"\nAttention, the model's TFLOP/s (steady state; {machines}; backward counted as 2.5x the forward's "
+              f"FLOPs)")
         print(f"{'case':44} {'arch':6} {'fwd serial':>10} {'fwd ovlap':>10} {'bwd serial':>10} {'bwd ovlap':>10}")
         for f in figures:
             print(f"{f['case']:44} {f['arch']:6} {f['fwd_serial']:10.0f} {f['fwd_overlap']:10.0f} "

@@ -39,14 +39,19 @@ class Machine:
     hmma_flops_per_clock: int   # dense fp16/bf16 mma.sync per SM
     mufu_per_clock: int = 16
     issue_per_clock: int = 4
+    tcgen05_flops_per_clock: int = 0  # dense fp16/bf16 tcgen05 MMA per SM (Blackwell)
 
 
 # H100 SXM: 989 dense fp16 TFLOP/s = 132 SMs x 1.83 GHz x 4096. mma.sync on Hopper is assumed to run at
 # half the warpgroup rate (it cannot keep the tensor cores fed; an assumption, not a measurement).
 # A100 SXM: 312 TFLOP/s = 108 x 1.41 GHz x 2048.
+# B200 (HGX, 1000 W): 2.25 dense fp16 PFLOP/s over 148 SMs at tcgen05's 8192 FLOP per clock and SM
+# (twice Hopper's) gives 1.86 GHz (a derived clock, not a published one). mma.sync on Blackwell is assumed
+# at half of tcgen05's rate, as on Hopper (an assumption, not a measurement).
 MACHINES = {
     "sm_90a": Machine("H100 SXM", 132, 1.83, 4096, 2048),
     "sm_80": Machine("A100 SXM", 108, 1.41, 0, 2048),
+    "sm_100a": Machine("B200", 148, 1.86, 0, 4096, tcgen05_flops_per_clock=8192),
 }
 
 _LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Za-z0-9_.]*)([^;]*);")
@@ -117,7 +122,9 @@ class LoopStats:
     instructions: int = 0
     hgmma: Counter = field(default_factory=Counter)  # warpgroup MMA (HGMMA, QGMMA): opcode -> count
     hmma: Counter = field(default_factory=Counter)
-    tcgen05: int = 0  # Blackwell's tensor-core MMAs (UTCHMMA, UTCQMMA, ...): shapes in descriptors, not counted
+    tcgen05: int = 0  # Blackwell's tensor-core MMAs (UTCHMMA, UTCQMMA, ...): shapes in descriptors
+    # the loop's tcgen05 products (M, N, K, operand bits), read from Triton's TTGIR by attach_tcgen05
+    tcgen05_products: list = field(default_factory=list)
     mufu: int = 0
     fmul: int = 0
     ffma: int = 0
@@ -129,14 +136,17 @@ class LoopStats:
         """(warpgroup, per-warp) tensor-core FLOPs one CTA executes per iteration."""
         wg = sum(mma_flops(op)[0] * n for op, n in self.hgmma.items()) * num_warps / 4
         warp = sum(mma_flops(op)[0] * n for op, n in self.hmma.items()) * num_warps
-        return wg, warp
+        # tcgen05: one thread issues each MMA for the whole CTA tile
+        return wg + sum(2 * m * n * k for m, n, k, _ in self.tcgen05_products), warp
 
     def tensor_clocks(self, num_warps: int, machine: "Machine") -> float:
         """Clocks one CTA-iteration keeps the SM's tensor cores busy, each instruction at its own rate."""
         wg_rate = machine.hgmma_flops_per_clock or machine.hmma_flops_per_clock
         wg = sum(mma_flops(op)[0] * n / mma_rate(op) for op, n in self.hgmma.items()) * num_warps / 4
         warp = sum(mma_flops(op)[0] * n for op, n in self.hmma.items()) * num_warps
-        return wg / wg_rate + warp / machine.hmma_flops_per_clock
+        tc = sum(2 * m * n * k / (2.0 if bits == 8 else 1.0) for m, n, k, bits in self.tcgen05_products)
+        return wg / wg_rate + warp / machine.hmma_flops_per_clock + (
+            tc / machine.tcgen05_flops_per_clock if tc else 0.0)
 
     def shapes(self) -> str:
         """e.g. ``4*m64n128k16 8*m64n64k16``: count and shape of each tensor-core instruction."""
@@ -144,7 +154,52 @@ class LoopStats:
         for op, n in sorted((self.hgmma + self.hmma).items()):
             if m := _HGMMA.match(op) or _HMMA.match(op):
                 out.append(f"{n}*m{m.group(1)}n{m.group(2)}k{m.group(3)}")
+        for shape, n in sorted(Counter(f"tc m{m}n{n}k{k}" for m, n, k, _ in self.tcgen05_products).items()):
+            out.append(f"{n}*{shape}")
         return " ".join(out)
+
+
+# tcgen05 (Blackwell) keeps an MMA's shape in its instruction descriptor, not in the SASS opcode. Triton's
+# TTGIR names each product, ``ttng.tc_gen5_mma`` with its A (M x K) and B (K x N) memdesc types; one
+# instruction covers up to 128 x 256 and K = 32 bytes (16 for 16-bit operands, 32 for 8-bit, 8 for tf32).
+_TC_GEN5 = re.compile(r"ttng\.tc_gen5_mma\b.*?:\s*!ttg\.memdesc<(\d+)x(\d+)x(\w+?),.*?!ttg\.memdesc<(\d+)x(\d+)x(\w+?),")
+_TC_BITS = {"bf16": 16, "f16": 16, "f32": 32}
+
+
+def tcgen05_loops(ttgir: str) -> list[list[tuple[int, int, int, int]]]:
+    """The (M, N, K, operand bits) of each ``tc_gen5_mma`` in ``ttgir``, grouped by the innermost
+    ``scf.for`` that holds it (products outside every loop are left out)."""
+    stack, loops = [], []
+    for line in ttgir.splitlines():
+        text = line.strip()
+        if text.startswith("}"):
+            closed = stack.pop() if stack else None
+            if closed:
+                loops.append(closed)
+        if m := _TC_GEN5.search(text):
+            bits = 8 if m.group(3).startswith("f8") else _TC_BITS.get(m.group(3), 16)
+            loop = next((s for s in reversed(stack) if s is not None), None)
+            if loop is not None:
+                loop.append((int(m.group(1)), int(m.group(5)), int(m.group(2)), bits))
+        if text.endswith("{"):
+            stack.append([] if "scf.for" in text else None)
+    return loops
+
+
+def tcgen05_instructions(m: int, n: int, k: int, bits: int) -> int:
+    """tcgen05 MMA instructions one product of this shape issues (one CTA, ``cta_group::1``)."""
+    k_step = {8: 32, 16: 16, 32: 8}[bits]
+    return -(-m // 128) * -(-n // 256) * -(-k // k_step)
+
+
+def attach_tcgen05(stats: "LoopStats", ttgir: str) -> None:
+    """Give ``stats`` (a steady loop's counts) the shapes of its tcgen05 products: the TTGIR loop whose
+    products issue exactly as many MMA instructions as the SASS loop holds. None matches: left empty
+    (the loop then counts no executed FLOPs, which the static check reports)."""
+    for loop in tcgen05_loops(ttgir):
+        if sum(tcgen05_instructions(*p) for p in loop) == stats.tcgen05:
+            stats.tcgen05_products = list(loop)
+            return
 
 
 def region_stats(instrs: list[Instr]) -> LoopStats:
@@ -199,7 +254,7 @@ class Cost:
 
 
 def cost(stats: LoopStats, num_warps: int, useful_flops: float, arch: str) -> Cost:
-    if arch not in MACHINES:  # no model for this arch (sm_100a: tcgen05 shapes are not in the opcodes)
+    if arch not in MACHINES:
         return Cost(0.0, 0.0, 0.0, 0.0, 0.0)
     machine = MACHINES[arch]
     t_tensor = stats.tensor_clocks(num_warps, machine)

@@ -310,3 +310,23 @@ def test_fp8_ffn_and_norm_compile_without_graph_breaks():
     torch._dynamo.reset()
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(x, w, *scales)
     torch.testing.assert_close(compiled, f(x, w, *scales), rtol=0, atol=0)
+
+
+def test_prequantize_candidate_is_bit_identical():
+    """The candidate the device may pick instead of quantizing on load (a quantization pass, then the
+    e4m3 product) gives the default's output bit for bit, both products, plain and gated, a strided
+    input; its quantization kernel ran."""
+    from transformer_kernels import autotune
+
+    p = _weights(40, 72, True, seed=13)
+    args, kw = _quantized(p)
+    x = torch.randn(40, 37).to(torch.bfloat16).t()  # (37, 40), column-major
+    for gate in ({}, {k: kw[k] for k in ("weight_gate", "weight_gate_scale", "bias_gate")}):
+        plain = {k: kw[k] for k in ("weight1_scale", "weight2_scale")}
+        activation = "swiglu" if gate else "gelu"
+        base = tk.ffn(x, *args, activation, **plain, **gate)
+        count = tk.launch_count("ffn_quantize")
+        with autotune.forced(1):
+            pre = tk.ffn(x, *args, activation, **plain, **gate)
+        assert tk.launch_count("ffn_quantize") - count == 2
+        torch.testing.assert_close(pre, base, rtol=0, atol=0)

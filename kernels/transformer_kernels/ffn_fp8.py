@@ -33,10 +33,13 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import triton
+import triton.language as tl
 
 from . import dispatch
-from ._triton_utils import InputTypeError, InputValueError
+from ._triton_utils import InputTypeError, InputValueError, fp8_row_scales
 from .attention.fp8 import FP8_DTYPE, FP8_MAX, _FLOAT8, to_e4m3
+from .ffn import _quantize_rows
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _AMAX_FLOOR = FP8_MAX * torch.finfo(torch.float32).tiny  # scale >= fp32's smallest normal; 448 / amax finite
@@ -157,6 +160,49 @@ def ffn_fp8_forward(x, w1, s1, b1, w2, s2, b2, *, activation, wg=None, sg=None, 
     h = matmul(x, w1.t(), b1, epilogue="gated" if gated else "act", activation=base,
                b2=None if wg is None else wg.t(), bias2=bg, fp8=first)
     return matmul(h, w2.t(), b2, residual=residual, fp8={"a": "amax", "sa": amax, "sb": s2, "out_dtype": out_dtype})
+
+
+# --------------------------------------------------------------------------------------------------
+# The pre-quantizing candidate: the same per-token quantization as a pass of its own
+# --------------------------------------------------------------------------------------------------
+@triton.jit
+def _quantize_rows_kernel(X, Y, SCALE, AMAX, M, N, stride_xm, stride_xn, stride_ym,
+                          HAS_AMAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Y = e4m3(X * 448 / amax_row), SCALE = amax_row / 448, for BLOCK_M rows: the amax read from AMAX (a
+    producer's epilogue reduced it) or found by a first sweep over the row. Exactly the arithmetic of the
+    matmul's quantize-on-load (``_matmul_tile``'s ``A_FP8`` "amax" / "sweep")."""
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    row_ok = rows < M
+    cols = tl.arange(0, BLOCK_N)
+    if HAS_AMAX:
+        amax = tl.load(AMAX + rows, mask=row_ok, other=0.0)
+    else:
+        amax = tl.zeros([BLOCK_M], tl.float32)
+        for c0 in range(0, N, BLOCK_N):
+            mask = row_ok[:, None] & ((c0 + cols) < N)[None, :]
+            x = tl.load(X + rows[:, None] * stride_xm + (c0 + cols)[None, :] * stride_xn, mask=mask, other=0.0)
+            amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
+    scale, mult = fp8_row_scales(amax)
+    tl.store(SCALE + rows, scale, mask=row_ok)
+    for c0 in range(0, N, BLOCK_N):
+        mask = row_ok[:, None] & ((c0 + cols) < N)[None, :]
+        x = tl.load(X + rows[:, None] * stride_xm + (c0 + cols)[None, :] * stride_xn, mask=mask, other=0.0)
+        tl.store(Y + rows[:, None] * stride_ym + (c0 + cols)[None, :], _quantize_rows(x, mult), mask=mask)
+
+
+def quantize_rows_triton(x: torch.Tensor, amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_rows` of a 2-D float ``x`` as one Triton pass (the rows' amax given, or found in the
+    kernel): ``(x_fp8 contiguous, scale (M,))``, bit for bit what the GEMMs' quantize-on-load computes."""
+    m, n = x.shape
+    y = torch.empty((m, n), device=x.device, dtype=FP8_DTYPE)
+    scale = torch.empty(m, device=x.device, dtype=torch.float32)
+    if m:
+        block_m, block_n = (4, 32) if dispatch.INTERPRETER else (4, 1024)
+        _quantize_rows_kernel[(triton.cdiv(m, block_m),)](
+            x, y, scale, amax if amax is not None else scale, m, n, x.stride(0), x.stride(1), y.stride(0),
+            HAS_AMAX=amax is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+        dispatch.record_launch("ffn_quantize")
+    return y, scale
 
 
 @torch.library.custom_op("transformer_kernels::ffn_forward_fp8", mutates_args=())

@@ -285,7 +285,9 @@ def _record_launches() -> list[Launch]:
             for name, x in (("bfloat16", x16),
                             ("float8_e4m3fn", torch.empty(4096, 1024, dtype=torch.float8_e4m3fn, **meta))):
                 sx = torch.empty(4096, **meta) if x.dtype == torch.float8_e4m3fn else None
-                with _recording(ffn, ffn_kernels, launches, f"ffn fp8 {activation} input={name}"):
+                case = f"ffn fp8 {activation} input={name}"
+                with _recording(ffn, ffn_kernels, launches, case), \
+                        _recording(ffn_fp8, ["_quantize_rows_kernel"], launches, case):
                     ffn_fp8.ffn_fp8_forward(x, w1, s1, b1, w2, s2, b2, activation=activation,
                                             wg=w1 if gated else None, sg=s1 if gated else None,
                                             bg=b1 if gated else None, residual=b2.expand(4096, 1024),

@@ -33,7 +33,8 @@ import torch.nn.functional as F
 def _train(out: Path, steps: int) -> Path:
     from transformer.train import main as train_main
 
-    train_main(["--model", "lm", "--preset", "small", "--steps", str(steps), "--device", "cpu", "--backend", "torch",
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    train_main(["--model", "lm", "--preset", "small", "--steps", str(steps), "--device", device, "--backend", "torch",
                 "--out", str(out), "--no-progress", "--save-every", str(10 * steps)])
     return out / "checkpoint.pt"
 

@@ -189,6 +189,19 @@ def attention_rows(cfg: Config, device: str, dtype, limits: dict) -> list[dict]:
     return rows
 
 
+def _inference_row(label, fn, device, limits: dict, **info) -> dict:
+    """One FP8-section row: ``fn`` timed under no_grad, with TFLOP/s; a missing ``fn`` on a GPU means
+    the GPU has no FP8 tensor cores."""
+    with torch.no_grad():
+        row = _timed(label, fn, device, **info)
+    if fn is None and device == "cuda":
+        row["status"] = "not timed: no FP8 tensor cores (compute capability < 8.9)"
+    if row["status"] == "measured":
+        row["tflop_per_s"] = info["flops"] / row["time"]["median_s"] / 1e12
+        row["pct_of_matmul_peak"] = 100 * row["tflop_per_s"] / limits["matmul_tflop_per_s"]
+    return row
+
+
 def attention_fp8_rows(cfg: Config, device: str, limits: dict) -> list[dict]:
     """Inference forward at the same shapes: our FP8 (e4m3, FlashAttention-3's descales) against our bf16
     and torch SDPA in bf16 (issue 22). Needs FP8 tensor cores (compute capability 8.9+)."""
@@ -207,16 +220,8 @@ def attention_fp8_rows(cfg: Config, device: str, limits: dict) -> list[dict]:
             "torch SDPA bf16": lambda: F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)),
                                                                       is_causal=causal),
         }
-        for label, fn in variants.items():
-            with torch.no_grad():
-                row = _timed(label, fn, device, batch=batch, heads=heads, seqlen=seqlen, head_dim=head_dim,
-                             causal=causal, flops=flops)
-            if fn is None and device == "cuda":
-                row["status"] = "not timed: no FP8 tensor cores (compute capability < 8.9)"
-            if row["status"] == "measured":
-                row["tflop_per_s"] = flops / row["time"]["median_s"] / 1e12
-                row["pct_of_matmul_peak"] = 100 * row["tflop_per_s"] / limits["matmul_tflop_per_s"]
-            rows.append(row)
+        rows += [_inference_row(label, fn, device, limits, batch=batch, heads=heads, seqlen=seqlen,
+                                head_dim=head_dim, causal=causal, flops=flops) for label, fn in variants.items()]
         del q, k, v, qf, kf, vf
     return rows
 
@@ -263,16 +268,8 @@ def ffn_fp8_rows(cfg: Config, device: str, limits: dict) -> list[dict]:
                     if device == "cuda" else None,
                     "torch eager bf16": lambda: eager(x, w1, None, w2, None, wg),
                 }
-                for label, fn in variants.items():
-                    with torch.no_grad():
-                        row = _timed(label, fn, device, d_model=d_model, d_ff=d_ff, tokens=tokens,
-                                     activation=activation, flops=flops)
-                    if fn is None and device == "cuda":
-                        row["status"] = "not timed: no FP8 tensor cores (compute capability < 8.9)"
-                    if row["status"] == "measured":
-                        row["tflop_per_s"] = flops / row["time"]["median_s"] / 1e12
-                        row["pct_of_matmul_peak"] = 100 * row["tflop_per_s"] / limits["matmul_tflop_per_s"]
-                    rows.append(row)
+                rows += [_inference_row(label, fn, device, limits, d_model=d_model, d_ff=d_ff, tokens=tokens,
+                                        activation=activation, flops=flops) for label, fn in variants.items()]
     return rows
 
 

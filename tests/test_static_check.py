@@ -41,7 +41,7 @@ def test_every_checked_config_compiles_spill_free_with_tensor_cores(reports):
     assert {r["kernel"] for r in reports} == ATTENTION | {
         "_attn_combine_kernel", "_attn_bwd_delta_kernel", "_dropout_mask_kernel", "_norm_fwd_kernel",
         "_norm_bwd_stats_kernel", "_norm_bwd_kernel", "_matmul_kernel", "_ffn_elementwise_kernel",
-        "_rotate_half_kernel"}
+        "_rotate_half_kernel", "_quantize_rows_kernel"}
     assert {r["arch"] for r in reports} == {"sm_80", "sm_90a"}
     half = [r for r in reports if r["needs_mma"]]
     assert half and all(r["mma_instructions"] > 0 for r in half)

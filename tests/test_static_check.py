@@ -145,3 +145,10 @@ def test_the_model_counts_blackwell_and_fp8_mma():
     miss = m.LoopStats(tcgen05=5)
     m.attach_tcgen05(miss, ttgir)
     assert miss.tcgen05_products == []
+    # an mbarrier spin loop nested in the MMA loop: the MMA loop (not innermost) is the steady one
+    nested = "\n".join(f"        /*{16 * i:04x}*/                   {op} ;" for i, op in enumerate(
+        ["UTCHMMA gdesc[UR4], gdesc[UR6], tmem[UR8], tmem[UR10], idesc[UR12], UPT",
+         "SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR4], R2", "@!P0 BRA 0x10", "IADD3 R4, R4, 0x1, RZ", "BRA 0x0",
+         "EXIT"]))
+    steady, has_loop = m.steady_loop(m.parse_sass(nested))
+    assert has_loop and steady.tcgen05 == 1 and steady.instructions == 5

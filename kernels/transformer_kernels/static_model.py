@@ -231,13 +231,19 @@ def steady_loop(instrs: list[Instr]) -> tuple[LoopStats, bool]:
     """Counts of the steady-state loop, and whether the kernel has a loop at all (else: the whole kernel).
 
     Among innermost loops, those with tensor-core instructions win; of them the one with the fewest
-    instructions (the split walk's interior loop, which skips the positional mask). Without MMA loops,
-    the largest innermost loop (a multi-pass kernel's row sweep)."""
-    spans = innermost(loops(instrs))
+    instructions (the split walk's interior loop, which skips the positional mask). Where no innermost
+    loop holds MMAs (Blackwell's mbarrier waits nest spin loops in the MMA loop), the smallest loop of
+    any depth that does. Without MMA loops, the largest innermost loop (a multi-pass kernel's row sweep)."""
+    every = loops(instrs)
+    spans = innermost(every)
     if not spans:
         return region_stats(instrs), False
     stats = [region_stats(instrs[a:b + 1]) for a, b in spans]
     mma = [s for s in stats if s.hgmma or s.hmma or s.tcgen05]
+    if not mma:
+        # tcgen05 kernels spin on mbarriers (try-wait loops) inside their MMA loop, which is then not
+        # innermost: take the smallest loop of any depth that holds MMAs
+        mma = [s for s in (region_stats(instrs[a:b + 1]) for a, b in every) if s.hgmma or s.hmma or s.tcgen05]
     if mma:
         return min(mma, key=lambda s: s.instructions), True
     return max(stats, key=lambda s: s.instructions), True

@@ -65,6 +65,18 @@ def to_fp8(x):
 
 
 @triton.jit
+def to_fp8_rows(x, mult):
+    """A tile as e4m3, row m scaled by ``mult[m]`` (448 / the row's amax: :func:`fp8_row_scales`). |x| <=
+    amax, so only fp32 rounding can pass 448, by an ulp: the GPU's conversion saturates
+    (``cvt.rn.satfinite``, the only form PTX has for e4m3x2), the interpreter's is clamped first (two
+    FMNMX per element less in a compiled loop: benchmarks/NOTES.md)."""
+    y = x.to(tl.float32) * mult[:, None]
+    if _ROUND_FP8_FIRST:
+        y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+    return to_fp8(y)
+
+
+@triton.jit
 def fp8_row_scales(amax):
     """``(descale, multiplier)`` of rows quantized to e4m3 by their amax: ``amax / 448`` and ``448 / amax``,
     both correctly rounded (``div_rn``; :func:`transformer_kernels.ffn_fp8.quantize_rows` divides the same

@@ -46,7 +46,7 @@ import triton.language as tl
 
 from . import autotune, dispatch
 from ._triton_utils import (InputValueError, autocast_to, check_same, check_tensor, dot, dot_flags,
-                            persistent_programs, pow2_bucket, scratch_allocator, tanh, tma_device, to_fp8,
+                            persistent_programs, pow2_bucket, scratch_allocator, tanh, tma_device, to_fp8_rows,
                             to_out, fp8_row_scales)
 
 
@@ -61,8 +61,6 @@ _RSQRT_2PI = tl.constexpr(0.3989422804014327)
 _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 _GELU_TANH_C = tl.constexpr(0.044715)
 _QUICK_GELU_C = tl.constexpr(1.702)
-_FP8_MAX = tl.constexpr(448.0)  # torch.finfo(torch.float8_e4m3fn).max
-_CLAMP_FP8 = tl.constexpr(dispatch.INTERPRETER)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -239,7 +237,7 @@ def _matmul_tile(
         for k in tl.range(0, K, BLOCK_K, warp_specialize=WS):
             a = _descriptor_load(a_desc, pid_m * BLOCK_M, k, A_COLS)
             if A_FP8 == "amax" or A_FP8 == "sweep":
-                a = _quantize_rows(a, a_mult)
+                a = to_fp8_rows(a, a_mult)
             acc = dot(a, _descriptor_load(b_desc, k, pid_n * BLOCK_N, B_COLS), acc, UPCAST, PRECISION)
             if SECOND == "dual_b":
                 acc2 = dot(a, _descriptor_load(b2_desc, k, pid_n * BLOCK_N, B_COLS), acc2, UPCAST, PRECISION)
@@ -248,7 +246,7 @@ def _matmul_tile(
             k_ok = (k + rk) < K
             a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             if A_FP8 == "amax" or A_FP8 == "sweep":
-                a = _quantize_rows(a, a_mult)
+                a = to_fp8_rows(a, a_mult)
             acc = dot(a, tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0), acc, UPCAST, PRECISION)
             if SECOND == "dual_b":
                 acc2 = dot(a, tl.load(b2_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0), acc2, UPCAST,
@@ -299,18 +297,6 @@ def _matmul_tile(
     tl.store(c_ptrs, out, mask=mask)
     if AMAX_OUT:  # the next product's per-row quantization scale, from the values as stored
         tl.atomic_max(AMAX + rm, tl.max(tl.where(mask, tl.abs(out.to(tl.float32)), 0.0), axis=1), mask=m_ok)
-
-
-@triton.jit
-def _quantize_rows(a, a_mult):
-    """A float tile as e4m3, row m scaled by ``a_mult[m]`` (448 / the row's amax). |a| <= amax, so only
-    fp32 rounding can pass 448, by an ulp: the GPU's conversion saturates (``cvt.rn.satfinite``, the only
-    form PTX has for e4m3x2), the interpreter's is clamped first (two FMNMX per element less in the
-    compiled loop: 521 -> 393 instructions, benchmarks/NOTES.md)."""
-    x = a.to(tl.float32) * a_mult[:, None]
-    if _CLAMP_FP8:
-        x = tl.minimum(tl.maximum(x, -_FP8_MAX), _FP8_MAX)
-    return to_fp8(x)
 
 
 @triton.jit

@@ -37,9 +37,8 @@ import triton
 import triton.language as tl
 
 from . import dispatch
-from ._triton_utils import InputTypeError, InputValueError, fp8_row_scales
+from ._triton_utils import InputTypeError, InputValueError, fp8_row_scales, to_fp8_rows
 from .attention.fp8 import FP8_DTYPE, FP8_MAX, _FLOAT8, to_e4m3
-from .ffn import _quantize_rows
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _AMAX_FLOOR = FP8_MAX * torch.finfo(torch.float32).tiny  # scale >= fp32's smallest normal; 448 / amax finite
@@ -187,7 +186,7 @@ def _quantize_rows_kernel(X, Y, SCALE, AMAX, M, N, stride_xm, stride_xn, stride_
     for c0 in range(0, N, BLOCK_N):
         mask = row_ok[:, None] & ((c0 + cols) < N)[None, :]
         x = tl.load(X + rows[:, None] * stride_xm + (c0 + cols)[None, :] * stride_xn, mask=mask, other=0.0)
-        tl.store(Y + rows[:, None] * stride_ym + (c0 + cols)[None, :], _quantize_rows(x, mult), mask=mask)
+        tl.store(Y + rows[:, None] * stride_ym + (c0 + cols)[None, :], to_fp8_rows(x, mult), mask=mask)
 
 
 def quantize_rows_triton(x: torch.Tensor, amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,11 +33,9 @@ import triton
 import triton.language as tl
 
 from . import dispatch
-from ._triton_utils import (InputTypeError, InputValueError, check_same, check_tensor, fp8_row_scales, to_fp8,
+from ._triton_utils import (InputTypeError, InputValueError, check_same, check_tensor, fp8_row_scales, to_fp8_rows,
                             to_out)
 
-_FP8_MAX = tl.constexpr(448.0)  # e4m3 (transformer_kernels.ffn_fp8)
-_CLAMP_FP8 = tl.constexpr(dispatch.INTERPRETER)
 
 # Rows up to this many values stay in registers (one pass); wider rows loop over chunks of
 # _CHUNK_N. Both are spill-free on sm_80 and sm_90a (python -m transformer_kernels.static_check). The interpreter
@@ -150,10 +148,8 @@ def _norm_fwd_kernel(
             tl.store(Z + rows[:, None] * stride_zm + cols[None, :], z.to(Z.dtype.element_ty), mask=mask)
         y = _affine(z, mean, rstd, W, B, cols, col_ok, HAS_WEIGHT, HAS_BIAS)
         if FP8_OUT:
-            y = to_out(y, X.dtype.element_ty).to(tl.float32) * y_mult[:, None]
-            if _CLAMP_FP8:  # (the GPU's e4m3 conversion saturates)
-                y = tl.minimum(tl.maximum(y, -_FP8_MAX), _FP8_MAX)
-            tl.store(Y + rows[:, None] * stride_ym + cols[None, :], to_fp8(y), mask=mask)
+            tl.store(Y + rows[:, None] * stride_ym + cols[None, :], to_fp8_rows(to_out(y, X.dtype.element_ty), y_mult),
+                     mask=mask)
         else:
             tl.store(Y + rows[:, None] * stride_ym + cols[None, :], to_out(y, Y.dtype.element_ty), mask=mask)
 

@@ -98,12 +98,18 @@ def _run_kernel_suite(module_name: str, writer_name: str):
         module = importlib.import_module(f"benchmarks.{module_name}")
         started, load_at_start = time.perf_counter(), load_average()
         overrides = {"trace_dir": str(out_dir)} if args.trace and module_name == "attention_cost" else {}
+        if module_name == "kernels_suite":
+            overrides.update({"sections": tuple(args.sections)} if args.sections else {},
+                             tutorial_attention=args.tutorial_attention)
         cfg = module.Config.for_device(args.device, quick=args.quick, **overrides)
         results = module.run(cfg, device=args.device, progress=not args.no_progress)
         results.update(quick=args.quick, environment=environment(argv, load_at_start),
                        wall_time_s=time.perf_counter() - started)
         written = getattr(suite_report, writer_name)(results, out_dir)
         print(f"{module_name}: {results['wall_time_s']:.0f} s on {args.device}; report in {out_dir}")
+        if results.get("interrupted"):
+            print(f"{module_name}: {results['interrupted']}; the report holds what was measured", file=sys.stderr)
+            args.interrupted = True
         return written
 
     runner.__doc__ = f"Suite ``{module_name}`` (see benchmarks.{module_name})."
@@ -133,7 +139,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--trace", action="store_true",
                         help="attention suite: also export torch.profiler Chrome traces of each backend")
+    parser.add_argument("--sections", type=lambda s: [x for x in s.split(",") if x], default=None,
+                        metavar="A,B,...", help="kernels suite: the sections to run, in this order (default: "
+                        "all of layer_norm,ffn,attention,attention_fp8,ffn_fp8,training_step)")
+    parser.add_argument("--tutorial-attention", default=None, metavar="PATH",
+                        help="kernels suite: a copy of Triton's python/tutorials/06-fused-attention.py (of the "
+                             "installed release) whose FP8 forward is timed beside ours")
     args = parser.parse_args(argv)
+    args.interrupted = False
     unknown = [s for s in args.suites if s not in SUITES]
     if unknown:
         parser.error(f"unknown suite(s) {', '.join(unknown)}; available: {', '.join(SUITES)}")
@@ -143,6 +156,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("--device cuda: torch sees no CUDA device")
     if args.batch is not None and args.batch < 1:
         parser.error("--batch must be at least 1")
+    if args.sections is not None:
+        from .kernels_suite import SECTIONS
+
+        if not args.sections or set(args.sections) - set(SECTIONS):
+            parser.error(f"--sections {','.join(args.sections)}: each must be one of {','.join(SECTIONS)}")
+    if args.tutorial_attention is not None and not Path(args.tutorial_attention).is_file():
+        parser.error(f"--tutorial-attention {args.tutorial_attention}: no such file")
     return args
 
 
@@ -157,8 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or Path("bench-out") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     for suite in dict.fromkeys(args.suites):
         SUITES[suite](args, out if len(args.suites) == 1 else out / suite, argv)
+        if args.interrupted:  # a SIGINT ended this suite early: report it, run no further suite
+            break
     print(out.resolve())
-    return 0
+    return 130 if args.interrupted else 0
 
 
 if __name__ == "__main__":

@@ -167,35 +167,42 @@ def run(cfg: Config, device: str, progress: bool = True) -> dict:
     found = backends(device)
     rows, stopped = [], set()
     cases = [(d, c, n, name) for d in cfg.head_dims for c in cfg.causal for n in cfg.seqlens for name in found]
-    for head_dim, causal, seqlen, name in tqdm(cases, desc="attention cost", disable=not progress, unit="case"):
-        fn, why = found[name]
-        heads, batch = cfg.width // head_dim, max(1, cfg.tokens // seqlen)
-        row = dict(backend=name, head_dim=head_dim, causal=causal, seqlen=seqlen, batch=batch, heads=heads,
-                   dtype=cfg.dtype, flops_forward=attention_flops(batch, heads, seqlen, head_dim, causal))
-        row["flops_backward"] = 2.5 * row["flops_forward"]
-        if fn is None or (name, head_dim, causal) in stopped:
-            row["status"] = why or "skipped: ran out of memory at a shorter sequence"
+    interrupted = None
+    try:
+        for head_dim, causal, seqlen, name in tqdm(cases, desc="attention cost", disable=not progress, unit="case"):
+            fn, why = found[name]
+            heads, batch = cfg.width // head_dim, max(1, cfg.tokens // seqlen)
+            row = dict(backend=name, head_dim=head_dim, causal=causal, seqlen=seqlen, batch=batch, heads=heads,
+                       dtype=cfg.dtype, flops_forward=attention_flops(batch, heads, seqlen, head_dim, causal))
+            row["flops_backward"] = 2.5 * row["flops_forward"]
+            if fn is None or (name, head_dim, causal) in stopped:
+                row["status"] = why or "skipped: ran out of memory at a shorter sequence"
+                rows.append(row)
+                continue
+            try:
+                q, k, v = (torch.randn(batch, heads, seqlen, head_dim, device=device, dtype=dtype,
+                                       requires_grad=cfg.backward) for _ in range(3))
+                row.update(_measure(fn, q, k, v, causal, device, cfg.backward), status="measured")
+            except Exception as error:  # noqa: BLE001 - out of memory ends this backend's sweep; others are reported
+                row["status"] = ("out of memory" if is_oom(error) else f"failed: {type(error).__name__}: "
+                                 f"{str(error).splitlines()[0][:160]}")
+                stopped.add((name, head_dim, causal))
+            finally:
+                q = k = v = None
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+            if row["status"] == "measured":
+                _rates(row, limits)
             rows.append(row)
-            continue
-        try:
-            q, k, v = (torch.randn(batch, heads, seqlen, head_dim, device=device, dtype=dtype,
-                                   requires_grad=cfg.backward) for _ in range(3))
-            row.update(_measure(fn, q, k, v, causal, device, cfg.backward), status="measured")
-        except Exception as error:  # noqa: BLE001 - out of memory ends this backend's sweep; others are reported
-            row["status"] = ("out of memory" if is_oom(error) else f"failed: {type(error).__name__}: "
-                             f"{str(error).splitlines()[0][:160]}")
-            stopped.add((name, head_dim, causal))
-        finally:
-            q = k = v = None
-            if device == "cuda":
-                torch.cuda.empty_cache()
-        if row["status"] == "measured":
-            _rates(row, limits)
-        rows.append(row)
-    sync(device)
-    traces = export_traces(found, cfg, device, dtype) if cfg.trace_dir else {}
+    except KeyboardInterrupt:  # a lease that runs out (timeout -s INT) still leaves what was measured
+        interrupted = f"stopped by SIGINT after {len(rows)} of {len(cases)} cases"
     results = {"suite": "attention", "config": {**asdict(cfg), "device": device}, "device_limits": limits,
-               "flop_formula_check": check_flop_formula(device), "rows": rows, "traces": traces}
+               "rows": rows}
+    if interrupted:  # the run's limit is near: no traces, no projections
+        return {**results, "interrupted": interrupted, "traces": {}}
+    sync(device)
+    results.update(flop_formula_check=check_flop_formula(device),
+                   traces=export_traces(found, cfg, device, dtype) if cfg.trace_dir else {})
     if cfg.context_parallel:
         import tempfile
 

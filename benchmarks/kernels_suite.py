@@ -6,14 +6,18 @@
   a share of the measured matmul rate, with the activation memory each keeps for its backward; ours
   both with fused Triton products and on cuBLAS with one fused elementwise kernel;
 * attention forward + backward at the paper-scale shapes of the GPU targets, in TFLOP/s;
+* inference forwards in FP8 (e4m3) against bf16: attention (and the Triton tutorial's FP8 forward, given
+  a copy of it) and the FFN, prefill and decode;
 * a training step of the paper's base Transformer (forward, loss, backward, Adam) in tokens/s.
 
 Our kernels are timed on CUDA only (on a CPU they would run in Triton's interpreter); the CPU run
-times the PyTorch peers at small sizes, which keeps the suite itself tested.
+times the PyTorch peers at small sizes, which keeps the suite itself tested. ``--sections`` picks
+and orders the sections; a SIGINT ends the run with a report of what was measured.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -25,6 +29,7 @@ import transformer_kernels as tk
 from .attention_cost import attention_flops
 from .measure import device_limits, is_oom, time_fn
 
+SECTIONS = ("layer_norm", "ffn", "attention", "attention_fp8", "ffn_fp8", "training_step")
 NOT_ON_CPU = "not timed: no CUDA device (on a CPU the kernels run in Triton's interpreter)"
 
 
@@ -40,6 +45,8 @@ class Config:
     step_batch: tuple[int, int] = (32, 256)  # sentences x tokens per training step
     dtype: str = "bfloat16"
     compile_peers: bool = True
+    sections: tuple[str, ...] = SECTIONS  # which to run, in this order
+    tutorial_attention: str | None = None  # a copy of Triton's python/tutorials/06-fused-attention.py
 
     @classmethod
     def for_device(cls, device: str, quick: bool = False, **overrides) -> "Config":
@@ -72,8 +79,7 @@ def _compiled(fn, cfg: Config):
 
 
 # --------------------------------------------------------------------------------------------------
-def layer_norm_rows(cfg: Config, device: str, dtype, limits: dict) -> list[dict]:
-    rows = []
+def layer_norm_rows(cfg: Config, device: str, dtype, limits: dict) -> Iterator[dict]:
     for m in cfg.layer_norm_rows:
         for n in cfg.layer_norm_widths:
             x = torch.randn(m, n, device=device, dtype=dtype, requires_grad=True)
@@ -94,8 +100,7 @@ def layer_norm_rows(cfg: Config, device: str, dtype, limits: dict) -> list[dict]
                 if row["status"] == "measured":
                     row["gb_per_s"] = nbytes / row["time"]["median_s"] / 1e9
                     row["pct_of_copy_bandwidth"] = 100 * row["gb_per_s"] / limits["copy_gb_per_s"]
-                rows.append(row)
-    return rows
+                yield row
 
 
 # --------------------------------------------------------------------------------------------------
@@ -125,8 +130,7 @@ def _saved_bytes(fn, exclude) -> int:
     return sum(total)
 
 
-def ffn_rows(cfg: Config, device: str, dtype, limits: dict) -> list[dict]:
-    rows = []
+def ffn_rows(cfg: Config, device: str, dtype, limits: dict) -> Iterator[dict]:
     for d_model in cfg.ffn_widths:
         d_ff, tokens = 4 * d_model, cfg.ffn_tokens
         for activation in cfg.ffn_activations:
@@ -158,13 +162,11 @@ def ffn_rows(cfg: Config, device: str, dtype, limits: dict) -> list[dict]:
                     row["tflop_per_s"] = flops / row["time"]["median_s"] / 1e12
                     row["pct_of_matmul_peak"] = 100 * row["tflop_per_s"] / limits["matmul_tflop_per_s"]
                     row["activation_bytes"] = _saved_bytes(forward, (x, w1, b1, w2, b2, wg))
-                rows.append(row)
-    return rows
+                yield row
 
 
 # --------------------------------------------------------------------------------------------------
-def attention_rows(cfg: Config, device: str, dtype, limits: dict) -> list[dict]:
-    rows = []
+def attention_rows(cfg: Config, device: str, dtype, limits: dict) -> Iterator[dict]:
     for batch, heads, seqlen, head_dim, causal in cfg.attention_shapes:
         q, k, v = (torch.randn(batch, heads, seqlen, head_dim, device=device, dtype=dtype, requires_grad=True)
                    for _ in range(3))
@@ -184,9 +186,8 @@ def attention_rows(cfg: Config, device: str, dtype, limits: dict) -> list[dict]:
             if row["status"] == "measured":
                 row["tflop_per_s"] = flops / row["time"]["median_s"] / 1e12
                 row["pct_of_matmul_peak"] = 100 * row["tflop_per_s"] / limits["matmul_tflop_per_s"]
-            rows.append(row)
+            yield row
         del q, k, v, dout
-    return rows
 
 
 def _inference_row(label, fn, device, limits: dict, **info) -> dict:
@@ -202,17 +203,50 @@ def _inference_row(label, fn, device, limits: dict, **info) -> dict:
     return row
 
 
-def attention_fp8_rows(cfg: Config, device: str, limits: dict) -> list[dict]:
-    """Inference forward at the same shapes: our FP8 (e4m3, FlashAttention-3's descales) against our bf16
-    and torch SDPA in bf16 (issue 22). Needs FP8 tensor cores (compute capability 8.9+)."""
+def load_tutorial(path: str | None):
+    """The Triton fused-attention tutorial, imported from a copy of ``python/tutorials/06-fused-attention.py``
+    of the Triton release that is installed (the repository ships none of its code): the anchor that issue
+    22 times our FP8 forward against. Returns the module, or a string saying why there is none."""
+    if path is None:
+        return ("not timed: no tutorial given (--tutorial-attention PATH: a copy of Triton's "
+                "python/tutorials/06-fused-attention.py, of the installed release)")
+    import importlib.util
+
+    try:
+        spec = importlib.util.spec_from_file_location("triton_tutorial_fused_attention", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.attention  # noqa: B018 - the entry point every release of the tutorial defines
+    except Exception as error:  # noqa: BLE001 - a tutorial that does not import is reported, the rest timed
+        return f"failed: the tutorial did not import: {type(error).__name__}: {error}"[:200]
+    return module
+
+
+def tutorial_fp8(tutorial, q, k, v, causal: bool):
+    """A call of the tutorial's FP8 forward as its own benchmark makes it: (batch, heads, seqlen, head_dim)
+    tensors in ``float8_e5m2`` (the tutorial's FP8 type), V stored with the keys contiguous (Hopper's 8-bit
+    MMA reads its B operand K-major only), output in e5m2. ``q``, ``k``, ``v``: (batch, seqlen, heads,
+    head_dim), as our functions take them."""
+    e5m2 = torch.float8_e5m2
+    qt, kt = (t.transpose(1, 2).contiguous().to(e5m2) for t in (q, k))
+    vt = v.permute(0, 2, 3, 1).contiguous().transpose(2, 3).to(e5m2)  # .to keeps the keys-contiguous strides
+    scale = q.shape[-1] ** -0.5
+    return lambda: tutorial.attention(qt, kt, vt, causal, scale)
+
+
+def attention_fp8_rows(cfg: Config, device: str, limits: dict) -> Iterator[dict]:
+    """Inference forward at the same shapes: our FP8 (e4m3, FlashAttention-3's descales) against our bf16,
+    torch SDPA in bf16 and the Triton tutorial's FP8 forward (issue 22). Needs FP8 tensor cores (compute
+    capability 8.9+)."""
     from transformer_kernels.attention import fp8
 
-    rows = []
     fp8_ok = device == "cuda" and torch.cuda.get_device_capability() >= (8, 9)
+    tutorial = load_tutorial(cfg.tutorial_attention) if fp8_ok else None
     for batch, heads, seqlen, head_dim, causal in cfg.attention_shapes:
         q, k, v = (torch.randn(batch, seqlen, heads, head_dim, device=device, dtype=torch.bfloat16) for _ in range(3))
         (qf, qd), (kf, kd), (vf, vd) = (fp8.quantize(t) for t in (q, k, v))
         flops = attention_flops(batch, heads, seqlen, head_dim, causal)
+        info = dict(batch=batch, heads=heads, seqlen=seqlen, head_dim=head_dim, causal=causal, flops=flops)
         variants = {
             "ours FP8 (e4m3)": (lambda: tk.flash_attn_func(qf, kf, vf, causal=causal, q_descale=qd, k_descale=kd,
                                                           v_descale=vd)) if fp8_ok else None,
@@ -220,20 +254,24 @@ def attention_fp8_rows(cfg: Config, device: str, limits: dict) -> list[dict]:
             "torch SDPA bf16": lambda: F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)),
                                                                       is_causal=causal),
         }
-        rows += [_inference_row(label, fn, device, limits, batch=batch, heads=heads, seqlen=seqlen,
-                                head_dim=head_dim, causal=causal, flops=flops) for label, fn in variants.items()]
+        for label, fn in variants.items():
+            yield _inference_row(label, fn, device, limits, **info)
+        label = "Triton tutorial FP8 (e5m2, V keys-contiguous)"
+        if isinstance(tutorial, str):
+            yield dict(peer=label, **info, status=tutorial)
+        else:
+            fn = None if tutorial is None else tutorial_fp8(tutorial, q, k, v, causal)
+            yield _inference_row(label, fn, device, limits, **info)
         del q, k, v, qf, kf, vf
-    return rows
 
 
-def ffn_fp8_rows(cfg: Config, device: str, limits: dict) -> list[dict]:
+def ffn_fp8_rows(cfg: Config, device: str, limits: dict) -> Iterator[dict]:
     """Inference forward of the FFN at the suite's widths, prefill (``ffn_tokens``) and decode (16 tokens):
     our FP8 (e4m3 weights per output channel; the input in bf16, or already e4m3 per token as
     ``norm_fp8`` hands it over) against our bf16 and torch's own FP8 route (per-token quantization by
     torch ops, ``torch._scaled_mm`` row-wise) and bf16 eager (issue 22). Needs compute capability 8.9+."""
     from transformer_kernels import ffn_fp8
 
-    rows = []
     fp8_ok = device == "cuda" and torch.cuda.get_device_capability() >= (8, 9)
     for d_model in cfg.ffn_widths:
         d_ff = 4 * d_model
@@ -268,22 +306,21 @@ def ffn_fp8_rows(cfg: Config, device: str, limits: dict) -> list[dict]:
                     if device == "cuda" else None,
                     "torch eager bf16": lambda: eager(x, w1, None, w2, None, wg),
                 }
-                rows += [_inference_row(label, fn, device, limits, d_model=d_model, d_ff=d_ff, tokens=tokens,
-                                        activation=activation, flops=flops) for label, fn in variants.items()]
-    return rows
+                for label, fn in variants.items():
+                    yield _inference_row(label, fn, device, limits, d_model=d_model, d_ff=d_ff, tokens=tokens,
+                                         activation=activation, flops=flops)
 
 
 # --------------------------------------------------------------------------------------------------
-def training_step_rows(cfg: Config, device: str, dtype) -> list[dict]:
+def training_step_rows(cfg: Config, device: str, dtype) -> Iterator[dict]:
     """Tokens/s of one optimizer step of the paper's base model (Vaswani et al., 2017, Table 3)."""
     from transformer import Transformer, from_preset
     from transformer.training import train_step
 
     sentences, length = cfg.step_batch
-    rows = []
     for label in ("ours (backend=triton)", "torch eager (backend=torch)", "torch.compile (backend=torch)"):
         if label.startswith("ours") and device != "cuda":
-            rows.append(dict(peer=label, status=NOT_ON_CPU))
+            yield dict(peer=label, status=NOT_ON_CPU)
             continue
         if label.startswith("torch.compile") and not cfg.compile_peers:
             continue
@@ -300,21 +337,29 @@ def training_step_rows(cfg: Config, device: str, dtype) -> list[dict]:
                      sentences=sentences, length=length, d_model=config.d_model)
         if row["status"] == "measured":
             row["tokens_per_s"] = 2 * sentences * length / row["time"]["median_s"]
-        rows.append(row)
+        yield row
         del model, optimizer
-    return rows
 
 
 def run(cfg: Config, device: str, progress: bool = True) -> dict:
+    """Every section of ``cfg.sections``, in that order. A SIGINT (``timeout -s INT``, Ctrl-C) ends the run
+    early with what was measured so far and ``interrupted`` saying where: a lease that runs out still
+    leaves its measurements."""
     dtype = getattr(torch, cfg.dtype)
     limits = device_limits(device, dtype)
-    sections = {}
-    for name, fn in tqdm((("layer_norm", lambda: layer_norm_rows(cfg, device, dtype, limits)),
-                          ("ffn", lambda: ffn_rows(cfg, device, dtype, limits)),
-                          ("attention", lambda: attention_rows(cfg, device, dtype, limits)),
-                          ("attention_fp8", lambda: attention_fp8_rows(cfg, device, limits)),
-                          ("ffn_fp8", lambda: ffn_fp8_rows(cfg, device, limits)),
-                          ("training_step", lambda: training_step_rows(cfg, device, dtype))),
-                         desc="kernels", disable=not progress, unit="section"):
-        sections[name] = fn()
-    return {"suite": "kernels", "config": {**asdict(cfg), "device": device}, "device_limits": limits, **sections}
+    sections = {"layer_norm": lambda: layer_norm_rows(cfg, device, dtype, limits),
+                "ffn": lambda: ffn_rows(cfg, device, dtype, limits),
+                "attention": lambda: attention_rows(cfg, device, dtype, limits),
+                "attention_fp8": lambda: attention_fp8_rows(cfg, device, limits),
+                "ffn_fp8": lambda: ffn_fp8_rows(cfg, device, limits),
+                "training_step": lambda: training_step_rows(cfg, device, dtype)}
+    results = {"suite": "kernels", "config": {**asdict(cfg), "device": device}, "device_limits": limits}
+    name, rows = None, []
+    try:
+        for name in tqdm(cfg.sections, desc="kernels", disable=not progress, unit="section"):
+            rows = results[name] = []
+            for row in sections[name]():
+                rows.append(row)
+    except KeyboardInterrupt:
+        results["interrupted"] = f"stopped by SIGINT in section {name} after {len(rows)} of its rows"
+    return results

@@ -62,18 +62,20 @@ def _header(results: dict, title: str) -> list[str]:
             f"{' (uncommitted changes)' if env['git']['dirty'] else ''}. Command: `{env['command']}`.", "",
             f"Device limits measured by this run ({limits['dtype']}): copy {limits['copy_gb_per_s']:.4g} GB/s "
             f"(bytes read + written), matmul {limits['matmul_tflop_per_s']:.4g} TFLOP/s "
-            f"({'x'.join(map(str, limits['matmul_shape']))}). Times are medians with the interquartile range.", ""]
+            f"({'x'.join(map(str, limits['matmul_shape']))}). Times are medians with the interquartile range.", ""] + (
+            [f"**Interrupted: {results['interrupted']}.** What follows is what was measured before.", ""]
+            if results.get("interrupted") else [])
 
 
 # --------------------------------------------------------------------------------------------------
 def write_attention(results: dict, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     rows = results["rows"]
-    check = results["flop_formula_check"]
+    check = results.get("flop_formula_check")  # an interrupted run has none
     lines = _header(results, "Attention cost versus sequence length") + [
-        f"FLOPs: forward 4·B·H·N²·d (halved when causal), backward 2.5× forward; torch.utils.flop_counter "
-        f"counted {check['counted']:.4g} where the formula gives {check['formula']:.4g} (ratio "
-        f"{check['ratio']:.3g}) on the math backend.", ""]
+        "FLOPs: forward 4·B·H·N²·d (halved when causal), backward 2.5× forward" + (
+            f"; torch.utils.flop_counter counted {check['counted']:.4g} where the formula gives "
+            f"{check['formula']:.4g} (ratio {check['ratio']:.3g}) on the math backend." if check else "."), ""]
     table = [[r["backend"], r["head_dim"], "yes" if r["causal"] else "no", r["seqlen"], r["batch"], r["heads"],
               _ms(r, "forward"), _ms(r, "backward"), _fmt(r.get("tflop_per_s_forward")),
               _fmt(r.get("tflop_per_s_backward")), _fmt(r.get("pct_of_matmul_peak_forward")),
@@ -187,53 +189,50 @@ def _attention_plot(rows: list[dict], key: str, path: Path, ylabel: str) -> Path
 
 # --------------------------------------------------------------------------------------------------
 def write_kernels(results: dict, out: Path) -> list[Path]:
+    """The report of the sections the run has (an interrupted or ``--sections`` run has fewer), in run order."""
     out.mkdir(parents=True, exist_ok=True)
     lines = _header(results, "Kernels against PyTorch eager and torch.compile")
-    ln = results["layer_norm"]
-    lines += ["## LayerNorm, forward + backward", "",
-              _table(["peer", "rows", "width", "ms", "GB/s", "% of copy bandwidth", "status"],
-                     [[r["peer"], r["rows"], r["width"], _ms(r, "time"), _fmt(r.get("gb_per_s")),
-                       _fmt(r.get("pct_of_copy_bandwidth")), r["status"]] for r in ln]), ""]
-    ffn = results["ffn"]
-    lines += ["## FFN, forward + backward (d_ff = 4 d_model)", "",
-              _table(["peer", "activation", "d_model", "tokens", "ms", "TFLOP/s", "% of matmul peak",
-                      "activation memory MiB", "status"],
-                     [[r["peer"], r["activation"], r["d_model"], r["tokens"], _ms(r, "time"), _fmt(r.get("tflop_per_s")),
-                       _fmt(r.get("pct_of_matmul_peak")), _mib(r.get("activation_bytes")), r["status"]] for r in ffn]), ""]
-    att = results["attention"]
-    lines += ["## Attention, forward + backward", "",
-              _table(["peer", "batch", "heads", "seqlen", "head_dim", "causal", "ms", "TFLOP/s", "% of matmul peak",
-                      "status"],
-                     [[r["peer"], r["batch"], r["heads"], r["seqlen"], r["head_dim"], r["causal"], _ms(r, "time"),
-                       _fmt(r.get("tflop_per_s")), _fmt(r.get("pct_of_matmul_peak")), r["status"]] for r in att]), ""]
-    fp8 = results.get("attention_fp8", [])  # runs before issue 22 have none
-    if fp8:
-        lines += ["## Attention forward for inference: FP8 (e4m3) against bf16 (% of the bf16 matmul peak)", "",
-                  _table(["peer", "batch", "heads", "seqlen", "head_dim", "causal", "ms", "TFLOP/s",
-                          "% of matmul peak", "status"],
-                         [[r["peer"], r["batch"], r["heads"], r["seqlen"], r["head_dim"], r["causal"], _ms(r, "time"),
-                           _fmt(r.get("tflop_per_s")), _fmt(r.get("pct_of_matmul_peak")), r["status"]] for r in fp8]),
-                  ""]
-    ffn8 = results.get("ffn_fp8", [])  # runs before issue 22, item 2 have none
-    if ffn8:
-        lines += ["## FFN forward for inference: FP8 (e4m3) against bf16 (% of the bf16 matmul peak)", "",
-                  _table(["peer", "activation", "d_model", "tokens", "ms", "TFLOP/s", "% of matmul peak", "status"],
-                         [[r["peer"], r["activation"], r["d_model"], r["tokens"], _ms(r, "time"),
-                           _fmt(r.get("tflop_per_s")), _fmt(r.get("pct_of_matmul_peak")), r["status"]] for r in ffn8]),
-                  ""]
-    step = results["training_step"]
-    lines += ["## Training step of the base Transformer (forward, label-smoothed loss, backward, Adam)", "",
-              _table(["peer", "sentences x length", "d_model", "ms", "tokens/s", "status"],
-                     [[r["peer"], f"{r.get('sentences', '—')} x {r.get('length', '—')}", r.get("d_model", "—"),
-                       _ms(r, "time"), _fmt(r.get("tokens_per_s")), r["status"]] for r in step]), ""]
-    lines += ["![layer norm](layer_norm.png)", ""]
+    for name in results["config"].get("sections", KERNEL_SECTIONS):
+        if results.get(name):
+            title, columns = KERNEL_SECTIONS[name]
+            lines += [f"## {title}", "", _table([c for c, _ in columns],
+                                                 [[cell(r) for _, cell in columns] for r in results[name]]), ""]
+    written = [out / "report.md", out / "results.json", out / "results.csv"]
+    if results.get("layer_norm"):
+        lines += ["![layer norm](layer_norm.png)", ""]
+        written.append(_layer_norm_plot(results["layer_norm"], out / "layer_norm.png"))
     (out / "report.md").write_text("\n".join(lines))
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    _write_csv([dict(section=s, **r) for s in ("layer_norm", "ffn", "attention", "attention_fp8", "ffn_fp8",
-                                                     "training_step")
-                for r in results.get(s, [])],
-               out / "results.csv")
-    return [out / "report.md", out / "results.json", out / "results.csv", _layer_norm_plot(ln, out / "layer_norm.png")]
+    _write_csv([dict(section=s, **r) for s in KERNEL_SECTIONS for r in results.get(s, [])], out / "results.csv")
+    return written
+
+
+def _col(key: str, fmt=None):
+    """A table cell: the row's value, as is or through ``fmt``."""
+    return lambda r: r.get(key, "—") if fmt is None else fmt(r.get(key))
+
+
+_PEER, _STATUS, _MS = ("peer", _col("peer")), ("status", _col("status")), ("ms", lambda r: _ms(r, "time"))
+_TFLOPS = [("TFLOP/s", _col("tflop_per_s", _fmt)), ("% of matmul peak", _col("pct_of_matmul_peak", _fmt))]
+_ATTN = [_PEER] + [(c, _col(c)) for c in ("batch", "heads", "seqlen", "head_dim", "causal")] + [_MS] + _TFLOPS
+# section -> (title, [(column, cell of a row)]); runs before issue 22 have no FP8 sections
+KERNEL_SECTIONS = {
+    "layer_norm": ("LayerNorm, forward + backward",
+                   [_PEER, ("rows", _col("rows")), ("width", _col("width")), _MS, ("GB/s", _col("gb_per_s", _fmt)),
+                    ("% of copy bandwidth", _col("pct_of_copy_bandwidth", _fmt)), _STATUS]),
+    "ffn": ("FFN, forward + backward (d_ff = 4 d_model)",
+            [_PEER, ("activation", _col("activation")), ("d_model", _col("d_model")), ("tokens", _col("tokens")),
+             _MS, *_TFLOPS, ("activation memory MiB", lambda r: _mib(r.get("activation_bytes"))), _STATUS]),
+    "attention": ("Attention, forward + backward", _ATTN + [_STATUS]),
+    "attention_fp8": ("Attention forward for inference: FP8 (e4m3) against bf16 (% of the bf16 matmul peak)",
+                      _ATTN + [_STATUS]),
+    "ffn_fp8": ("FFN forward for inference: FP8 (e4m3) against bf16 (% of the bf16 matmul peak)",
+                [_PEER, ("activation", _col("activation")), ("d_model", _col("d_model")), ("tokens", _col("tokens")),
+                 _MS, *_TFLOPS, _STATUS]),
+    "training_step": ("Training step of the base Transformer (forward, label-smoothed loss, backward, Adam)",
+                      [_PEER, ("sentences x length", lambda r: f"{r.get('sentences', '—')} x {r.get('length', '—')}"),
+                       ("d_model", _col("d_model")), _MS, ("tokens/s", _col("tokens_per_s", _fmt)), _STATUS]),
+}
 
 
 def _layer_norm_plot(rows: list[dict], path: Path) -> Path:

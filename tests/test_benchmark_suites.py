@@ -59,3 +59,82 @@ def test_kernels_suite(tmp_path):
     eager_ffn = [r for r in results["ffn"] if r["peer"] == "torch eager"]
     assert all(r["tflop_per_s"] > 0 and r["activation_bytes"] > 0 for r in eager_ffn)
     assert results["device_limits"]["copy_gb_per_s"] > 0 and results["device_limits"]["matmul_tflop_per_s"] > 0
+
+
+def test_kernels_suite_sections_and_interrupt(tmp_path, monkeypatch):
+    """``--sections`` picks and orders the sections; a SIGINT (as ``timeout -s INT`` sends when a lease's
+    step runs out) ends the run with a report of the rows measured so far and exit status 130."""
+    from benchmarks import __main__ as cli
+    from benchmarks import kernels_suite
+
+    measured = []
+
+    def interrupted_ffn_fp8(*args):
+        for row in real(*args):
+            measured.append(row)
+            yield row
+            if len(measured) == 3:
+                raise KeyboardInterrupt
+
+    real = kernels_suite.ffn_fp8_rows
+    monkeypatch.setattr(kernels_suite, "ffn_fp8_rows", interrupted_ffn_fp8)
+    out = tmp_path / "k"
+    assert cli.main(["kernels", "--quick", "--no-progress", "--device", "cpu", "--out", str(out),
+                     "--sections", "layer_norm,ffn_fp8,attention"]) == 130
+    results = json.loads((out / "results.json").read_text())
+    assert results["interrupted"] == "stopped by SIGINT in section ffn_fp8 after 3 of its rows"
+    assert results["ffn_fp8"] == json.loads(json.dumps(measured)) and "attention" not in results
+    assert any(r["status"] == "measured" for r in results["layer_norm"])
+    report = (out / "report.md").read_text()
+    assert "**Interrupted: stopped by SIGINT" in report and "## Attention, forward" not in report
+    assert report.index("## LayerNorm") < report.index("## FFN forward for inference")
+
+
+def test_attention_suite_interrupt(tmp_path, monkeypatch):
+    from benchmarks import __main__ as cli
+    from benchmarks import attention_cost
+
+    calls = []
+
+    def measure(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    real = attention_cost._measure
+    monkeypatch.setattr(attention_cost, "_measure", measure)
+    out = tmp_path / "a"
+    assert cli.main(["attention", "--quick", "--no-progress", "--device", "cpu", "--out", str(out)]) == 130
+    results = json.loads((out / "results.json").read_text())
+    assert results["interrupted"].startswith("stopped by SIGINT after ")
+    assert [r["status"] for r in results["rows"] if r["status"] == "measured"] == ["measured"]
+    assert "**Interrupted" in (out / "report.md").read_text()
+
+
+def test_tutorial_anchor_plumbing(tmp_path):
+    """The Triton tutorial's FP8 forward is timed from a copy the user gives (none is shipped): it gets its
+    own layout, (batch, heads, seqlen, head_dim) in e5m2 with V keys-contiguous, and its own scale. A
+    stand-in module checks what it is handed; a tutorial that fails to import is reported, not raised."""
+    import torch
+    import torch.nn.functional as F
+
+    from benchmarks.kernels_suite import load_tutorial, tutorial_fp8
+
+    (tmp_path / "tutorial.py").write_text(
+        "import torch\nimport torch.nn.functional as F\nseen = []\n"
+        "def attention(q, k, v, causal, sm_scale):\n"
+        "    seen.append((q.dtype, k.dtype, v.dtype, q.shape, q.is_contiguous(), v.stride(2), causal, sm_scale))\n"
+        "    return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal,\n"
+        "                                          scale=sm_scale).to(q.dtype)\n")
+    tutorial = load_tutorial(str(tmp_path / "tutorial.py"))
+    q, k, v = (torch.randn(2, 40, 3, 16) for _ in range(3))  # (batch, seqlen, heads, head_dim)
+    out = tutorial_fp8(tutorial, q, k, v, True)()
+    e5m2 = torch.float8_e5m2
+    assert tutorial.seen == [(e5m2, e5m2, e5m2, (2, 3, 40, 16), True, 1, True, 16 ** -0.5)]
+    ref = F.scaled_dot_product_attention(*(t.transpose(1, 2).to(e5m2).float() for t in (q, k, v)), is_causal=True)
+    assert out.dtype == e5m2 and torch.allclose(out.float(), ref, rtol=0.25, atol=0.05)
+    assert load_tutorial(None).startswith("not timed: no tutorial given")
+    (tmp_path / "broken.py").write_text("raise RuntimeError('needs a GPU')\n")
+    assert load_tutorial(str(tmp_path / "broken.py")) == ("failed: the tutorial did not import: "
+                                                          "RuntimeError: needs a GPU")

@@ -394,19 +394,34 @@ def test_hopper_candidates_follow_the_triton_release(monkeypatch):
 def test_blackwell_runs_sm80_tiles_and_times_hopper_ones(monkeypatch):
     """Compute capability 10.x is its own family (sm_100a): sm_80's tiles by default (spill-free there),
     Hopper's as run-time candidates where they compile spill-free for it (not the d=128 forward's 128x128),
-    no TMA candidates; FP8 keeps its default alone. 12.x (consumer Blackwell) stays on sm_80."""
+    and from Triton 3.7 the defaults through TMA descriptors (not the d=64 forward's, which spills), in
+    attention and the FFN matmul alike; FP8 attention keeps its default alone. 12.x (consumer Blackwell)
+    stays on sm_80."""
     for major, family in ((8, "sm_80"), (9, "sm_90a"), (10, "sm_100a"), (12, "sm_80")):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, m=major: (m, 0))
         assert dispatch.target_arch(torch.device("cuda")) == family
     monkeypatch.setattr(dispatch, "INTERPRETER", False)
     sm80 = lambda d: configs._config(d, torch.bfloat16, 1024, False, "sm_80")  # noqa: E731
-    fwd64 = configs.fwd_candidates(64, torch.bfloat16, 1024, False, "sm_100a")
-    assert fwd64[0] == dict(sm80(64), TMA=False, PERSISTENT=False) and len(fwd64) == 2
-    assert fwd64[1]["BLOCK_N"] == 128 and not fwd64[1]["TMA"]
-    assert len(configs.fwd_candidates(128, torch.bfloat16, 1024, False, "sm_100a")) == 1
-    assert len(configs.fwd_candidates(128, torch.float8_e4m3fn, 1024, False, "sm_100a")) == 1
-    assert len(configs.fwd_candidates(64, torch.bfloat16, 1024, False, "sm_100a", varlen=True)) == 1
-    dkdv, dq = configs.bwd_candidates(128, torch.bfloat16, False, "sm_100a")
-    sm80_dkdv, sm80_dq = configs._bwd_configs(128, torch.bfloat16, False, "sm_80")
-    assert dkdv[0] == dict(sm80_dkdv, TMA=False) and dq[0] == dict(sm80_dq, TMA=False)
-    assert len(dkdv) == len(dq) == 2 and not any(c["TMA"] for c in dkdv + dq)
+    for release, tma in (((3, 6), False), ((3, 9), True)):
+        monkeypatch.setattr(dispatch, "TRITON_RELEASE", release)
+        fwd64 = configs.fwd_candidates(64, torch.bfloat16, 1024, False, "sm_100a")
+        assert fwd64[0] == dict(sm80(64), TMA=False, PERSISTENT=False) and len(fwd64) == 2
+        assert fwd64[1]["BLOCK_N"] == 128 and not fwd64[1]["TMA"]
+        fwd128 = configs.fwd_candidates(128, torch.bfloat16, 1024, False, "sm_100a")
+        assert fwd128 == [dict(sm80(128), TMA=False, PERSISTENT=False)] + ([dict(fwd128[0], TMA=True)] if tma else [])
+        assert len(configs.fwd_candidates(128, torch.float8_e4m3fn, 1024, False, "sm_100a")) == 1
+        assert len(configs.fwd_candidates(64, torch.bfloat16, 1024, False, "sm_100a", varlen=True)) == 1
+        dkdv, dq = configs.bwd_candidates(128, torch.bfloat16, False, "sm_100a")
+        sm80_dkdv, sm80_dq = configs._bwd_configs(128, torch.bfloat16, False, "sm_80")
+        assert dkdv[0] == dict(sm80_dkdv, TMA=False) and dq[0] == dict(sm80_dq, TMA=False)
+        assert len(dkdv) == len(dq) == 2 + tma and [c["TMA"] for c in dkdv + dq] == ([False, False] + [True] * tma) * 2
+        assert not tma or (dkdv[-1] == dict(dkdv[0], TMA=True) and dq[-1] == dict(dq[0], TMA=True))
+        packed_dkdv, packed_dq = configs.bwd_candidates(128, torch.bfloat16, False, "sm_100a", varlen=True)
+        assert not any(c["TMA"] for c in packed_dkdv) and packed_dq == dq  # that dK/dV spills with TMA
+        dkdv256, dq256 = configs.bwd_candidates(256, torch.bfloat16, False, "sm_100a")
+        assert len(dkdv256) == len(dq256) == 1 + tma
+        for operand in (torch.bfloat16, torch.float8_e4m3fn):
+            matmul = ffn_mod.candidates(operand, "act", "none", "sm_100a")
+            assert [(c["TMA"], c["PERSISTENT"]) for c in matmul] == [(False, False)] + [(True, False), (True, True)] * tma
+            assert not any(c["WS"] for c in matmul)
+        assert len(ffn_mod.candidates(torch.float32, "act", "none", "sm_100a")) == 1

@@ -152,3 +152,15 @@ def test_the_model_counts_blackwell_and_fp8_mma():
          "EXIT"]))
     steady, has_loop = m.steady_loop(m.parse_sass(nested))
     assert has_loop and steady.tcgen05 == 1 and steady.instructions == 5
+    # Blackwell's ptxas closes a loop whose trip count every thread shares with a uniform branch
+    uniform = "\n".join(f"        /*{16 * i:04x}*/                   {op} ;" for i, op in enumerate(
+        ["MOV R2, RZ", "HMMA.16816.F32.BF16 R4, R8, R12, R4", "UIADD3 UR4, UPT, UPT, UR4, 0x1, URZ",
+         "BRA.U !UP0, 0x10", "EXIT"]))
+    steady, has_loop = m.steady_loop(m.parse_sass(uniform))
+    assert has_loop and sum(steady.hmma.values()) == 1 and steady.instructions == 3
+    # an mbarrier wait's retry path sits after the last EXIT and branches back into the body: no loop
+    stub = "\n".join(f"        /*{16 * i:04x}*/                   {op} ;" for i, op in enumerate(
+        ["UTCHMMA gdesc[UR4], gdesc[UR6], tmem[UR8], tmem[UR10], idesc[UR12], UPT",
+         "SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR4], R2", "@!P0 BRA 0x60", "IADD3 R4, R4, 0x1, RZ",
+         "BRA.U !UP0, 0x0", "EXIT", "SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR4], R2", "@!P0 BRA 0x60", "BRA 0x10"]))
+    assert m.loops(m.parse_sass(stub)) == [(0, 4), (6, 7)]

@@ -192,10 +192,10 @@ def autocast_to(*tensors):
 
 
 def tma_device(t: torch.Tensor) -> bool:
-    """Whether kernels on ``t``'s device may read through TMA tensor descriptors: Hopper (compute
-    capability 9.x), Triton's interpreter, or the static check's meta tensors (compiled for sm_90a)."""
+    """Whether kernels on ``t``'s device may read through TMA tensor descriptors: Hopper or data-centre
+    Blackwell (compute capability 9.x, 10.x), Triton's interpreter, or the static check's meta tensors."""
     if t.is_cuda:
-        return torch.cuda.get_device_capability(t.device)[0] == 9
+        return torch.cuda.get_device_capability(t.device)[0] in (9, 10)
     return t.device.type == "meta" or dispatch.INTERPRETER
 
 

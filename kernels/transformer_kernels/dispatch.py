@@ -52,7 +52,7 @@ HOPPER_CANDIDATES_FROM: tuple[int, int] = (3, 7)
 
 def hopper_candidates() -> bool:
     """Whether this Triton builds the TMA attention and warp-specialized matmul candidates correctly
-    (:data:`HOPPER_CANDIDATES_FROM`)."""
+    (:data:`HOPPER_CANDIDATES_FROM`); Blackwell's TMA candidates, which no GPU has run yet, follow it too."""
     return TRITON_RELEASE >= HOPPER_CANDIDATES_FROM
 
 _last_path: dict[str, str] = {}

@@ -365,7 +365,8 @@ def candidates(dtype: torch.dtype, epilogue: str, second: str, arch: str = "sm_8
     Hopper tile; spill-free only with TMA, whose loads need no per-thread addresses, and only without an
     epilogue: the activation or residual tile beside the 128x256 accumulator spills), the warp-specialized
     TMA loop (from Triton 3.7: :func:`transformer_kernels.dispatch.hopper_candidates`) and the persistent
-    TMA schedule. Their sign on a real GPU is for the device to tell (static figures in benchmarks/NOTES.md)."""
+    TMA schedule. On sm_100a (half precision and FP8, from Triton 3.7): the default, through TMA and
+    TMA-persistent. Their sign on a real GPU is for the device to tell (static figures in benchmarks/NOTES.md)."""
     if (pin := _pinned()) is not None:
         return [pin]
     default = dict(_config(dtype, epilogue, second), TMA=False, WS=False, PERSISTENT=False)
@@ -373,6 +374,11 @@ def candidates(dtype: torch.dtype, epilogue: str, second: str, arch: str = "sm_8
         # Blackwell's ptxas held the plain fp32 product (dx) at 96 registers with 2 spill instructions over
         # 4 warps; 8 warps halve each thread's accumulators: 70 registers, none (benchmarks/NOTES.md)
         default["num_warps"] = 8
+    if arch == "sm_100a" and dtype != torch.float32 and not dispatch.INTERPRETER and dispatch.hopper_candidates():
+        # Blackwell: the default tile read through TMA descriptors, and TMA's persistent schedule (static
+        # check --arch sm_100a: the bf16 product's loop 148 -> 87 instructions, FP8's 124 -> 88, all
+        # spill-free; benchmarks/NOTES.md); from Triton 3.7, as on Hopper
+        return [default, dict(default, TMA=True), dict(default, TMA=True, PERSISTENT=True)]
     if dispatch.INTERPRETER or arch != "sm_90a" or dtype == torch.float32:
         return [default]
     if dtype == torch.float8_e4m3fn:

@@ -75,14 +75,20 @@ def parse_sass(sass: str) -> list[Instr]:
 
 
 def loops(instrs: list[Instr]) -> list[tuple[int, int]]:
-    """``(first, last)`` instruction indices of every loop: a branch back to an earlier address."""
+    """``(first, last)`` instruction indices of every loop: a branch back to an earlier address. The branch
+    may be uniform (``BRA.U``, which Blackwell's ptxas emits for loops whose trip count every thread shares).
+    A span holding an ``EXIT`` is no loop: ptxas places the retry paths of mbarrier waits after the kernel's
+    last ``EXIT``, and their branches back into the body would otherwise read as loops around it."""
     index = {ins.addr: i for i, ins in enumerate(instrs)}
+    exits = [i for i, ins in enumerate(instrs) if ins.opcode == "EXIT"]
     found = []
     for i, ins in enumerate(instrs):
-        if ins.opcode == "BRA":
+        if ins.opcode.split(".")[0] == "BRA":
             target = _BRANCH.search(ins.operands)
             if target and int(target.group(1), 16) < ins.addr and int(target.group(1), 16) in index:
-                found.append((index[int(target.group(1), 16)], i))
+                first = index[int(target.group(1), 16)]
+                if not any(first <= e <= i for e in exits):
+                    found.append((first, i))
     return found
 
 

@@ -60,7 +60,9 @@ def fwd_candidates(block_d: int, dtype: torch.dtype, seqlen_q: int, heavy: bool,
     lets a 64x64 tile fit: 538 -> 685). ``PERSISTENT`` True: one program per SM walks the tiles, the
     longest causal rows first (FlashAttention-3's schedule). Their sign on a real GPU is for the device
     to tell, so they are candidates, not the default. Triton before 3.7 gets the default alone
-    (:func:`transformer_kernels.dispatch.hopper_candidates`). A pin is the only candidate."""
+    (:func:`transformer_kernels.dispatch.hopper_candidates`). sm_100a: the default (sm_80's tile), Hopper's
+    tile where it compiles spill-free there, and from Triton 3.7 the default through TMA at head_dim > 64.
+    A pin is the only candidate."""
     if (pin := _pinned("fwd")) is not None:
         return [pin]
     default = dict(_config(block_d, dtype, seqlen_q, heavy, arch), TMA=False, PERSISTENT=False)
@@ -69,7 +71,12 @@ def fwd_candidates(block_d: int, dtype: torch.dtype, seqlen_q: int, heavy: bool,
         # --arch sm_100a: at head_dim 128 its 128x128 tile spills, 139 instructions; so does the packed-batch
         # kernel's at 64, 93)
         hopper = dict(_config(block_d, dtype, seqlen_q, heavy, "sm_90a"), TMA=False, PERSISTENT=False)
-        return [default] + ([hopper] if hopper != default and block_d != 128 and not varlen else [])
+        found = [default] + ([hopper] if hopper != default and block_d != 128 and not varlen else [])
+        if dispatch.hopper_candidates() and block_d > 64:
+            # the default through TMA descriptors: d128's loop 360 -> 338 instructions, d256's 427 -> 375,
+            # spill-free; at head_dim 64 the 8-warp tile spills with them (6 instructions)
+            found.append(dict(default, TMA=True))
+        return found
     if dtype == torch.float8_e4m3fn and arch == "sm_90a" and seqlen_q > 16 and not dispatch.INTERPRETER:
         # FP8 prefill: V copied head_dim-major once per call (``V_T``; the launcher drops it for pages and
         # for a V that already is): Hopper's 8-bit MMA reads B only K-major, and transposing flash
@@ -124,22 +131,29 @@ def _config(block_d: int, dtype: torch.dtype, seqlen_q: int, heavy: bool, arch: 
     return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8 if heavy else 4, num_stages=2)
 
 
-def bwd_candidates(block_d: int, dtype: torch.dtype, heavy: bool, arch: str = "sm_80") -> tuple[list[dict], list[dict]]:
+def bwd_candidates(block_d: int, dtype: torch.dtype, heavy: bool, arch: str = "sm_80",
+                   varlen: bool = False) -> tuple[list[dict], list[dict]]:
     """The backward's candidates as ``(dK/dV kernel, dQ kernel)`` lists, each default first (:func:`_bwd_configs`);
     the device picks for each kernel on its own. On sm_90a: the default reading its streamed tiles (Q and
     dO, or K and V) through TMA tensor descriptors; at head_dim 128 the alternatives hold two
     stages over 16 streamed rows (dK/dV) and two warpgroups of 64 own rows (dQ); at head_dim 64, one
     warpgroup (static check: spill-free, executed == useful tensor FLOPs); the TMA ones only from Triton 3.7
-    (:func:`transformer_kernels.dispatch.hopper_candidates`). A pin is the only candidate."""
+    (:func:`transformer_kernels.dispatch.hopper_candidates`). On sm_100a: sm_80's tiles, Hopper's up to head_dim
+    128, and from Triton 3.7 the defaults through TMA. A pin is the only candidate."""
     dkdv, dq = (dict(cfg, TMA=False) for cfg in _bwd_configs(block_d, dtype, heavy, arch))
     pins = _pinned("dkdv"), _pinned("dq")
     dkdv_list, dq_list = [dkdv], [dq]
-    if arch == "sm_100a" and dtype != torch.float32 and block_d <= 128 and not dispatch.INTERPRETER:
-        # Blackwell: sm_80's tiles by default, Hopper's as candidates (spill-free there, static check;
-        # at head_dim 256 they are sm_80's but for the heavy dK/dV's two stages, which spill there)
-        hopper_dkdv, hopper_dq = (dict(cfg, TMA=False) for cfg in _bwd_configs(block_d, dtype, heavy, "sm_90a"))
-        dkdv_list += [hopper_dkdv] if hopper_dkdv != dkdv else []
-        dq_list += [hopper_dq] if hopper_dq != dq else []
+    if arch == "sm_100a" and dtype != torch.float32 and not dispatch.INTERPRETER:
+        if block_d <= 128:
+            # Blackwell: sm_80's tiles by default, Hopper's as candidates (spill-free there, static check;
+            # at head_dim 256 they are sm_80's but for the heavy dK/dV's two stages, which spill there)
+            hopper_dkdv, hopper_dq = (dict(cfg, TMA=False) for cfg in _bwd_configs(block_d, dtype, heavy, "sm_90a"))
+            dkdv_list += [hopper_dkdv] if hopper_dkdv != dkdv else []
+            dq_list += [hopper_dq] if hopper_dq != dq else []
+        if dispatch.hopper_candidates():  # the defaults' streamed tiles through TMA (fewer instructions)
+            if not (varlen and block_d == 128):  # the packed-batch dK/dV spills with them there (8 instructions)
+                dkdv_list.append(dict(dkdv, TMA=True))
+            dq_list.append(dict(dq, TMA=True))
     if arch == "sm_90a" and dtype != torch.float32 and not dispatch.INTERPRETER:
         if dispatch.hopper_candidates():
             dkdv_list.append(dict(dkdv, TMA=True))  # Q and dO through descriptors

@@ -264,7 +264,7 @@ def attention_backward(do, q, k, v, out, lse, *, scale: float, bottom_right: boo
             t.zero_()
     block_d, block_dv = block_size(pb["head_dim"]), block_size(pb["head_dim_v"])
     dkdv_candidates, dq_candidates = configs.bwd_candidates(max(block_d, block_dv), q.dtype, pb["heavy"],
-                                                             dispatch.target_arch(q.device))
+                                                             dispatch.target_arch(q.device), varlen=varlen)
     if not _tma_ok((q, do), varlen):
         dkdv_candidates = [c for c in dkdv_candidates if not c["TMA"]] or [dict(dkdv_candidates[0], TMA=False)]
     if not _tma_ok((k, v), varlen):

@@ -395,8 +395,8 @@ def test_blackwell_runs_sm80_tiles_and_times_hopper_ones(monkeypatch):
     """Compute capability 10.x is its own family (sm_100a): sm_80's tiles by default (spill-free there),
     Hopper's as run-time candidates where they compile spill-free for it (not the d=128 forward's 128x128),
     and from Triton 3.7 the defaults through TMA descriptors (not the d=64 forward's, which spills), in
-    attention and the FFN matmul alike; FP8 attention keeps its default alone. 12.x (consumer Blackwell)
-    stays on sm_80."""
+    attention and the FFN matmul alike; FP8 attention gets Hopper's 128x128 tile too, which fits there with
+    8-bit operands. 12.x (consumer Blackwell) stays on sm_80."""
     for major, family in ((8, "sm_80"), (9, "sm_90a"), (10, "sm_100a"), (12, "sm_80")):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, m=major: (m, 0))
         assert dispatch.target_arch(torch.device("cuda")) == family
@@ -409,7 +409,9 @@ def test_blackwell_runs_sm80_tiles_and_times_hopper_ones(monkeypatch):
         assert fwd64[1]["BLOCK_N"] == 128 and not fwd64[1]["TMA"]
         fwd128 = configs.fwd_candidates(128, torch.bfloat16, 1024, False, "sm_100a")
         assert fwd128 == [dict(sm80(128), TMA=False, PERSISTENT=False)] + ([dict(fwd128[0], TMA=True)] if tma else [])
-        assert len(configs.fwd_candidates(128, torch.float8_e4m3fn, 1024, False, "sm_100a")) == 1
+        fp8 = configs.fwd_candidates(128, torch.float8_e4m3fn, 1024, False, "sm_100a")
+        assert [(c["BLOCK_N"], c["TMA"]) for c in fp8] == [(64, False), (128, False)] + [(64, True)] * tma
+        assert len(configs.fwd_candidates(128, torch.float8_e4m3fn, 1, False, "sm_100a")) == 1 + tma  # decoding
         assert len(configs.fwd_candidates(64, torch.bfloat16, 1024, False, "sm_100a", varlen=True)) == 1
         dkdv, dq = configs.bwd_candidates(128, torch.bfloat16, False, "sm_100a")
         sm80_dkdv, sm80_dq = configs._bwd_configs(128, torch.bfloat16, False, "sm_80")

@@ -324,3 +324,35 @@ def test_fp8_transposed_v_candidate(gpu_tiles, monkeypatch):
     assert strides[0][2] != 1 and strides[1][2] == 1, strides  # (batch, heads, keys, dim) strides of V
     torch.testing.assert_close(outs[1].float(), outs[0].float(), rtol=0, atol=2e-2)
     _check_contract(outs[1], q, k, v, quantized, descales, causal=True)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_fp8_blackwell_candidates(gpu_tiles, monkeypatch, head_dim):
+    """sm_100a's FP8 prefill candidates (attention/configs.py): Hopper's 128x128 tile, which fits there
+    with 8-bit operands, and at head_dim 128 the default through TMA (from Triton 3.7). Each runs in the
+    interpreter with its own tiles, agrees with the default and meets the 2x accuracy contract."""
+    from transformer_kernels import autotune, dispatch
+    from transformer_kernels.attention import _kernels
+
+    gpu_tiles("sm_100a")
+    real, ran = _kernels._attn_fwd_kernel, []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                ran.append((kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["TMA"]))
+                return real[grid](*args, **kwargs)
+            return run
+
+    monkeypatch.setattr(_kernels, "_attn_fwd_kernel", Spy())
+    q, k, v = _inputs(1, 150, 139, 2, 1, head_dim, seed=head_dim)
+    quantized, descales = _quantize(q, k, v)
+    expected = [(128, 64, False), (128, 128, False)] + [(128, 64, True)] * (head_dim == 128 and dispatch.hopper_candidates())
+    outs = []
+    for index in range(len(expected)):
+        with autotune.forced(index):
+            outs.append(tk.flash_attn_func(*quantized, causal=True, **descales))
+        _check_contract(outs[-1], q, k, v, quantized, descales, causal=True)
+    assert ran == expected
+    for other in outs[1:]:
+        torch.testing.assert_close(other.float(), outs[0].float(), rtol=0, atol=2e-2)

@@ -61,17 +61,20 @@ def fwd_candidates(block_d: int, dtype: torch.dtype, seqlen_q: int, heavy: bool,
     longest causal rows first (FlashAttention-3's schedule). Their sign on a real GPU is for the device
     to tell, so they are candidates, not the default. Triton before 3.7 gets the default alone
     (:func:`transformer_kernels.dispatch.hopper_candidates`). sm_100a: the default (sm_80's tile), Hopper's
-    tile where it compiles spill-free there, and from Triton 3.7 the default through TMA at head_dim > 64.
+    tile where it compiles spill-free there (FP8 included), and from Triton 3.7 the default through TMA at
+    head_dim > 64.
     A pin is the only candidate."""
     if (pin := _pinned("fwd")) is not None:
         return [pin]
     default = dict(_config(block_d, dtype, seqlen_q, heavy, arch), TMA=False, PERSISTENT=False)
-    if arch == "sm_100a" and dtype in (torch.float16, torch.bfloat16) and not dispatch.INTERPRETER:
+    if arch == "sm_100a" and dtype != torch.float32 and not dispatch.INTERPRETER:
         # Blackwell: sm_80's tile by default, Hopper's where it compiles there spill-free (static check
-        # --arch sm_100a: at head_dim 128 its 128x128 tile spills, 139 instructions; so does the packed-batch
-        # kernel's at 64, 93)
+        # --arch sm_100a: in half precision its 128x128 tile spills at head_dim 128, 139 instructions, and
+        # so does the packed-batch kernel's at 64, 93; FP8's 8-bit operands fit: d128 242 registers, and
+        # the model's 1255 -> 1488 serial TFLOP/s, benchmarks/NOTES.md)
         hopper = dict(_config(block_d, dtype, seqlen_q, heavy, "sm_90a"), TMA=False, PERSISTENT=False)
-        found = [default] + ([hopper] if hopper != default and block_d != 128 and not varlen else [])
+        fits = not varlen and (dtype == torch.float8_e4m3fn or block_d != 128)
+        found = [default] + ([hopper] if hopper != default and fits else [])
         if dispatch.hopper_candidates() and block_d > 64:
             # the default through TMA descriptors: d128's loop 360 -> 338 instructions, d256's 427 -> 375,
             # spill-free; at head_dim 64 the 8-warp tile spills with them (6 instructions)
